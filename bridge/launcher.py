@@ -1,0 +1,287 @@
+"""Find, start and stop a tritonserver over our model repository.
+
+Used by ``python -m bridge triton``, by ``serve`` when no ``TRITON_URL`` is set, and by the tests.
+
+The binary is, in order: ``TRITONSERVER_BIN``; a ``tritonserver`` on ``PATH`` (NVIDIA's image);
+the one inside the ``nvidia-pytriton`` wheel. When the wheel is installed its Python backend and
+the stub built for the running interpreter are copied into a fresh backend directory on every
+start (a stale ``__pycache__`` there breaks later starts), and its shared libraries plus the
+interpreter's own ``libpython`` go first on ``LD_LIBRARY_PATH``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SHM_PREFIX = "gpuworker_"
+# Python backend shared memory: start with 64 MiB and grow in 64 MiB steps (video outputs).
+SHM_DEFAULT_BYTES = 64 * 1024 * 1024
+SHM_GROWTH_BYTES = 64 * 1024 * 1024
+API_KEY_HEADER = "triton-api-key"
+
+
+class TritonStartError(RuntimeError):
+    """The server did not become live; the message carries its own error lines."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the server binary and its pieces are."""
+
+    binary: Path
+    lib_dirs: tuple[Path, ...] = ()
+    backend_source: Path | None = None  # pytriton's backends/python
+    stub: Path | None = None  # triton_python_backend_stub for this Python
+
+
+def _pytriton_root() -> Path | None:
+    try:
+        import pytriton  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    return Path(pytriton.__file__).resolve().parent
+
+
+def find_tritonserver(settings: Settings) -> TritonInstall:
+    """Locate a tritonserver and what it needs to run the Python backend here."""
+    root = _pytriton_root()
+    backend_source = stub = None
+    lib_dirs: list[Path] = []
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        lib_dirs.append(Path(libdir))
+    if root is not None:
+        server_dir = root / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        candidate_stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if candidate_stub.exists():
+            backend_source = server_dir / "backends" / "python"
+            stub = candidate_stub
+        libs = root.parent / "nvidia_pytriton.libs"
+        if libs.is_dir():
+            lib_dirs.append(libs)
+    if settings.tritonserver_bin is not None:
+        if not settings.tritonserver_bin.exists():
+            raise TritonStartError(f"TRITONSERVER_BIN={settings.tritonserver_bin} does not exist")
+        binary = settings.tritonserver_bin
+    elif shutil.which("tritonserver"):
+        binary = Path(shutil.which("tritonserver"))  # type: ignore[arg-type]
+    elif root is not None and (root / "tritonserver" / "bin" / "tritonserver").exists():
+        binary = root / "tritonserver" / "bin" / "tritonserver"
+    else:
+        raise TritonStartError(
+            "no tritonserver found: set TRITONSERVER_BIN, put tritonserver on PATH, "
+            "or `pip install nvidia-pytriton==0.7.0`"
+        )
+    return TritonInstall(binary=binary, lib_dirs=tuple(lib_dirs), backend_source=backend_source, stub=stub)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for tests and ad-hoc servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver process and the means to stop it cleanly."""
+
+    settings: Settings
+    startup_models: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    process: subprocess.Popen | None = field(default=None, init=False)
+    _workdir: Path | None = field(default=None, init=False)
+    _shm_prefix: str = field(default="", init=False)
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1" if self.settings.triton_host in ("0.0.0.0", "") else self.settings.triton_host
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.settings.triton_grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.settings.triton_http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.settings.triton_metrics_port}/metrics"
+
+    # ------------------------------------------------------------------ start
+    def command(self, install: TritonInstall, backend_dir: Path | None) -> list[str]:
+        s = self.settings
+        cmd = [
+            str(install.binary),
+            f"--model-repository={s.model_repository.resolve()}",
+            "--model-control-mode=explicit",
+            "--disable-auto-complete-config",
+            f"--http-address={s.triton_host}",
+            f"--http-port={s.triton_http_port}",
+            f"--grpc-address={s.triton_host}",
+            f"--grpc-port={s.triton_grpc_port}",
+            f"--metrics-address={s.triton_host}",
+            f"--metrics-port={s.triton_metrics_port}",
+            f"--exit-timeout-secs={s.triton_exit_timeout_s}",
+            "--log-format=ISO8601",
+            "--log-verbose=0",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+        ]
+        if backend_dir is not None:
+            cmd.append(f"--backend-directory={backend_dir}")
+        if s.triton_api_key is not None:
+            # Restrict model control (load/unload/index) to callers that send the key.
+            restricted = f"model-repository:{API_KEY_HEADER}={s.triton_api_key.get_secret_value()}"
+            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+        cmd += [f"--load-model={name}" for name in self.startup_models]
+        return cmd
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        lib_path = [str(p) for p in install.lib_dirs] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+        env["LD_LIBRARY_PATH"] = ":".join(lib_path)
+        # The stub runs the first `python3` it finds: make it ours (venv packages included).
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env["MODELS_DIR"] = str(self.settings.models_dir.resolve())
+        env["DEVICE"] = self.settings.device
+        env["MODEL_THREADS"] = str(self.settings.model_threads)
+        env.update(self.extra_env)
+        return env
+
+    def _prepare_backend_dir(self, install: TritonInstall) -> Path | None:
+        if install.backend_source is None or install.stub is None:
+            return None
+        assert self._workdir is not None
+        python_dir = self._workdir / "backends" / "python"
+        shutil.copytree(install.backend_source, python_dir, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(install.stub, python_dir / "triton_python_backend_stub")
+        return python_dir.parent
+
+    def start(self) -> "TritonServer":
+        """Start the server and wait until it is live (and the startup models ready)."""
+        install = find_tritonserver(self.settings)
+        # A fresh working directory: no stray `triton/` folder can shadow the triton package.
+        self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        self._shm_prefix = f"{SHM_PREFIX}{uuid.uuid4().hex[:12]}_"
+        backend_dir = self._prepare_backend_dir(install)
+        if self.log_path is None:
+            self.log_path = self._workdir / "tritonserver.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log.info("starting tritonserver %s (grpc %s, http %s)", install.binary, self.grpc_url, self.http_url)
+        self.process = subprocess.Popen(
+            self.command(install, backend_dir),
+            cwd=self._workdir,
+            env=self.environment(install),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its stubs share its process group: one killpg reaches all
+        )
+        log_file.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.settings.triton_start_timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise TritonStartError(
+                        f"tritonserver exited with code {self.process.returncode}:\n{self.error_lines()}"
+                    )
+                try:
+                    if client.get(url).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+        raise TritonStartError(
+            f"tritonserver not ready after {self.settings.triton_start_timeout_s:.0f}s:\n{self.error_lines()}"
+        )
+
+    def error_lines(self, limit: int = 30) -> str:
+        """The server's own error lines (ISO8601 format: `<time> E <pid> file:line] msg`)."""
+        if self.log_path is None or not self.log_path.exists():
+            return "(no server log)"
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        errors = [ln for ln in lines if " E " in ln[:40] or "error" in ln.lower()]
+        return "\n".join((errors or lines)[-limit:])
+
+    # ------------------------------------------------------------------ stop
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM, wait for the exit timeout, then SIGKILL the whole group; clean /dev/shm."""
+        proc = self.process
+        if proc is not None:
+            wait = timeout if timeout is not None else self.settings.triton_exit_timeout_s + 5
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(wait)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not exit in %.0fs; killing it", wait)
+            self._kill_group(proc.pid)
+            proc.wait()
+        self._remove_shm()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        """Kill what is left of the server's process group (stubs it could not stop)."""
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _remove_shm(self) -> None:
+        if not self._shm_prefix:
+            return
+        for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+            region.unlink(missing_ok=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_triton(settings: Settings, startup_models: list[str] | None = None, **kwargs: object) -> TritonServer:
+    """Start tritonserver per ``settings`` and return the live handle."""
+    models = settings.triton_startup_models if startup_models is None else startup_models
+    return TritonServer(settings, startup_models=list(models), **kwargs).start()  # type: ignore[arg-type]

@@ -1,0 +1,144 @@
+"""One settings object for the whole bridge, read from the environment.
+
+Every field is documented here and in the README. Secrets are ``SecretStr``: they never show in
+a repr, a log line or an error. A missing or malformed value stops start-up with a message that
+names the variable (see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+MODEL_NAMES = ("sdxl", "wan", "qwen_instruct", "qwen_base")
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or malformed; the message names it."""
+
+
+class Settings(BaseSettings):
+    """Bridge settings. Environment variable = upper-case field name."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- Redis ------------------------------------------------------------------------------
+    redis_url: SecretStr | None = Field(
+        None, description="Redis URL (may carry a password). Unset: start an embedded redis-server."
+    )
+    queue_pop_side: Literal["left", "right"] = Field(
+        "left", description="Side jobs are taken from; 'left' = oldest first for an RPUSH producer."
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="Runs of one job before it is failed.")
+    heartbeat_ttl_s: float = Field(15.0, gt=0, description="A worker is dead this long after its last heartbeat.")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time running jobs get to finish.")
+
+    # --- Supabase ---------------------------------------------------------------------------
+    supabase_url: str | None = Field(None, description="Supabase project URL. Unset: local mode.")
+    supabase_service_key: SecretStr | None = Field(None, description="Service-role key (Storage, callbacks).")
+    job_callback_secret: SecretStr | None = Field(None, description="HMAC key of X-Callback-Signature.")
+    storage_bucket: str = Field("workspace-temp", description="Storage bucket for assets.")
+    report_deadline_s: float = Field(
+        300.0, gt=0, description="How long one reporting round retries before the job is put back."
+    )
+
+    # --- Models / Triton ----------------------------------------------------------------------
+    models_dir: Path = Field(Path("/workspace/models"), description="Root of the model weights.")
+    model_repository: Path = Field(DEFAULT_MODEL_REPOSITORY, description="Triton model repository.")
+    triton_url: str | None = Field(
+        None, description="host:port of a running Triton's gRPC endpoint. Unset: start one embedded."
+    )
+    triton_host: str = Field("127.0.0.1", description="Address the embedded Triton binds to.")
+    triton_http_port: int = Field(8000, ge=1, le=65535)
+    triton_grpc_port: int = Field(8001, ge=1, le=65535)
+    triton_metrics_port: int = Field(8002, ge=1, le=65535)
+    tritonserver_bin: Path | None = Field(None, description="tritonserver binary to use (else PATH, else pytriton).")
+    triton_startup_models: list[str] = Field(
+        default_factory=list, description="Models loaded when the embedded server starts (comma list)."
+    )
+    triton_exit_timeout_s: int = Field(10, ge=0, description="tritonserver --exit-timeout-secs.")
+    triton_start_timeout_s: float = Field(120.0, gt=0, description="Wait this long for the server to be live.")
+    triton_api_key: SecretStr | None = Field(
+        None, description="Key for Triton's restricted model-control API when its ports are exposed."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device for the models.")
+    model_threads: int = Field(0, ge=0, description="torch threads per model process (0: torch default).")
+
+    # --- Worker -------------------------------------------------------------------------------
+    worker_id: str = Field(default_factory=_default_worker_id, description="Unique per process.")
+    output_dir: Path = Field(Path("outputs"), description="Local mode results and the upload spool.")
+    enhance_timeout_s: float = Field(60.0, gt=0, description="Prompt enhancement time limit.")
+
+    # --- HTTP API -----------------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="API bind address (0.0.0.0 in production).")
+    api_port: int = Field(7861, ge=0, le=65535)
+    worker_api_key: SecretStr | None = Field(None, description="Bearer key required by the API.")
+
+    @field_validator("triton_startup_models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("triton_startup_models")
+    @classmethod
+    def _known_models(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in MODEL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {list(MODEL_NAMES)}")
+        return value
+
+    @field_validator("supabase_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _supabase_complete(self) -> "Settings":
+        if self.supabase_url:
+            missing = [
+                name.upper()
+                for name in ("supabase_service_key", "job_callback_secret")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"SUPABASE_URL is set but {', '.join(missing)} is not")
+        return self
+
+    @property
+    def local_mode(self) -> bool:
+        """No Supabase configured: results stay on disk and statuses in Redis."""
+        return self.supabase_url is None
+
+    @cached_property
+    def spool_dir(self) -> Path:
+        return self.output_dir / ".spool"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, turning a validation error into a clear message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "_".join(str(part) for part in err["loc"]).upper() or "settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

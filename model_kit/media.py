@@ -1,0 +1,86 @@
+"""Encoding and decoding of the media the models produce (PNG, H.264 MP4) and thumbnails."""
+
+from __future__ import annotations
+
+import io
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(frame: np.ndarray) -> np.ndarray:
+    """A float frame in [0, 1] (or uint8 already) as HxWx3 uint8."""
+    if frame.dtype != np.uint8:
+        frame = (np.clip(frame, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return frame
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(to_uint8(image))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_mp4(frames: Iterable[np.ndarray], fps: int, crf: int = 18) -> bytes:
+    """H.264 (yuv420p, faststart) MP4 of HxWx3 frames; plays in browsers."""
+    import av  # noqa: PLC0415
+
+    frames = [to_uint8(f) for f in frames]
+    if not frames:
+        raise ValueError("no frames to encode")
+    height, width = frames[0].shape[:2]
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = width - width % 2, height - height % 2
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(frame[: stream.height, : stream.width], format="rgb24")
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def decode_mp4(data: bytes) -> list[np.ndarray]:
+    """All frames of an MP4 as HxWx3 uint8 arrays."""
+    import av  # noqa: PLC0415
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def video_middle_frame(data: bytes) -> Image.Image:
+    frames = decode_mp4(data)
+    if not frames:
+        raise ValueError("video has no frames")
+    return Image.fromarray(frames[len(frames) // 2])
+
+
+def thumbnail_webp(image: Image.Image | bytes, longest_edge: int = 256, quality: int = 85) -> bytes:
+    """A WEBP thumbnail whose longest edge is ``longest_edge`` px (never upscaled)."""
+    if isinstance(image, bytes):
+        image = Image.open(io.BytesIO(image))
+    image = image.convert("RGB")
+    scale = min(1.0, longest_edge / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if scale < 1.0:
+        image = image.resize(size, Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="WEBP", quality=quality)
+    return buffer.getvalue()
+
+
+def letterbox(image: Image.Image, width: int, height: int, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Fit ``image`` inside width x height keeping its aspect ratio, padding the rest."""
+    image = image.convert("RGB")
+    scale = min(width / image.width, height / image.height)
+    resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    canvas = Image.new("RGB", (width, height), fill)
+    canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
+    return canvas
