@@ -11,6 +11,7 @@ interpreter's own ``libpython`` go first on ``LD_LIBRARY_PATH``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -53,11 +54,12 @@ class TritonInstall:
 
 
 def _pytriton_root() -> Path | None:
-    try:
-        import pytriton  # noqa: PLC0415 - optional dependency
-    except ImportError:
+    # Located, not imported (issue 6): the image installs nvidia-pytriton with --no-deps only for
+    # its stub, and `import pytriton` needs its own dependencies (zmq, wrapt, typing_inspect).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(pytriton.__file__).resolve().parent
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def find_tritonserver(settings: Settings) -> TritonInstall:
@@ -91,6 +93,12 @@ def find_tritonserver(settings: Settings) -> TritonInstall:
             "no tritonserver found: set TRITONSERVER_BIN, put tritonserver on PATH, "
             "or `pip install nvidia-pytriton==0.7.0`"
         )
+    # A full install (NVIDIA's image: /opt/tritonserver/{bin,backends}) runs the Python backend
+    # built with it; only the stub comes from the wheel, for this interpreter (issue 6). The wheel's
+    # libtriton_python.so links the wheel's own libtritonserver and does not belong in that server.
+    own_backend = binary.resolve().parent.parent / "backends" / "python"
+    if stub is not None and (own_backend / "libtriton_python.so").exists():
+        backend_source = own_backend
     return TritonInstall(binary=binary, lib_dirs=tuple(lib_dirs), backend_source=backend_source, stub=stub)
 
 

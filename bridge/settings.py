@@ -11,10 +11,10 @@ import os
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     triton_grpc_port: int = Field(8001, ge=1, le=65535)
     triton_metrics_port: int = Field(8002, ge=1, le=65535)
     tritonserver_bin: Path | None = Field(None, description="tritonserver binary to use (else PATH, else pytriton).")
-    triton_startup_models: list[str] = Field(
+    triton_startup_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Models loaded when the embedded server starts (comma list)."
     )
     triton_exit_timeout_s: int = Field(10, ge=0, description="tritonserver --exit-timeout-secs.")
@@ -76,17 +76,68 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device for the models.")
     model_threads: int = Field(0, ge=0, description="torch threads per model process (0: torch default).")
 
+    # --- Residency / scheduling (issue 4: bridge/model_table.py, scheduler.py, residency.py) ----
+    vram_budget_gb: float = Field(47.0, gt=0, description="GPU memory all resident models may take (GB).")
+    vram_safety_margin_gb: float = Field(
+        1.0, ge=0, description="On a GPU, keep this much of NVML's free memory out of the budget (GB)."
+    )
+    model_table: dict[str, dict[str, object]] = Field(
+        default_factory=dict,
+        description='Overrides of the model table, JSON: {"wan": {"vram_gb": 20, "policy": "on_demand"}}.',
+    )
+    swap_aging_s: float = Field(
+        900.0, ge=0, description="A job waiting this long goes first (oldest first), model switch or not."
+    )
+    drain_timeout_s: float | None = Field(
+        None, gt=0, description="Before an unload, wait this long for requests in flight, then cancel them."
+    )
+    unload_timeout_s: float = Field(120.0, gt=0, description="Wait this long for Triton to free an unloaded model.")
+    load_retry_backoff_s: float = Field(60.0, ge=0, description="After a failed load, refuse that model this long.")
+
+    @field_validator("model_table")
+    @classmethod
+    def _check_model_table(cls, value: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+        from bridge.model_table import parse_overrides  # noqa: PLC0415 - pure module, no cycle
+
+        parse_overrides(value)
+        return value
+
+    # --- end residency / scheduling ------------------------------------------------------------
+
     # --- Worker -------------------------------------------------------------------------------
     worker_id: str = Field(default_factory=_default_worker_id, description="Unique per process.")
     output_dir: Path = Field(Path("outputs"), description="Local mode results and the upload spool.")
     enhance_timeout_s: float = Field(60.0, gt=0, description="Prompt enhancement time limit.")
+    fetch_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="host:port entries on private addresses that reference-image URLs may use (tests, LAN).",
+    )
 
     # --- HTTP API -----------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="API bind address (0.0.0.0 in production).")
     api_port: int = Field(7861, ge=0, le=65535)
     worker_api_key: SecretStr | None = Field(None, description="Bearer key required by the API.")
 
-    @field_validator("triton_startup_models", mode="before")
+    # --- Operations (issue 6: bridge/doctor.py, registration.py, logs.py) ----------------------
+    require_gpu: bool = Field(False, description="Start-up checks fail unless a CUDA GPU is visible.")
+    public_url: str | None = Field(
+        None, description="Public base URL of the API (else https://{RUNPOD_POD_ID}-{API_PORT}.proxy.runpod.net)."
+    )
+    runpod_pod_id: str | None = Field(None, description="Set by RunPod inside a pod; gives the proxy URL.")
+    register_worker: bool = Field(True, description="Register the public URL with Supabase at start-up.")
+    log_level: str = Field("INFO", description="Root log level.")
+    log_json: bool | None = Field(None, description="JSON log lines (unset: JSON unless stderr is a terminal).")
+    # --- end operations ---------------------------------------------------------------------------
+
+    # --- Prompt data files (issue 8: bridge/prompt_data.py, chat.py, safety.py, scene.py) --------
+    data_dir: Path = Field(
+        Path(__file__).resolve().parent / "data",
+        description="Folder of the operator-editable templates.yaml, content_mode.yaml, scene_rules.yaml and "
+        "safety_terms.yaml (a file missing there falls back to the packaged copy; safety terms are merged).",
+    )
+    # --- end prompt data files -------------------------------------------------------------------
+
+    @field_validator("triton_startup_models", "fetch_allowed_hosts", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):

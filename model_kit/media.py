@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from typing import Iterable
 
 import numpy as np
@@ -25,26 +27,32 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
 
 
 def encode_mp4(frames: Iterable[np.ndarray], fps: int, crf: int = 18) -> bytes:
-    """H.264 (yuv420p, faststart) MP4 of HxWx3 frames; plays in browsers."""
+    """H.264 (yuv420p, faststart) MP4 of HxWx3 frames; plays in browsers.
+
+    Written through a temporary file: ``+faststart`` rewrites the file in a second pass, which an
+    in-memory buffer does not support.
+    """
     import av  # noqa: PLC0415
 
     frames = [to_uint8(f) for f in frames]
     if not frames:
         raise ValueError("no frames to encode")
     height, width = frames[0].shape[:2]
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = width - width % 2, height - height % 2
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
-        for frame in frames:
-            video_frame = av.VideoFrame.from_ndarray(frame[: stream.height, : stream.width], format="rgb24")
-            for packet in stream.encode(video_frame):
+    with tempfile.TemporaryDirectory(prefix="mp4-") as tmp:
+        path = os.path.join(tmp, "video.mp4")
+        with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height = width - width % 2, height - height % 2
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for frame in frames:
+                video_frame = av.VideoFrame.from_ndarray(frame[: stream.height, : stream.width], format="rgb24")
+                for packet in stream.encode(video_frame):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+        with open(path, "rb") as handle:
+            return handle.read()
 
 
 def decode_mp4(data: bytes) -> list[np.ndarray]:

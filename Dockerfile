@@ -1,0 +1,94 @@
+# syntax=docker/dockerfile:1
+#
+# GPU inference worker: NVIDIA Triton Inference Server 2.51 (NGC 24.10, the version the tests run)
+# with the bridge (Redis queue -> Triton -> Supabase) as the container's process.
+#
+#   docker build -t gpu-worker .
+#   docker run --gpus all --shm-size=2g -v /workspace:/workspace -p 7861:7861 --env-file worker.env gpu-worker
+#
+# The image's own Python is 3.10; the package needs 3.11, and Triton's Python-backend stub must be
+# built for the interpreter the models run in. So: Python 3.11 from the deadsnakes PPA in a venv,
+# the image's tritonserver and its Python backend (libtriton_python.so), and the 3.11 stub that
+# NVIDIA ships prebuilt inside the nvidia-pytriton 0.7.0 wheel (same Triton release, 2.51/24.10),
+# installed with --no-deps only for that file. bridge.launcher assembles a fresh backend directory
+# from the two on every start (see find_tritonserver) and puts the venv first on the stub's PATH.
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+ARG PYTHON_VERSION=3.11
+# CUDA 12.4 wheels run on the image's CUDA 12.6 user space (they bring their own CUDA libraries).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+ARG TORCH_SPEC=torch==2.6.0
+ARG PYTRITON_SPEC=nvidia-pytriton==0.7.0
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# Python 3.11 with its shared libpython (the stub links libpython3.11.so.1.0); tini reaps orphans
+# (model stubs) and forwards SIGTERM; redis-server serves local mode when REDIS_URL is unset.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
+ && add-apt-repository -y ppa:deadsnakes/ppa \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends \
+        python${PYTHON_VERSION} python${PYTHON_VERSION}-venv python${PYTHON_VERSION}-dev \
+        libpython${PYTHON_VERSION} tini redis-server \
+ && apt-get purge -y --auto-remove software-properties-common gpg-agent \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python${PYTHON_VERSION} -m venv /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# CUDA torch first, pinned for everything installed after it (nothing may swap it for a CPU build).
+RUN pip install --upgrade pip setuptools wheel \
+ && pip install --index-url ${TORCH_INDEX_URL} ${TORCH_SPEC} \
+ && pip freeze | grep -i '^torch==' > /opt/venv/constraints.txt \
+ && cat /opt/venv/constraints.txt
+
+WORKDIR /app
+
+# Dependencies in their own layer: install the project with empty packages, then the real code.
+COPY pyproject.toml /app/pyproject.toml
+RUN mkdir -p bridge model_kit && touch bridge/__init__.py model_kit/__init__.py \
+ && pip install -c /opt/venv/constraints.txt /app \
+ && pip install --no-deps ${PYTRITON_SPEC} \
+ && rm -rf /app/bridge /app/model_kit /app/build /app/*.egg-info \
+ && python -c "import pathlib, importlib.util as u; \
+root = pathlib.Path(next(iter(u.find_spec('pytriton').submodule_search_locations))); \
+stub = root / 'tritonserver/python_backend_stubs/${PYTHON_VERSION}/triton_python_backend_stub'; \
+assert stub.exists(), stub; print('python backend stub:', stub)"
+
+COPY bridge /app/bridge
+COPY model_kit /app/model_kit
+RUN pip install --no-deps --force-reinstall /app && rm -rf /app/build /app/*.egg-info
+COPY model_repository /app/model_repository
+COPY docker/start.sh /app/docker/start.sh
+RUN chmod 0755 /app/docker/start.sh
+
+# Triton listens on 127.0.0.1 only (TRITON_HOST); the bridge API is the one public port.
+# REQUIRE_GPU=1: start-up checks fail on a machine without a visible GPU (set 0 for a CPU smoke test).
+ENV TRITONSERVER_BIN=/opt/tritonserver/bin/tritonserver \
+    MODEL_REPOSITORY=/app/model_repository \
+    MODELS_DIR=/workspace/models \
+    OUTPUT_DIR=/workspace/outputs \
+    HF_HUB_CACHE=/workspace/models/huggingface_cache \
+    HF_HUB_OFFLINE=1 \
+    TRITON_HOST=127.0.0.1 \
+    API_HOST=0.0.0.0 \
+    API_PORT=7861 \
+    DEVICE=auto \
+    REQUIRE_GPU=1
+
+EXPOSE 7861
+
+# Loading 30 GB of weights takes minutes: failures only count after the start period.
+# http://127.0.0.1:7861/health, following API_PORT when it is changed.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('API_PORT', '7861') + '/health', timeout=8)" || exit 1
+
+# NVIDIA's entrypoint (banner, CUDA compatibility setup) under tini, then our start-up script.
+ENTRYPOINT ["/usr/bin/tini", "--", "/opt/nvidia/nvidia_entrypoint.sh"]
+CMD ["/app/docker/start.sh"]

@@ -1,0 +1,383 @@
+"""Chat routes of the HTTP API: the old contract's ``/chat``, ``/generate`` and ``/enhance``
+(CONTRACT §5) and the OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``.
+
+One path serves them all: parse → safety gate → :func:`bridge.chat.prepare_chat` (content mode,
+template, context trimming with the model's real tokenizer) → an interactive turn from the
+worker's dispatcher (chat latency priority) → :class:`bridge.textgen.TextService` on Triton →
+sfw masking (:meth:`PreparedChat.finish`). A model that cannot be made resident answers 503 with
+``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import APIRouter, Body, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from bridge import metrics
+from bridge.api_common import ApiError, EventStream, runtime_of, sse, unavailable
+from bridge.chat import (
+    BudgetError,
+    ChatRequest,
+    ChatRequestError,
+    PreparedChat,
+    enhancement_messages,
+    finish_enhancement,
+    mask_sfw,
+    parse_chat_request,
+    prepare_chat,
+)
+from bridge.model_table import job_cost_s
+from bridge.prompt_data import PromptData, get_data
+from bridge.residency import ResidencyError
+from bridge.safety import check_prompt
+from bridge.textgen import TextResult
+from bridge.triton_client import InferenceFailed
+from bridge.worker import JobFailed, Waiting
+
+CHAT_MODELS = ("qwen_instruct", "qwen_base")
+DISPLAY_NAMES = {"qwen_instruct": "Qwen2.5-7B-Instruct", "qwen_base": "Qwen2.5-7B"}
+#: A chat turn waits at most this long for the GPU, then answers 503.
+GPU_WAIT_S = 120.0
+#: Time limit of one non-streaming generation.
+CHAT_TIMEOUT_S = 300.0
+#: ``/enhance`` defaults (CONTRACT §5: like ``/chat`` with max_tokens 200).
+ENHANCE_DEFAULTS = {"max_tokens": 200, "temperature": 0.7, "top_p": 0.9}
+
+legacy_router = APIRouter()
+openai_router = APIRouter(prefix="/v1")
+_tokenizer_lock = threading.Lock()  # one tokenizer call at a time (fast tokenizers are not re-entrant)
+
+
+# ----------------------------------------------------------------------------- the shared path
+def _parse(body: Any, status: int) -> ChatRequest:
+    try:
+        return parse_chat_request(body)
+    except ChatRequestError as exc:
+        message = str(exc)
+        param = message.split(":", 1)[0] if ":" in message.split(";")[0] else None
+        raise ApiError(status, message, param=param) from None
+
+
+def _data(runtime: Any) -> PromptData:
+    return get_data(runtime.settings.data_dir)
+
+
+def _refuse_unsafe(text: str, data: PromptData, kind: str) -> None:
+    verdict = check_prompt(text, data=data)
+    if not verdict.allowed:
+        metrics.inc_safety_refusal(kind)
+        raise ApiError(400, verdict.reason or "refused by the content-safety gate", type="content_refused")
+
+
+async def _tokenizer(runtime: Any, model: str) -> Any:
+    return await asyncio.to_thread(runtime.text.tokenizer, model)
+
+
+def _prepare_locked(chat: ChatRequest, tokenizer: Any, data: PromptData) -> PreparedChat:
+    with _tokenizer_lock:
+        return prepare_chat(chat, tokenizer, data=data)
+
+
+async def prepare(runtime: Any, chat: ChatRequest) -> PreparedChat:
+    """Safety gate, then content mode, template and the context budget for one request."""
+    data = _data(runtime)
+    _refuse_unsafe(chat.conversation().latest_user, data, "chat")
+    tokenizer = await _tokenizer(runtime, chat.model)
+    try:
+        return await asyncio.to_thread(_prepare_locked, chat, tokenizer, data)
+    except BudgetError as exc:
+        raise ApiError(400, str(exc), param="max_tokens") from None
+
+
+@asynccontextmanager
+async def gpu_turn(runtime: Any, model: str) -> AsyncIterator[None]:
+    """Hold an interactive place granted by the worker's dispatcher for one request, so the
+    scheduler gives chat latency priority and never starts a model switch under it. Without a
+    worker loop (an API-only runtime) there is no dispatcher and nothing to wait for."""
+    if not runtime.with_jobs:
+        yield
+        return
+    dispatcher = runtime.worker.dispatcher
+    item = Waiting(key=f"chat:{model}", models=frozenset({model}), since=time.monotonic(), interactive=True,
+                   est_s=job_cost_s("chat"))
+    try:
+        async with asyncio.timeout(GPU_WAIT_S):
+            await dispatcher.acquire(item)
+    except JobFailed as exc:
+        raise unavailable(exc.message) from None
+    except TimeoutError:
+        raise unavailable(f"{model}: the GPU stayed busy for {GPU_WAIT_S:.0f}s; try again") from None
+    try:
+        yield
+    finally:
+        dispatcher.release(item)
+
+
+def _generation_error(model: str, exc: Exception) -> ApiError:
+    """A failure while generating, as an answer that says what happened (never a traceback)."""
+    if isinstance(exc, ResidencyError):
+        return unavailable(str(exc))
+    if isinstance(exc, TimeoutError):
+        return ApiError(504, f"{model}: no answer within {CHAT_TIMEOUT_S:.0f}s", type="timeout")
+    if isinstance(exc, InferenceFailed) and exc.transient:
+        return unavailable(f"{model} is not available now: {exc.message}")
+    message = exc.message if isinstance(exc, InferenceFailed) else "generation failed"
+    return ApiError(500, f"{model}: {message}", type="server_error")
+
+
+async def complete(runtime: Any, model: str, messages: list[dict[str, str]], sampling: dict[str, Any]) -> TextResult:
+    """One non-streaming generation in an interactive GPU turn."""
+    try:
+        async with gpu_turn(runtime, model):
+            return await runtime.text.complete(model, messages, sampling, timeout=CHAT_TIMEOUT_S,
+                                               request_id=f"chat-{uuid.uuid4().hex}")
+    except (ResidencyError, TimeoutError, InferenceFailed) as exc:
+        raise _generation_error(model, exc) from None
+
+
+def model_info(model: str, result: TextResult) -> dict[str, Any]:
+    return {
+        "model_name": model,
+        "display_name": DISPLAY_NAMES[model],
+        "served_by": "triton",
+        "finish_reason": result.finish_reason,
+        "input_tokens": result.input_tokens,
+        "output_tokens": result.output_tokens,
+    }
+
+
+# ----------------------------------------------------------------------------- old contract
+@legacy_router.post("/chat")
+@legacy_router.post("/generate")
+async def chat(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    """One chat turn: ``{messages | message, max_tokens, temperature, top_p, model, sfw_mode}``
+    → ``{success, response, generation_time, tokens_generated, model_info, prompt_info}``."""
+    runtime = runtime_of(request)
+    parsed = _parse(body, 400)
+    prepared = await prepare(runtime, parsed)
+    result = await complete(runtime, parsed.model, prepared.messages, prepared.sampling)
+    return {
+        "success": True,
+        "response": prepared.finish(result.text, _data(runtime)),
+        "generation_time": round(result.seconds, 3),
+        "tokens_generated": result.output_tokens,
+        "model_info": model_info(parsed.model, result),
+        "context_trimmed": prepared.built.trimmed,
+        "prompt_info": prepared.metadata(),
+    }
+
+
+@legacy_router.post("/enhance")
+async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    """Rewrite a prompt for an image (``target: "sdxl"``) or video (``"wan"``, the default) model;
+    the prompt is the (last) user message. Sampling defaults: max_tokens 200, T 0.7, top_p 0.9."""
+    runtime = runtime_of(request)
+    target = body.get("target", "wan")
+    if target not in ("sdxl", "wan"):
+        raise ApiError(400, f"target: must be 'sdxl' or 'wan', got {target!r}", param="target")
+    parsed = _parse(body, 400)
+    data = _data(runtime)
+    prompt = parsed.conversation().latest_user.strip()
+    _refuse_unsafe(prompt, data, "enhance")
+    sampling = {
+        "max_tokens": parsed.max_tokens or ENHANCE_DEFAULTS["max_tokens"],
+        "temperature": ENHANCE_DEFAULTS["temperature"] if parsed.temperature is None else parsed.temperature,
+        "top_p": parsed.top_p or ENHANCE_DEFAULTS["top_p"],
+    }
+    result = await complete(runtime, parsed.model, enhancement_messages(target, prompt, data), sampling)
+    tokenizer = await _tokenizer(runtime, target)
+    with _tokenizer_lock:
+        enhanced = finish_enhancement(target, result.text, tokenizer, original=prompt, data=data)
+    text = mask_sfw(enhanced.prompt, data) if parsed.sfw_mode else enhanced.prompt
+    return {
+        "success": True,
+        "enhanced_prompt": text,
+        "original_prompt": prompt,
+        "generation_time": round(result.seconds, 3),
+        "tokens_generated": result.output_tokens,
+        "model_info": model_info(parsed.model, result),
+        "enhancement": {**enhanced.metadata(), "enhanced_prompt": text, "target": target},
+    }
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def as_chat(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat completion request this server honours (others are ignored);
+    ``sfw_mode`` is our extension (``extra_body={"sfw_mode": True}`` with the openai package)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Literal["qwen_instruct", "qwen_base"]
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    sfw_mode: bool = False
+
+    def chat_request(self) -> ChatRequest:
+        return _parse({
+            "messages": [m.as_chat() for m in self.messages],
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "model": self.model, "sfw_mode": self.sfw_mode,
+        }, 422)
+
+    def sampling_extras(self) -> dict[str, Any]:
+        extras: dict[str, Any] = {}
+        if self.stop:
+            extras["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.seed is not None:
+            extras["seed"] = self.seed
+        return extras
+
+
+@openai_router.get("/models")
+async def list_models() -> dict[str, Any]:
+    """The chat models, as OpenAI's model list."""
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "gpu-worker"} for name in CHAT_MODELS
+    ]}
+
+
+@openai_router.post("/chat/completions", response_model=None)
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> dict[str, Any] | EventStream:
+    """OpenAI chat completion; ``stream: true`` answers server-sent ``chat.completion.chunk``
+    events, then ``data: [DONE]``."""
+    runtime = runtime_of(request)
+    prepared = await prepare(runtime, body.chat_request())
+    sampling = {**prepared.sampling, **body.sampling_extras()}
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not body.stream:
+        result = await complete(runtime, body.model, prepared.messages, sampling)
+        return {
+            "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": prepared.finish(result.text, _data(runtime))},
+                         "finish_reason": _finish_reason(result.finish_reason)}],
+            "usage": _usage(result.input_tokens, result.output_tokens),
+            "prompt_info": prepared.metadata(),
+        }
+    turn = AsyncExitStack()
+    await turn.enter_async_context(gpu_turn(runtime, body.model))
+    try:  # resident before the 200 goes out, so "cannot load it now" is still a 503
+        await runtime.residency.ensure({body.model})
+    except ResidencyError as exc:
+        await turn.aclose()
+        raise unavailable(str(exc)) from None
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunks = _stream_chunks(runtime, prepared, body.model, sampling, completion_id, created, include_usage)
+    return EventStream(chunks, on_close=turn.aclose)
+
+
+async def _stream_chunks(
+    runtime: Any, prepared: PreparedChat, model: str, sampling: dict[str, Any],
+    completion_id: str, created: int, include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else []
+        return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices, **extra})
+
+    data = _data(runtime)
+    masker = SfwStream(lambda text: prepared.finish(text, data), _holdback(data)) if prepared.sfw_mode else None
+    finish, prompt_tokens, output_tokens = "stop", 0, 0
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for piece in runtime.text.stream(model, prepared.messages, sampling,
+                                               request_id=f"chat-{uuid.uuid4().hex}"):
+            text = masker.feed(piece.text) if masker else piece.text
+            if text:
+                yield chunk({"content": text})
+            if piece.finish_reason is not None:
+                finish = piece.finish_reason
+                prompt_tokens, output_tokens = piece.input_tokens or 0, piece.output_tokens or 0
+    except (ResidencyError, InferenceFailed) as exc:
+        error = _generation_error(model, exc)
+        yield sse({"error": {"message": error.message, "type": error.type, "param": None}})
+        return
+    tail = masker.flush() if masker else ""
+    if tail:
+        yield chunk({"content": tail})
+    yield chunk({}, _finish_reason(finish))
+    if include_usage:
+        yield chunk(None, usage=_usage(prompt_tokens, output_tokens))  # type: ignore[arg-type]
+    yield sse("[DONE]")
+
+
+def _finish_reason(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _holdback(data: PromptData) -> int:
+    words = data.content_mode.sfw_mask.words
+    return max((len(w) for w in words), default=0) + 8
+
+
+class SfwStream:
+    """Masks a streamed reply exactly as masking the whole reply would (``mask``): text is released
+    only up to a whitespace at least ``holdback`` characters before the end (the longest masked
+    phrase, with slack) where masking the two sides separately equals masking them together."""
+
+    def __init__(self, mask: Callable[[str], str], holdback: int) -> None:
+        self._mask = mask
+        self._holdback = holdback
+        self._pending = ""
+
+    def feed(self, text: str) -> str:
+        """Add a delta; return the masked text that is now safe to send (maybe empty)."""
+        self._pending += text
+        whole = None
+        limit = len(self._pending) - self._holdback
+        for cut in range(limit, 0, -1):
+            if not self._pending[cut].isspace():
+                continue
+            head, tail = self._pending[:cut], self._pending[cut:]
+            whole = self._mask(self._pending) if whole is None else whole
+            if self._mask(head) + self._mask(tail) == whole:
+                self._pending = tail
+                return self._mask(head)
+        return ""
+
+    def flush(self) -> str:
+        """The rest, masked (at the end of the reply)."""
+        out, self._pending = self._mask(self._pending), ""
+        return out

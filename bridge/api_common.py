@@ -1,0 +1,131 @@
+"""What the HTTP API modules share: the error type, the two error shapes, the runtime accessor.
+
+Two error shapes (see ``docs/API.md``):
+
+- the old contract's routes (:data:`LEGACY_PATHS`, CONTRACT §5) answer
+  ``{"success": false, "error": "<message>"}``; their bad input is a 400;
+- every other route answers ``{"error": {"message", "type", "param"}}`` (the shape OpenAI clients
+  read); bad input there is a 422 naming the field in ``param`` and ``fields``.
+
+No error body ever carries a stack trace, an environment value or a key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Send
+
+#: Routes of the old HTTP API whose request and response shapes the edge functions rely on.
+LEGACY_PATHS = frozenset({
+    "/chat", "/generate", "/enhance", "/health", "/worker/info", "/memory/status", "/memory/load", "/memory/unload",
+})
+#: Seconds a client is told to wait (``Retry-After``) when a model cannot be made resident now.
+RETRY_AFTER_S = 30
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, a message a person can act on, and the field at fault."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002 - the OpenAI field name
+        param: str | None = None,
+        fields: Sequence[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.fields = fields
+        self.headers = headers
+
+
+def unavailable(message: str) -> ApiError:
+    """503 with ``Retry-After``: a model is not resident and cannot be made resident now."""
+    return ApiError(503, message, type="model_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def is_legacy(request: Request) -> bool:
+    """Whether ``request`` is for a route of the old contract (its error shape differs)."""
+    return request.url.path in LEGACY_PATHS
+
+
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",  # noqa: A002
+    param: str | None = None,
+    fields: Sequence[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The error body in the shape of the route ``request`` is for."""
+    if is_legacy(request):
+        body: dict[str, Any] = {"success": False, "error": message}
+    else:
+        error: dict[str, Any] = {"message": message, "type": type, "param": param}
+        if fields:
+            error["fields"] = list(fields)
+        body = {"error": error}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def field_name(loc: Sequence[Any]) -> str:
+    """``("body", "messages", 0, "role")`` → ``"messages.0.role"`` (the request part dropped)."""
+    parts = [str(part) for part in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def runtime_of(request: Request) -> Any:
+    """The :class:`bridge.runtime.Runtime` the app was created for."""
+    return request.app.state.runtime
+
+
+class EventStream(StreamingResponse):
+    """A ``text/event-stream`` response whose iterator is always closed, and whose ``on_close``
+    always runs, when the response ends: normally, on an error, or on a client disconnect (a
+    disconnect cancels the stream; closing the iterator there cancels the Triton request)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, content: AsyncIterator[str], *, on_close: Callable[[], Awaitable[Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+        self._on_close = on_close
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            async with aclosing(self.body_iterator):  # type: ignore[type-var]
+                await super().stream_response(send)
+        finally:
+            if self._on_close is not None:
+                await self._on_close()
+
+
+def sse(data: Any, *, event: str | None = None, event_id: str | None = None) -> str:
+    """One server-sent event: optional ``id:`` and ``event:`` lines, then ``data:`` (JSON unless
+    ``data`` is already a string, e.g. ``[DONE]``)."""
+    lines = []
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    if event is not None:
+        lines.append(f"event: {event}")
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), default=str)
+    lines.extend(f"data: {line}" for line in text.split("\n"))
+    return "\n".join(lines) + "\n\n"

@@ -1,0 +1,269 @@
+"""Command line: ``python -m bridge <command>`` (Typer + Rich)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from bridge.settings import SettingsError, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPU inference worker: Triton + Redis + Supabase.")
+console = Console(stderr=True)
+
+
+def _settings(**overrides: object):
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command("tiny-models")
+def tiny_models(
+    directory: Path = typer.Argument(..., help="Where to write the tiny models (use it as MODELS_DIR)."),
+    force: bool = typer.Option(False, help="Rebuild even if present."),
+) -> None:
+    """Write tiny random-weight versions of all four models in the production layouts."""
+    from model_kit.tiny import BUILDERS, build
+
+    started = time.perf_counter()
+    for name in BUILDERS:
+        t0 = time.perf_counter()
+        build(name, directory, force=force)
+        console.print(f"{name}: ready in {time.perf_counter() - t0:.1f}s")
+    console.print(f"tiny models in {directory} ({time.perf_counter() - started:.1f}s); run with MODELS_DIR={directory}")
+
+
+@app.command()
+def triton(
+    models: Optional[str] = typer.Option(None, help="Comma list of models to load at start (default: settings)."),
+    models_dir: Optional[Path] = typer.Option(None, help="MODELS_DIR override."),
+) -> None:
+    """Run tritonserver over model_repository/ in the foreground until Ctrl-C / SIGTERM."""
+    from bridge.launcher import TritonStartError, start_triton
+    from bridge.logs import setup_logging
+
+    setup_logging()
+    settings = _settings(models_dir=models_dir, triton_startup_models=models)
+    try:
+        server = start_triton(settings)
+    except TritonStartError as exc:
+        console.print(f"[red]tritonserver failed to start:[/red]\n{exc}")
+        raise typer.Exit(1) from None
+    console.print(f"tritonserver live: grpc {server.grpc_url}, http {server.http_url}, metrics {server.metrics_url}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set() and server.running:
+        stop.wait(0.5)
+    server.stop()
+    console.print("tritonserver stopped")
+    if not stop.is_set():
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    logging.basicConfig(level=logging.INFO)
+    app()
+
+
+@app.command()
+def serve() -> None:
+    """Run the worker: Redis jobs → Triton → Supabase (or local files), and the HTTP API."""
+    import asyncio
+
+    from bridge.logs import setup_logging
+    from bridge.runtime import serve as serve_runtime
+
+    from bridge.doctor import errors, render_table, run_checks
+    from bridge.logs import secrets_from_settings
+
+    settings = _settings()
+    setup_logging(settings.log_level, settings.log_json, secrets=secrets_from_settings(settings))
+    if settings.api_host not in ("127.0.0.1", "localhost", "::1") and settings.worker_api_key is None:
+        console.print(f"[red]API_HOST={settings.api_host} exposes the API beyond this machine: set WORKER_API_KEY.[/red]")
+        raise typer.Exit(2)
+    checks = run_checks(settings)
+    if errors(checks):
+        console.print(render_table(checks))
+        console.print("[red]start-up checks failed; fix the items marked above (python -m bridge doctor).[/red]")
+        raise typer.Exit(1)
+    asyncio.run(serve_runtime(settings))
+
+
+@app.command()
+def doctor() -> None:
+    """Check weights, GPU, Redis, Supabase and tritonserver; print a table."""
+    from bridge.doctor import errors, render_table, run_checks
+
+    checks = run_checks(_settings())
+    Console().print(render_table(checks))
+    raise typer.Exit(1 if errors(checks) else 0)
+
+
+@app.command()
+def status(job_id: str = typer.Argument(..., help="The job id.")) -> None:
+    """Print a job's state as the bridge recorded it in Redis."""
+    import asyncio
+    import json
+
+    from bridge.queue import Queue
+
+    settings = _settings()
+    url = settings.redis_url or _embedded_redis_url(settings)
+
+    async def _read() -> dict | None:
+        async with Queue.from_settings(settings, url=url) as queue:
+            return await queue.get_state(job_id)
+
+    state = asyncio.run(_read())
+    if state is None:
+        console.print(f"no job {job_id} known to Redis at {settings.redis_url and 'REDIS_URL' or url}")
+        raise typer.Exit(1)
+    typer.echo(json.dumps(state, indent=2, default=str))
+
+
+def _embedded_redis_url(settings) -> str:
+    """The URL of the redis-server a local ``serve`` started (its port is kept in OUTPUT_DIR)."""
+    marker = settings.output_dir / ".redis" / "url"
+    if not marker.exists():
+        console.print("REDIS_URL is not set and no local bridge is running (start `python -m bridge serve`).")
+        raise typer.Exit(1)
+    return marker.read_text().strip()
+
+
+# ---------------------------------------------------------------------------- submit / demo
+def _copy_outputs(settings, state: dict, out: Path | None) -> list[Path]:
+    """Local mode: the job's files under OUTPUT_DIR (copied to ``out`` when given)."""
+    import shutil
+
+    paths = []
+    for asset in state.get("assets") or []:
+        source = settings.output_dir / asset["url"]
+        if out is not None and source.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            target = out / source.name
+            shutil.copy2(source, target)
+            source = target
+        paths.append(source)
+    return paths
+
+
+@app.command()
+def submit(
+    job_type: str = typer.Option(..., "--type", help="Job type, e.g. sdxl_image_fast, video_fast."),
+    prompt: str = typer.Option(..., help="The prompt."),
+    num_images: Optional[int] = typer.Option(None, help="SDXL: 1, 3 or 6."),
+    seed: Optional[int] = typer.Option(None, help="Seed (0 is a seed)."),
+    width: Optional[int] = typer.Option(None),
+    height: Optional[int] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None, help="num_inference_steps."),
+    frames: Optional[int] = typer.Option(None, help="WAN video: frame_num (4k+1)."),
+    user_id: str = typer.Option("cli-user", help="user_id of the job (storage folder)."),
+    out: Optional[Path] = typer.Option(None, help="Copy the outputs here."),
+    timeout: float = typer.Option(1800, help="Give up waiting after this many seconds."),
+) -> None:
+    """Queue a job, show its live progress, and print where its outputs are."""
+    import asyncio
+    import json
+
+    from bridge.demo import job_payload, progress_bar, submit_and_follow
+    from bridge.jobs import DeadLetter, InvalidJob, parse_job
+    from bridge.queue import Queue
+
+    settings = _settings()
+    config = {k: v for k, v in {"num_images": num_images, "seed": seed, "width": width, "height": height,
+                                 "num_inference_steps": steps, "frame_num": frames}.items() if v is not None}
+    payload = job_payload(job_type, prompt, user_id, config)
+    try:
+        parse_job(json.dumps(payload))
+    except (InvalidJob, DeadLetter) as exc:
+        console.print(f"[red]invalid job:[/red] {exc}")
+        raise typer.Exit(2) from None
+    url = settings.redis_url or _embedded_redis_url(settings)
+
+    async def _run() -> dict:
+        async with Queue.from_settings(settings, url=url) as queue:
+            with progress_bar(console) as progress:
+                return await submit_and_follow(queue, payload, progress, timeout)
+
+    state = asyncio.run(_run())
+    if state.get("status") != "completed":
+        console.print(f"[red]job {payload['id']} {state.get('status')}:[/red] {state.get('error')}")
+        raise typer.Exit(1)
+    for path in _copy_outputs(settings, state, out):
+        typer.echo(str(path))
+
+
+@app.command()
+def chat(
+    url: str = typer.Option("http://127.0.0.1:7861", help="The bridge's HTTP API."),
+    model: str = typer.Option("qwen_instruct", help="qwen_instruct or qwen_base."),
+    system: Optional[str] = typer.Option(None, help="A system prompt."),
+    max_tokens: int = typer.Option(512),
+) -> None:
+    """Interactive terminal chat that streams tokens (needs `python -m bridge serve`)."""
+    import json
+
+    import httpx
+
+    settings = _settings()
+    headers = {"Authorization": f"Bearer {settings.worker_api_key.get_secret_value()}"} if settings.worker_api_key else {}
+    messages = [{"role": "system", "content": system}] if system else []
+    console.print("Chat: empty line or Ctrl-D quits.")
+    with httpx.Client(base_url=url, headers=headers, timeout=None) as client:
+        while True:
+            try:
+                text = console.input("[bold]you>[/bold] ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            messages.append({"role": "user", "content": text})
+            reply = []
+            body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    console.print(f"[red]{response.status_code}: {response.read().decode()}[/red]")
+                    messages.pop()
+                    continue
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                    reply.append(delta)
+                    typer.echo(delta, nl=False)
+            typer.echo()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+@app.command()
+def demo(
+    models_dir: Optional[Path] = typer.Option(None, help="Weights (default: tiny models in .cache/tiny-models)."),
+    out: Path = typer.Option(Path("outputs"), help="Where the outputs go."),
+) -> None:
+    """Run the whole system locally (embedded Triton + Redis, local mode) on one job of each kind."""
+    import asyncio
+
+    from bridge.demo import run_demo
+    from bridge.logs import setup_logging
+
+    setup_logging("WARNING")
+    if models_dir is None:
+        from model_kit.tiny import build_all
+
+        models_dir = Path(".cache/tiny-models")
+        console.print(f"building tiny models in {models_dir} (if missing)…")
+        build_all(models_dir)
+    settings = _settings(models_dir=models_dir, output_dir=out, redis_url=None, triton_url=None,
+                         supabase_url=None, model_threads=1)
+    ok = asyncio.run(run_demo(settings, console))
+    raise typer.Exit(0 if ok else 1)

@@ -1,0 +1,321 @@
+"""Pure: the operator-editable data files of chat, safety and scene detection, validated.
+
+Four YAML files live in ``DATA_DIR`` (default: the packaged ``bridge/data``):
+
+- ``templates.yaml``     system prompts, sampling defaults and token budgets (:class:`TemplatesFile`)
+- ``content_mode.yaml``  adult-mode trigger phrases and keywords, the sfw mask (:class:`ContentModeFile`)
+- ``scene_rules.yaml``   action / movement / setting / appearance words (:class:`SceneRulesFile`)
+- ``safety_terms.yaml``  the content-safety gate's terms and patterns (:class:`SafetyTermsFile`)
+
+A file missing from ``DATA_DIR`` falls back to the packaged copy. ``safety_terms.yaml`` in
+``DATA_DIR`` is *merged* with the packaged one (it can add terms, never remove them), so no data
+file can switch the safety gate off. A malformed file raises :class:`DataFileError` naming the
+file and the key. :func:`get_data` caches and re-reads a file when it changes; a bad edit then is
+logged and the last good copy kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+log = logging.getLogger("bridge.prompt_data")
+
+PACKAGED_DATA_DIR = Path(__file__).resolve().parent / "data"
+FILES = ("templates.yaml", "content_mode.yaml", "scene_rules.yaml", "safety_terms.yaml")
+REQUIRED_TEMPLATES = ("chat", "unrestricted", "roleplay", "sdxl_enhance", "wan_enhance", "admin", "scene_detect")
+AGE_PLACEHOLDER = "{AGE}"
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Char = Annotated[str, StringConstraints(min_length=1, max_length=1)]
+
+
+class DataFileError(ValueError):
+    """A data file is missing or malformed; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors, so a typo in an operator's edit is reported, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- templates.yaml
+class Template(_Strict):
+    """One system prompt with its sampling defaults and token budgets."""
+
+    description: str = ""
+    system: Text
+    user: str = "{prompt}"
+    max_tokens: int = Field(gt=0, le=32768)
+    context_tokens: int = Field(gt=0, le=131072)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=3)
+    prompt_budget: int | None = Field(None, gt=0, le=512)
+    quality_tags: list[Text] = Field(default_factory=list)
+
+    @field_validator("user")
+    @classmethod
+    def _has_placeholder(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("must contain {prompt}")
+        return value
+
+    @model_validator(mode="after")
+    def _fits(self) -> "Template":
+        if self.max_tokens >= self.context_tokens:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be below context_tokens ({self.context_tokens})")
+        return self
+
+    def sampling(self, **overrides: Any) -> dict[str, Any]:
+        """Sampling parameters for the qwen models: these defaults, then non-None ``overrides``."""
+        params: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        if self.top_k is not None:
+            params["top_k"] = self.top_k
+        if self.repetition_penalty is not None:
+            params["repetition_penalty"] = self.repetition_penalty
+        params.update({key: value for key, value in overrides.items() if value is not None})
+        return params
+
+
+class TemplatesFile(_Strict):
+    templates: dict[str, Template]
+    context_types: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TemplatesFile":
+        missing = [name for name in REQUIRED_TEMPLATES if name not in self.templates]
+        if missing:
+            raise ValueError(f"templates: missing {missing} (required: {list(REQUIRED_TEMPLATES)})")
+        unknown = {key: value for key, value in self.context_types.items() if value not in self.templates}
+        if unknown:
+            raise ValueError(f"context_types: unknown template(s) {unknown}")
+        return self
+
+    def for_context_type(self, context_type: str | None) -> str:
+        """Template name for an older-shape ``context_type`` (unknown or missing: ``chat``)."""
+        return self.context_types.get((context_type or "").strip().lower(), "chat")
+
+
+# ----------------------------------------------------------------------------- content_mode.yaml
+class SfwMask(_Strict):
+    replacement: str
+    words: list[Text] = Field(min_length=1)
+
+
+class ContentModeFile(_Strict):
+    scan_turns: int = Field(6, ge=1, le=100)
+    unrestricted_context_types: list[Text] = Field(default_factory=list)
+    trigger_phrases: list[Text] = Field(default_factory=list)
+    keyword_threshold: int = Field(2, ge=1)
+    keywords: list[Text] = Field(default_factory=list)
+    sfw_mask: SfwMask
+
+
+# ----------------------------------------------------------------------------- scene_rules.yaml
+class SceneRulesFile(_Strict):
+    action_verbs: list[Text] = Field(min_length=1)
+    movement_words: list[Text] = Field(default_factory=list)
+    environment_words: list[Text] = Field(min_length=1)
+    atmosphere_words: list[Text] = Field(default_factory=list)
+    appearance_cues: list[Text] = Field(default_factory=list)
+    not_names: list[Text] = Field(default_factory=list)
+    dangling_words: list[Text] = Field(default_factory=list)
+    min_signals: int = Field(2, ge=1)
+    max_actions: int = Field(3, ge=1, le=10)
+
+
+# ----------------------------------------------------------------------------- safety_terms.yaml
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value.replace(AGE_PLACEHOLDER, "(?P<age>1)"))
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from None
+    return value
+
+
+class SafetyTermsFile(_Strict):
+    minor_terms: list[Text] = Field(min_length=1)
+    sexual_terms: list[Text] = Field(min_length=1)
+    age_patterns: list[Text] = Field(min_length=1)
+    minor_patterns: list[Text] = Field(default_factory=list)
+    number_words: dict[Text, int] = Field(min_length=1)
+    leetspeak: dict[Char, Text] = Field(default_factory=dict)
+    homoglyphs: dict[Char, Text] = Field(default_factory=dict)
+    allowed_phrases: list[Text] = Field(default_factory=list)
+    separators: str = " .-_*"
+
+    @field_validator("age_patterns")
+    @classmethod
+    def _age_patterns(cls, values: list[str]) -> list[str]:
+        for index, value in enumerate(values):
+            if AGE_PLACEHOLDER not in value:
+                raise ValueError(f"[{index}] must contain {AGE_PLACEHOLDER}: {value!r}")
+            _check_regex(value)
+        return values
+
+    @field_validator("minor_patterns")
+    @classmethod
+    def _minor_patterns(cls, values: list[str]) -> list[str]:
+        return [_check_regex(value) for value in values]
+
+    @model_validator(mode="after")
+    def _allowed_phrases(self) -> "SafetyTermsFile":
+        sexual = {term.casefold() for term in self.sexual_terms}
+        for phrase in self.allowed_phrases:
+            words = phrase.casefold().split()
+            if len(words) < 2:
+                raise ValueError(f"allowed_phrases: {phrase!r} must have two or more words")
+            if sexual & set(words) or any(term in phrase.casefold() for term in sexual if " " in term):
+                raise ValueError(f"allowed_phrases: {phrase!r} must not contain a sexual term")
+        return self
+
+    def merged(self, extra: "SafetyTermsFile") -> "SafetyTermsFile":
+        """This list plus ``extra``'s entries (an operator's copy extends, never shrinks, the gate)."""
+
+        def union(a: list[str], b: list[str]) -> list[str]:
+            return list(dict.fromkeys([*a, *b]))
+
+        return SafetyTermsFile(
+            minor_terms=union(self.minor_terms, extra.minor_terms),
+            sexual_terms=union(self.sexual_terms, extra.sexual_terms),
+            age_patterns=union(self.age_patterns, extra.age_patterns),
+            minor_patterns=union(self.minor_patterns, extra.minor_patterns),
+            number_words={**extra.number_words, **self.number_words},
+            leetspeak={**extra.leetspeak, **self.leetspeak},
+            homoglyphs={**extra.homoglyphs, **self.homoglyphs},
+            allowed_phrases=union(self.allowed_phrases, extra.allowed_phrases),
+            separators="".join(dict.fromkeys(self.separators + extra.separators)),
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class PromptData:
+    """All four data files, validated."""
+
+    templates: TemplatesFile
+    content_mode: ContentModeFile
+    scene_rules: SceneRulesFile
+    safety: SafetyTermsFile
+    source: Path
+
+    def template(self, name: str) -> Template:
+        try:
+            return self.templates.templates[name]
+        except KeyError:
+            raise KeyError(f"no template {name!r} in templates.yaml (have: {sorted(self.templates.templates)})") from None
+
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "templates.yaml": TemplatesFile,
+    "content_mode.yaml": ContentModeFile,
+    "scene_rules.yaml": SceneRulesFile,
+    "safety_terms.yaml": SafetyTermsFile,
+}
+
+
+def default_data_dir() -> Path:
+    """``DATA_DIR`` from the environment, else the packaged data folder."""
+    value = os.environ.get("DATA_DIR", "").strip()
+    return Path(value) if value else PACKAGED_DATA_DIR
+
+
+def load_file(path: Path, model: type[BaseModel]) -> BaseModel:
+    """Read and validate one YAML file; errors name the file and the key."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataFileError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise DataFileError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataFileError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(raw, dict):
+        raise DataFileError(f"{path}: must be a YAML mapping at the top level")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            problems.append(f"{key}: {err['msg']}")
+        raise DataFileError(f"{path}: " + "; ".join(problems)) from None
+
+
+def _paths(data_dir: Path) -> dict[str, Path]:
+    """Where each file is read from: ``data_dir`` when it holds it, else the packaged copy."""
+    paths = {}
+    for name in FILES:
+        candidate = data_dir / name
+        paths[name] = candidate if candidate.exists() else PACKAGED_DATA_DIR / name
+    return paths
+
+
+def load_data(data_dir: Path | str | None = None) -> PromptData:
+    """Read and validate all four files from ``data_dir`` (default :func:`default_data_dir`)."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if not data_dir.is_dir():
+        raise DataFileError(f"{data_dir}: DATA_DIR is not a folder")
+    paths = _paths(data_dir)
+    loaded = {name: load_file(path, _MODELS[name]) for name, path in paths.items()}
+    safety = loaded["safety_terms.yaml"]
+    if paths["safety_terms.yaml"].resolve() != (PACKAGED_DATA_DIR / "safety_terms.yaml").resolve():
+        packaged = load_file(PACKAGED_DATA_DIR / "safety_terms.yaml", SafetyTermsFile)
+        safety = packaged.merged(safety)  # type: ignore[union-attr, arg-type]
+    return PromptData(
+        templates=loaded["templates.yaml"],  # type: ignore[arg-type]
+        content_mode=loaded["content_mode.yaml"],  # type: ignore[arg-type]
+        scene_rules=loaded["scene_rules.yaml"],  # type: ignore[arg-type]
+        safety=safety,  # type: ignore[arg-type]
+        source=data_dir,
+    )
+
+
+_cache: dict[Path, tuple[tuple, PromptData]] = {}
+_lock = threading.Lock()
+
+
+def _stamp(data_dir: Path) -> tuple:
+    stamp = []
+    for path in _paths(data_dir).values():
+        try:
+            stat = path.stat()
+            stamp.append((str(path), stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            stamp.append((str(path), None, None))
+    return tuple(stamp)
+
+
+def get_data(data_dir: Path | str | None = None) -> PromptData:
+    """Cached :func:`load_data`, re-read when a file changes. A bad edit after a good load is
+    logged and the last good copy is kept; with no good copy yet, :class:`DataFileError` is raised."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    key = data_dir.resolve()
+    stamp = _stamp(data_dir)
+    with _lock:
+        cached = _cache.get(key)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        try:
+            data = load_data(data_dir)
+        except DataFileError as exc:
+            if cached is None:
+                raise
+            log.error("keeping the last good data files: %s", exc)
+            _cache[key] = (stamp, cached[1])
+            return cached[1]
+        _cache[key] = (stamp, data)
+        return data

@@ -1,0 +1,773 @@
+"""All Redis access of the bridge: a reliable queue, heartbeats and the reaper, dead letters,
+idempotency marks, job state with an event stream, and cancellation.
+
+Reliable-queue semantics (no job is ever only in memory):
+
+- :meth:`Queue.take` moves a job with ``BLMOVE queue processing:{worker}:{queue}`` in one server
+  step, so a job is always in its queue, in a processing list, or in ``dead_letter``.
+- :meth:`Queue.ack`, :meth:`Queue.requeue` and :meth:`Queue.dead_letter` each leave the processing
+  list in one Lua script; a requeued job goes back to the FRONT of its queue (served next).
+- Every worker keeps a heartbeat (``worker:{id}``, with a TTL) and lists itself in ``workers``;
+  :meth:`Queue.reap` returns the jobs of workers whose heartbeat expired to the front of their
+  queues and forgets them. A worker never reaps itself; a restarted worker with the same id takes
+  back its own orphans on its first :meth:`Queue.take`.
+- Attempts are counted in Redis per job (by id, else by a hash of the raw bytes), so a crash and
+  redelivery counts; each delivery adds a unique token to a set, which makes the count idempotent
+  under retries and lets a SIGTERM requeue take its token back.
+
+Robustness: commands go through a connection pool whose redis-py ``Retry`` absorbs short blips;
+around that, every call retries connection errors with exponential backoff and jitter for as long
+as Redis is away (or ``give_up_after_s``), logging the outage once when it starts and once when it
+ends. Blocking reads (BLMOVE, XREAD BLOCK, pub/sub) use a second pool so they never starve other
+calls. The URL may carry a password; it is never logged (only scheme, host, port and db are).
+
+Key layout: ``{queue}``, ``processing:{worker}:{queue}``, ``dead_letter``, ``workers``,
+``worker:{id}``, ``worker_queues:{id}``, ``attempts:{job}``, ``finished:{job}``, ``job:{job}``,
+``job_events:{job}``, ``cancel:{job}``; channel ``job_cancel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections import Counter, defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import redis.exceptions as rex
+from pydantic import SecretStr
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff, NoBackoff
+
+from bridge.jobs import QUEUES, peek_id
+from bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Side = Literal["left", "right"]
+
+DEAD_LETTER_KEY = "dead_letter"
+WORKERS_KEY = "workers"
+CANCEL_CHANNEL = "job_cancel"
+#: Longest single server-side block; a longer wait is several of these (no polling in between).
+BLOCK_CHUNK_S = 5.0
+DAY_S = 86_400
+
+# Connection trouble worth waiting out; a wrong password or missing permission is not.
+_RETRYABLE = (rex.ConnectionError, rex.TimeoutError, ConnectionError, asyncio.TimeoutError)
+_FATAL = (rex.AuthenticationError, rex.AuthorizationError, rex.ExternalAuthProviderError)
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis stayed unreachable for longer than the queue's ``give_up_after_s``."""
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def processing_key(worker_id: str, queue: str) -> str:
+    return f"processing:{worker_id}:{queue}"
+
+
+def heartbeat_key(worker_id: str) -> str:
+    return f"worker:{worker_id}"
+
+
+def worker_queues_key(worker_id: str) -> str:
+    return f"worker_queues:{worker_id}"
+
+
+def attempts_key(raw: bytes, job_id: str | None = None) -> str:
+    """Per job id when the payload has a usable one, else per hash of the raw bytes."""
+    if job_id is None:
+        job_id = peek_id(raw)
+    return f"attempts:{job_id}" if job_id else f"attempts:sha256:{hashlib.sha256(raw).hexdigest()}"
+
+
+def finished_key(job_id: str) -> str:
+    return f"finished:{job_id}"
+
+
+def state_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"job_events:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"cancel:{job_id}"
+
+
+# --- Lua scripts (each one atomic on the server) ----------------------------------------------
+
+# KEYS: attempts. ARGV: token, ttl_s. Adding the same token twice (a retried call) counts once.
+_COUNT_ATTEMPT = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('SCARD', KEYS[1])
+"""
+
+# KEYS: processing, attempts. ARGV: raw.
+_ACK = """
+local n = redis.call('LREM', KEYS[1], 1, ARGV[1])
+if n > 0 then redis.call('DEL', KEYS[2]) end
+return n
+"""
+
+# KEYS: processing, queue, attempts. ARGV: raw, push command for the front, token to uncount ('' = keep).
+_REQUEUE = """
+local n = redis.call('LREM', KEYS[1], 1, ARGV[1])
+if n == 0 then return 0 end
+redis.call(ARGV[2], KEYS[2], ARGV[1])
+if ARGV[3] ~= '' then redis.call('SREM', KEYS[3], ARGV[3]) end
+return 1
+"""
+
+# KEYS: processing, dead_letter, attempts. ARGV: raw, entry JSON.
+_DEAD_LETTER = """
+local n = redis.call('LREM', KEYS[1], 1, ARGV[1])
+if n == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+# KEYS: heartbeat, processing, queue. ARGV: front side. The newest job moves first, so the
+# oldest ends up frontmost; -1 when the worker's heartbeat is back.
+_REAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local n = 0
+while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', ARGV[1]) do n = n + 1 end
+return n
+"""
+
+# KEYS: heartbeat, workers, worker_queues, processing lists... ARGV: worker id.
+_FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 4, #KEYS do
+  if redis.call('LLEN', KEYS[i]) > 0 then return 0 end
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job taken from a queue; it sits in ``processing_key`` until acked, requeued or
+    dead-lettered. ``attempt`` is 1 for the first run, 2 after one redelivery, ..."""
+
+    raw: bytes
+    queue: str
+    attempt: int
+    job_id: str | None
+    token: str
+    processing_key: str
+    taken_at: float = field(default_factory=time.time)
+
+    @property
+    def attempts_key(self) -> str:
+        return attempts_key(self.raw, self.job_id)
+
+
+class _Link:
+    """Whether Redis is reachable, so an outage is logged once when it starts and once at its end.
+
+    A single failure is not an outage: a pooled connection that went stale (e.g. Redis restarted
+    between two calls) fails once and the retry on a fresh connection succeeds. The second
+    consecutive failure of a call is logged as the start of an outage.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.down_since: float | None = None
+        self._first_failure: float | None = None
+
+    def down(self, exc: BaseException, failures: int) -> None:
+        now = time.monotonic()
+        if self._first_failure is None:
+            self._first_failure = now
+        if self.down_since is None and failures >= 2:
+            self.down_since = self._first_failure
+            log.warning(
+                "Redis at %s is unreachable (%s: %s); retrying with backoff, jobs stay in Redis",
+                self.where, type(exc).__name__, exc,
+            )
+        else:
+            log.debug("Redis at %s: %s: %s (failure %d)", self.where, type(exc).__name__, exc, failures)
+
+    def up(self) -> None:
+        self._first_failure = None
+        if self.down_since is not None:
+            log.warning("Redis at %s is reachable again after %.1f s", self.where, time.monotonic() - self.down_since)
+            self.down_since = None
+
+
+def _safe_location(url: str) -> str:
+    """``redis://host:port/db`` without user name or password, for log lines."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path or ''}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class Queue:
+    """The bridge's Redis client. Create one per process; ``await close()`` when done."""
+
+    def __init__(
+        self,
+        url: str | SecretStr,
+        *,
+        worker_id: str,
+        pop_side: Side = "left",
+        max_attempts: int = 3,
+        heartbeat_ttl_s: float = 15.0,
+        finished_ttl_s: float = 7 * DAY_S,
+        state_ttl_s: float = 7 * DAY_S,
+        cancel_ttl_s: float = DAY_S,
+        events_maxlen: int = 1000,
+        backoff_base_s: float = 0.05,
+        backoff_cap_s: float = 5.0,
+        give_up_after_s: float | None = None,
+        max_connections: int = 64,
+    ) -> None:
+        secret = url.get_secret_value() if isinstance(url, SecretStr) else url
+        if pop_side not in ("left", "right"):
+            raise ValueError(f"pop_side must be 'left' or 'right', got {pop_side!r}")
+        self.worker_id = worker_id
+        self.pop_side: Side = pop_side
+        self.max_attempts = max_attempts
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.finished_ttl_s = finished_ttl_s
+        self.state_ttl_s = state_ttl_s
+        self.cancel_ttl_s = cancel_ttl_s
+        self.events_maxlen = events_maxlen
+        self.give_up_after_s = give_up_after_s
+        self.location = _safe_location(secret)
+        self._backoff = EqualJitterBackoff(cap=backoff_cap_s, base=backoff_base_s)
+        self._link = _Link(self.location)
+        # Short blips are absorbed inside redis-py; outages by _retrying() around each call.
+        self._client = Redis.from_url(
+            secret, socket_timeout=10.0, socket_connect_timeout=5.0, max_connections=max_connections,
+            retry=Retry(EqualJitterBackoff(cap=0.5, base=0.02), retries=2), health_check_interval=30,
+        )
+        # Blocking reads: own pool; no redis-py retry, so take() knows when a BLMOVE was cut off.
+        self._blocking = Redis.from_url(
+            secret, socket_timeout=BLOCK_CHUNK_S + 10.0, socket_connect_timeout=5.0,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._scripts = {
+            name: self._client.register_script(source)
+            for name, source in (
+                ("count_attempt", _COUNT_ATTEMPT), ("ack", _ACK), ("requeue", _REQUEUE),
+                ("dead_letter", _DEAD_LETTER), ("reap", _REAP), ("forget", _FORGET),
+            )
+        }
+        self._held: defaultdict[str, Counter[bytes]] = defaultdict(Counter)  # raw jobs we hold, per queue
+        self._open: dict[str, Delivery] = {}  # unsettled deliveries by token
+        self._take_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._clean: set[str] = set()  # queues whose processing list holds no orphan of ours
+
+    @classmethod
+    def from_settings(cls, settings: Settings, url: str | SecretStr | None = None, **options: Any) -> "Queue":
+        """A queue configured from settings; ``url`` (e.g. the embedded server's) beats REDIS_URL."""
+        url = url or settings.redis_url
+        if url is None:
+            raise ValueError("no Redis URL: set REDIS_URL or pass the embedded server's url")
+        return cls(
+            url, worker_id=settings.worker_id, pop_side=settings.queue_pop_side,
+            max_attempts=settings.max_attempts, heartbeat_ttl_s=settings.heartbeat_ttl_s, **options,
+        )
+
+    async def close(self) -> None:
+        """Close both connection pools."""
+        await self._blocking.aclose()
+        await self._client.aclose()
+
+    async def __aenter__(self) -> "Queue":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"Queue({self.location}, worker_id={self.worker_id!r})"
+
+    @property
+    def redis_down(self) -> bool:
+        """True while an outage is in progress (as seen by this queue's last calls)."""
+        return self._link.down_since is not None
+
+    # --- taking and settling jobs ---------------------------------------------------------
+
+    async def take(self, queue: str, timeout: float = 0) -> Delivery | None:
+        """Wait up to ``timeout`` seconds (0: forever) for the next job of ``queue`` and move it to
+        this worker's processing list; ``None`` on timeout. Wakes as soon as a job is pushed. While
+        Redis is away it keeps retrying (the job stays in Redis) until ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        processing = processing_key(self.worker_id, queue)
+        source = "LEFT" if self.pop_side == "left" else "RIGHT"
+        failures = 0
+        async with self._take_locks[queue]:
+            while True:
+                try:
+                    if queue not in self._clean:
+                        await self._prepare(queue)
+                        self._clean.add(queue)
+                    block = BLOCK_CHUNK_S
+                    if deadline is not None:
+                        block = min(block, deadline - time.monotonic())
+                        if block <= 0.001:
+                            return None
+                    raw = await self._blocking.blmove(queue, processing, block, source, "RIGHT")
+                except asyncio.CancelledError:
+                    self._clean.discard(queue)  # a BLMOVE may have landed with its reply lost
+                    raise
+                except _RETRYABLE as exc:
+                    if isinstance(exc, _FATAL):
+                        raise
+                    self._clean.discard(queue)
+                    failures += 1
+                    self._link.down(exc, failures)
+                    delay = self._backoff.compute(failures)
+                    if deadline is not None and time.monotonic() + delay >= deadline:
+                        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                        return None
+                    await asyncio.sleep(delay)
+                    continue
+                self._link.up()
+                failures = 0
+                if raw is not None:
+                    break
+            self._held[queue][raw] += 1
+        job_id = peek_id(raw)
+        token = uuid.uuid4().hex
+        key = attempts_key(raw, job_id)
+        try:
+            attempt = await self._retrying(
+                lambda: self._scripts["count_attempt"](keys=[key], args=[token, int(self.finished_ttl_s)])
+            )
+        except BaseException:
+            self._release(queue, raw)
+            self._clean.discard(queue)  # recovered by the next take
+            raise
+        delivery = Delivery(raw=raw, queue=queue, attempt=int(attempt), job_id=job_id, token=token, processing_key=processing)
+        self._open[token] = delivery
+        return delivery
+
+    async def ack(self, delivery: Delivery) -> bool:
+        """Done with it (after the terminal callback was accepted): drop it from processing.
+        False when it was no longer there (e.g. reaped while this worker was unreachable) or the
+        delivery was already settled or released."""
+        if delivery.token not in self._open:
+            return False
+        removed = await self._retrying(
+            lambda: self._scripts["ack"](keys=[delivery.processing_key, delivery.attempts_key], args=[delivery.raw])
+        )
+        self._release(delivery.queue, delivery.raw, delivery.token)
+        return bool(removed)
+
+    async def requeue(self, delivery: Delivery, count_attempt: bool = True) -> bool:
+        """Put it back at the FRONT of its queue (served next), atomically. With
+        ``count_attempt=False`` (SIGTERM) this delivery does not count as an attempt. False when
+        the job was no longer in processing or the delivery was already settled."""
+        if delivery.token not in self._open:
+            return False
+        keys = [delivery.processing_key, delivery.queue, delivery.attempts_key]
+        args = [delivery.raw, self._front_push, "" if count_attempt else delivery.token]
+        moved = await self._retrying(lambda: self._scripts["requeue"](keys=keys, args=args))
+        self._release(delivery.queue, delivery.raw, delivery.token)
+        return bool(moved)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        """Move it to ``dead_letter`` as ``{raw, reason, queue, worker_id, time, ...}``, atomically.
+        False when the job was no longer in processing or the delivery was already settled."""
+        if delivery.token not in self._open:
+            return False
+        entry = self._dead_entry(delivery.raw, reason, delivery.queue)
+        entry.update(attempt=delivery.attempt, job_id=delivery.job_id)
+        keys = [delivery.processing_key, DEAD_LETTER_KEY, delivery.attempts_key]
+        args = [delivery.raw, json.dumps(entry)]
+        moved = await self._retrying(lambda: self._scripts["dead_letter"](keys=keys, args=args))
+        self._release(delivery.queue, delivery.raw, delivery.token)
+        if moved:
+            log.warning("dead-lettered a job from %s (job id %s): %s", delivery.queue, delivery.job_id, reason)
+        return bool(moved)
+
+    def past_max_attempts(self, delivery: Delivery) -> bool:
+        """True when this delivery is beyond ``max_attempts`` runs: fail it instead of running."""
+        return delivery.attempt > self.max_attempts
+
+    async def dead_letters(self, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
+        """Entries of the dead-letter list, oldest first."""
+        items = await self._retrying(lambda: self._client.lrange(DEAD_LETTER_KEY, start, end))
+        return [json.loads(item) for item in items]
+
+    async def in_processing(self, queue: str, worker_id: str | None = None) -> list[bytes]:
+        """The raw jobs in a worker's processing list for ``queue`` (default: this worker)."""
+        key = processing_key(worker_id or self.worker_id, queue)
+        return await self._retrying(lambda: self._client.lrange(key, 0, -1))
+
+    async def release_all(self) -> int:
+        """Shutting down: put every job of this worker's processing lists back at the FRONT of its
+        queue (in order), not counted as an attempt (SIGTERM is not the job's fault), then drop
+        this worker's heartbeat and registration. Call it once no job runs and the heartbeat task
+        is stopped; deliveries still open become void. Returns how many jobs went back."""
+        registered = await self._retrying(lambda: self._client.smembers(worker_queues_key(self.worker_id)))
+        queues = sorted({_text(q) for q in registered} | set(self._held))
+        returned = 0
+        for queue in queues:
+            async with self._take_locks[queue]:
+                opened = [d for d in self._open.values() if d.queue == queue]
+
+                async def uncount() -> None:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for d in opened:
+                            pipe.srem(d.attempts_key, d.token)
+                        await pipe.execute()
+
+                if opened:
+                    await self._retrying(uncount)
+                for d in opened:
+                    self._open.pop(d.token, None)
+                self._held.pop(queue, None)
+                returned += await self._retrying(lambda: self._return_orphans(queue))
+                self._clean.discard(queue)
+        await self._retrying(lambda: self._client.delete(heartbeat_key(self.worker_id)))
+        keys = [heartbeat_key(self.worker_id), WORKERS_KEY, worker_queues_key(self.worker_id)]
+        keys += [processing_key(self.worker_id, queue) for queue in queues]
+        await self._retrying(lambda: self._scripts["forget"](keys=keys, args=[self.worker_id]))
+        if returned:
+            log.info("released %d job(s) of this worker back to their queues", returned)
+        return returned
+
+    # --- idempotency ------------------------------------------------------------------------
+
+    async def mark_finished(self, job_id: str, status: str) -> None:
+        """Remember that ``job_id`` reached a terminal status, so a duplicate is not run again."""
+        await self._retrying(lambda: self._client.set(finished_key(job_id), status, ex=int(self.finished_ttl_s)))
+
+    async def finished_status(self, job_id: str) -> str | None:
+        """The terminal status recorded by :meth:`mark_finished`, or None."""
+        value = await self._retrying(lambda: self._client.get(finished_key(job_id)))
+        return None if value is None else _text(value)
+
+    # --- heartbeats and the reaper -----------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        """Refresh ``worker:{id}`` (TTL ``heartbeat_ttl_s``) and list this worker in ``workers``."""
+        await self._retrying(self._beat)
+
+    async def reap(self) -> int:
+        """Return every job of workers without a live heartbeat to the FRONT of its queue, then
+        forget those workers. Never touches this worker. Returns the number of jobs returned."""
+        workers = await self._retrying(lambda: self._client.smembers(WORKERS_KEY))
+        total = 0
+        for worker in sorted(_text(w) for w in workers):
+            if worker == self.worker_id:
+                continue
+            if await self._retrying(lambda: self._client.exists(heartbeat_key(worker))):
+                continue
+            total += await self._reap_worker(worker)
+        return total
+
+    async def keep_alive(self, interval_s: float | None = None, reap: bool = True) -> None:
+        """Heartbeat (and reap others) every ``interval_s`` (default a third of the TTL), forever."""
+        interval = interval_s or self.heartbeat_ttl_s / 3
+        while True:
+            await self.heartbeat()
+            if reap:
+                try:
+                    await self.reap()
+                except rex.RedisError as exc:  # a script error must not stop the heartbeat
+                    log.error("reaping failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    # --- job state, events, cancellation ----------------------------------------------------
+
+    async def set_state(self, job_id: str, *, event: bool = True, **fields: Any) -> str | None:
+        """Update hash ``job:{id}`` (status, progress, assets, error, type, user_id, ... as JSON;
+        ``updated_at`` is set; a ``None`` value deletes its field) and, with ``event``, append the
+        same fields to ``job_events:{id}``. Returns the event id."""
+        fields.setdefault("updated_at", time.time())
+        present = {name: json.dumps(value) for name, value in fields.items() if value is not None}
+        absent = [name for name, value in fields.items() if value is None]
+        key, stream, ttl = state_key(job_id), events_key(job_id), int(self.state_ttl_s)
+
+        async def write() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                if present:
+                    pipe.hset(key, mapping=present)
+                if absent:
+                    pipe.hdel(key, *absent)
+                pipe.expire(key, ttl)
+                if event:
+                    pipe.xadd(stream, {"data": json.dumps(fields)}, maxlen=self.events_maxlen, approximate=True)
+                    pipe.expire(stream, ttl)
+                return await pipe.execute()
+
+        results = await self._retrying(write)
+        return _text(results[-2]) if event else None
+
+    async def get_state(self, job_id: str) -> dict[str, Any] | None:
+        """The fields set by :meth:`set_state`, decoded; None for an unknown (or expired) job."""
+        raw = await self._retrying(lambda: self._client.hgetall(state_key(job_id)))
+        if not raw:
+            return None
+        state = {}
+        for name, value in raw.items():
+            try:
+                state[_text(name)] = json.loads(value)
+            except ValueError:
+                state[_text(name)] = _text(value)
+        return state
+
+    async def add_event(self, job_id: str, event: dict[str, Any]) -> str:
+        """Append one event to ``job_events:{id}`` (capped at ``events_maxlen``); returns its id."""
+        stream = events_key(job_id)
+
+        async def write() -> Any:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.xadd(stream, {"data": json.dumps(event)}, maxlen=self.events_maxlen, approximate=True)
+                pipe.expire(stream, int(self.state_ttl_s))
+                return (await pipe.execute())[0]
+
+        return _text(await self._retrying(write))
+
+    async def events(
+        self, job_id: str, last_id: str = "0", block_ms: int | None = None, count: int = 100
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Events after ``last_id`` (``"0"``: from the start; ``"$"``: only new ones), waiting up
+        to ``block_ms`` for one when there are none yet. For SSE: pass the last id you got."""
+        stream = events_key(job_id)
+        if block_ms is None:
+            reply = await self._retrying(lambda: self._client.xread({stream: last_id}, count=count))
+        else:
+            block = max(1, min(int(block_ms), int(BLOCK_CHUNK_S * 1000)))
+            reply = await self._retrying(lambda: self._blocking.xread({stream: last_id}, count=count, block=block))
+        out = []
+        for _name, entries in reply or []:
+            for entry_id, data in entries:
+                out.append((_text(entry_id), json.loads(data[b"data"])))
+        return out
+
+    async def request_cancel(self, job_id: str) -> int:
+        """Ask for ``job_id`` to be cancelled: set ``cancel:{id}`` (for later checks) and publish it
+        on ``job_cancel`` (for running jobs). Returns how many listeners got the message."""
+
+        async def send() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(cancel_key(job_id), "1", ex=int(self.cancel_ttl_s))
+                pipe.publish(CANCEL_CHANNEL, job_id)
+                return await pipe.execute()
+
+        return int((await self._retrying(send))[1])
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was requested for ``job_id`` (within ``cancel_ttl_s``)."""
+        return bool(await self._retrying(lambda: self._client.exists(cancel_key(job_id))))
+
+    def watch_cancels(self) -> "CancelWatch":
+        """``async with queue.watch_cancels() as watch: async for job_id in watch: ...`` — the
+        subscription is live once the ``async with`` is entered."""
+        return CancelWatch(self)
+
+    async def listen_cancels(self, on_cancel: Callable[[str], Awaitable[None] | None]) -> None:
+        """Call ``on_cancel(job_id)`` for every cancel request, forever (run it as a task)."""
+        async with self.watch_cancels() as watch:
+            async for job_id in watch:
+                result = on_cancel(job_id)
+                if inspect.isawaitable(result):
+                    await result
+
+    # --- producers and the scheduler --------------------------------------------------------
+
+    async def push(self, queue: str, payload: bytes | str | dict[str, Any]) -> int:
+        """Append a job (RPUSH, like the producer); returns the queue's new length."""
+        data = json.dumps(payload) if isinstance(payload, dict) else payload
+        return int(await self._retrying(lambda: self._client.rpush(queue, data)))
+
+    async def queue_depths(self, queues: Iterable[str] = QUEUES) -> dict[str, int]:
+        """Number of waiting jobs per queue."""
+        names = list(queues)
+
+        async def count() -> list[int]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.llen(name)
+                return await pipe.execute()
+
+        return dict(zip(names, map(int, await self._retrying(count))))
+
+    async def peek_oldest(self, queue: str) -> bytes | None:
+        """The job that :meth:`take` would serve next, without taking it."""
+        index = 0 if self.pop_side == "left" else -1
+        return await self._retrying(lambda: self._client.lindex(queue, index))
+
+    # --- internals --------------------------------------------------------------------------
+
+    @property
+    def _front_push(self) -> str:
+        return "LPUSH" if self.pop_side == "left" else "RPUSH"
+
+    def _release(self, queue: str, raw: bytes, token: str | None = None) -> None:
+        if token is not None:
+            if self._open.pop(token, None) is None:
+                return  # settled before (a second ack/requeue of the same delivery)
+        held = self._held[queue]
+        if held[raw] > 1:
+            held[raw] -= 1
+        else:
+            held.pop(raw, None)
+
+    def _dead_entry(self, raw: bytes, reason: str, queue: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"reason": reason, "queue": queue, "worker_id": self.worker_id, "time": time.time()}
+        try:
+            entry["raw"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            entry["raw_base64"] = base64.b64encode(raw).decode("ascii")
+        return entry
+
+    async def _prepare(self, queue: str) -> None:
+        """Before taking from ``queue``: be a live, registered worker (so nobody reaps our jobs),
+        and put back jobs in our processing list that no delivery of ours holds: orphans of a
+        previous process with our id, or of a BLMOVE whose reply was lost."""
+        await self._beat()  # no retry loop here: take() waits out outages within its timeout
+        await self._client.sadd(worker_queues_key(self.worker_id), queue)
+        returned = await self._return_orphans(queue)
+        if returned:
+            log.warning("returned %d orphaned job(s) of this worker to the front of %s", returned, queue)
+
+    async def _return_orphans(self, queue: str) -> int:
+        """Move every job of our processing list for ``queue`` that we do not hold back to the
+        front of ``queue``, keeping their order (one atomic script per job)."""
+        processing = processing_key(self.worker_id, queue)
+        items = await self._client.lrange(processing, 0, -1)
+        held = Counter(self._held[queue])
+        orphans = []
+        for raw in items:
+            if held[raw] > 0:
+                held[raw] -= 1
+            else:
+                orphans.append(raw)
+        for raw in reversed(orphans):  # newest first, so the oldest ends up frontmost
+            await self._scripts["requeue"](
+                keys=[processing, queue, attempts_key(raw)], args=[raw, self._front_push, ""]
+            )
+        return len(orphans)
+
+    async def _beat(self) -> None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(heartbeat_key(self.worker_id), str(time.time()), px=int(self.heartbeat_ttl_s * 1000))
+            pipe.sadd(WORKERS_KEY, self.worker_id)
+            await pipe.execute()
+
+    async def _reap_worker(self, worker: str) -> int:
+        queues = sorted(_text(q) for q in await self._retrying(lambda: self._client.smembers(worker_queues_key(worker))))
+        front = "LEFT" if self.pop_side == "left" else "RIGHT"
+        moved = 0
+        for queue in queues:
+            keys = [heartbeat_key(worker), processing_key(worker, queue), queue]
+            count = int(await self._retrying(lambda: self._scripts["reap"](keys=keys, args=[front])))
+            if count < 0:
+                log.info("worker %s came back while being reaped; left alone", worker)
+                return moved
+            if count:
+                log.warning("returned %d job(s) of dead worker %s to the front of %s", count, worker, queue)
+            moved += count
+        keys = [heartbeat_key(worker), WORKERS_KEY, worker_queues_key(worker)]
+        keys += [processing_key(worker, queue) for queue in queues]
+        await self._retrying(lambda: self._scripts["forget"](keys=keys, args=[worker]))
+        return moved
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call`` until it gets through: connection errors are retried with exponential
+        backoff and jitter (forever, or ``give_up_after_s``); the outage is logged once."""
+        deadline = None if self.give_up_after_s is None else time.monotonic() + self.give_up_after_s
+        failures = 0
+        while True:
+            try:
+                result = await call()
+            except _RETRYABLE as exc:
+                if isinstance(exc, _FATAL):
+                    raise
+                failures += 1
+                self._link.down(exc, failures)
+                delay = self._backoff.compute(failures)
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise RedisUnavailable(f"Redis at {self.location} unreachable for {self.give_up_after_s} s") from exc
+                await asyncio.sleep(delay)
+                continue
+            self._link.up()
+            return result
+
+
+class CancelWatch:
+    """A live subscription to cancel requests; iterate it for job ids. After an outage it
+    resubscribes and replays every cancel still on record (messages sent meanwhile are lost)."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self._pubsub: Any = None
+        self._pending: deque[str] = deque()
+
+    async def __aenter__(self) -> "CancelWatch":
+        await self._queue._retrying(self._subscribe)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._drop()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            try:
+                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except _RETRYABLE as exc:
+                if isinstance(exc, _FATAL):
+                    raise
+                self._queue._link.down(exc, 1)
+                await self._drop()
+                await self._queue._retrying(self._resubscribe)
+                continue
+            if message and message.get("type") == "message":
+                return _text(message["data"])
+
+    async def _subscribe(self) -> None:
+        await self._drop()
+        self._pubsub = self._queue._blocking.pubsub()
+        await self._pubsub.subscribe(CANCEL_CHANNEL)
+
+    async def _resubscribe(self) -> None:
+        await self._subscribe()
+        async for key in self._queue._client.scan_iter(match="cancel:*", count=500):
+            self._pending.append(_text(key).removeprefix("cancel:"))
+
+    async def _drop(self) -> None:
+        if self._pubsub is not None:
+            pubsub, self._pubsub = self._pubsub, None
+            try:
+                await pubsub.aclose()
+            except (rex.RedisError, OSError):
+                pass

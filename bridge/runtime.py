@@ -1,0 +1,169 @@
+"""Assemble and run the whole bridge: Redis (embedded when REDIS_URL is unset), Triton (embedded
+when TRITON_URL is unset), residency, reporting, the worker loop and the HTTP API.
+
+:class:`Runtime` starts the parts in order and stops them in reverse; ``serve`` runs it until
+SIGTERM/SIGINT. The tests, the demo and ``python -m bridge serve`` all use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import suppress
+from functools import partial
+from typing import Any
+
+from bridge import metrics
+from bridge.launcher import TritonServer
+from bridge.queue import Queue
+from bridge.redis_server import RedisServer
+from bridge.reporting import Spool, make_reporter
+from bridge.residency import ResidencyManager, TritonModelControl, metrics_observer
+from bridge.settings import Settings
+from bridge.textgen import Enhancer, TextService
+from bridge.triton_client import TritonClient
+from bridge.worker import RecordingReporter, Worker, record_state
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Every long-lived part of one bridge process."""
+
+    def __init__(self, settings: Settings, *, api: bool = True, jobs: bool = True) -> None:
+        self.settings = settings
+        self.with_api = api
+        self.with_jobs = jobs
+        self.redis_server: RedisServer | None = None
+        self.triton_server: TritonServer | None = None
+        self.queue: Queue
+        self.triton: TritonClient
+        self.residency: ResidencyManager
+        self.text: TextService
+        self.worker: Worker
+        self.api_server: Any = None
+        self._api_task: asyncio.Task | None = None
+        self._triton_restart = asyncio.Lock()
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> "Runtime":
+        s = self.settings
+        redis_url = s.redis_url
+        if redis_url is None:
+            self.redis_server = RedisServer(data_dir=s.output_dir / ".redis")
+            await asyncio.to_thread(self.redis_server.start)
+            log.info("REDIS_URL is not set: started an embedded redis-server on 127.0.0.1:%d", self.redis_server.port)
+            redis_url = self.redis_server.url  # type: ignore[assignment]
+            (s.output_dir / ".redis" / "url").write_text(self.redis_server.url)  # for `bridge status`
+        triton_url = s.triton_url
+        if triton_url is None:
+            self.triton_server = TritonServer(s, startup_models=list(s.triton_startup_models),
+                                              log_path=s.output_dir / "logs" / "tritonserver.log")
+            await asyncio.to_thread(self.triton_server.start)
+            triton_url = self.triton_server.grpc_url
+            log.info("TRITON_URL is not set: started tritonserver (grpc %s)", triton_url)
+        self.queue = Queue.from_settings(s, url=redis_url)
+        self.triton = TritonClient(triton_url, s.triton_api_key)
+        self.residency = ResidencyManager.from_settings(
+            s, TritonModelControl(triton_url, s.triton_api_key), observer=metrics_observer(metrics.observe_model_op)
+        )
+        await self.residency.start()
+        self.text = TextService(s, self.triton, self.residency)
+        reporter = make_reporter(s, partial(record_state, self.queue))
+        if not s.local_mode:
+            reporter = RecordingReporter(reporter, self.queue)
+        self.worker = Worker(
+            s, queue=self.queue, triton=self.triton, residency=self.residency, reporter=reporter,
+            spool=Spool(s.spool_dir), enhancer=Enhancer(self.text, s.enhance_timeout_s),
+            on_triton_failure=self.restart_triton if self.triton_server is not None else None,
+        )
+        if self.with_jobs:
+            await self.worker.start_jobs()
+        if self.with_api:
+            await self._start_api()
+        return self
+
+    async def _start_api(self) -> None:
+        import uvicorn  # noqa: PLC0415
+
+        from bridge.api import create_app  # noqa: PLC0415 - the API sits on top of the runtime
+
+        config = uvicorn.Config(create_app(self), host=self.settings.api_host, port=self.settings.api_port,
+                                log_config=None, access_log=False, lifespan="off")
+        self.api_server = uvicorn.Server(config)
+        self._api_task = asyncio.create_task(self.api_server.serve(), name="api")
+        while not self.api_server.started:
+            if self._api_task.done():
+                self._api_task.result()  # raises the bind error
+                raise RuntimeError("API server stopped during start-up")
+            await asyncio.sleep(0.02)
+        log.info("HTTP API on http://%s:%d", self.settings.api_host, self.api_port)
+
+    @property
+    def api_port(self) -> int:
+        """The bound port (``API_PORT=0`` picks a free one)."""
+        if self.api_server is not None and self.api_server.servers:
+            return self.api_server.servers[0].sockets[0].getsockname()[1]
+        return self.settings.api_port
+
+    async def restart_triton(self) -> None:
+        """The embedded server died: start it again and re-sync which models it holds."""
+        if self.triton_server is None:
+            return
+        async with self._triton_restart:
+            if await self.triton.is_live():
+                return
+            log.error("tritonserver is not live; restarting it")
+            await asyncio.to_thread(self.triton_server.stop)
+            await asyncio.to_thread(self.triton_server.start)
+            await self.residency.resync()
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self) -> None:
+        if self.api_server is not None:
+            self.api_server.should_exit = True
+            if self._api_task is not None:
+                with suppress(Exception):
+                    await self._api_task
+        if hasattr(self, "worker"):
+            if self.with_jobs:
+                await self.worker.stop()
+            await self.worker.reporter.aclose()
+        for closer in ("triton", "queue"):
+            part = getattr(self, closer, None)
+            if part is not None:
+                with suppress(Exception):
+                    await part.close()
+        with suppress(Exception):
+            await self.residency.control.close()  # type: ignore[attr-defined]
+        if self.triton_server is not None:
+            await asyncio.to_thread(self.triton_server.stop)
+        if self.redis_server is not None:
+            await asyncio.to_thread(self.redis_server.stop)
+
+    async def __aenter__(self) -> "Runtime":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings) -> None:
+    """Run the bridge until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runtime = Runtime(settings)
+    try:
+        await runtime.start()
+        log.info("bridge %s serving", settings.worker_id)
+        if not settings.local_mode and settings.register_worker:
+            from bridge.registration import register_worker  # noqa: PLC0415
+
+            asyncio.create_task(register_worker(settings), name="register")  # retried, never fatal
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runtime.stop()

@@ -1,0 +1,149 @@
+"""Text generation on the Qwen models through Triton: chat turns, and prompt enhancement.
+
+:class:`TextService` streams or completes one request on ``qwen_instruct`` / ``qwen_base``,
+holding the model resident (``ResidencyManager.use``) for the duration. :class:`Enhancer`
+rewrites a job's prompt with ``qwen_base`` under a time limit, falling back to the original
+prompt on any failure, and fits the result into the target model's token budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from bridge.chat import EnhancedPrompt, enhancement_messages, finish_enhancement, load_tokenizer
+from bridge.residency import ResidencyManager
+from bridge.settings import Settings
+from bridge.triton_client import InferenceFailed, TritonClient
+from model_kit import layout
+
+log = logging.getLogger(__name__)
+
+TextModel = Literal["qwen_instruct", "qwen_base"]
+EnhanceKind = Literal["sdxl", "wan"]
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """One streamed response: a text delta; the last one carries the finish reason and counts."""
+
+    text: str
+    finish_reason: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class TextResult:
+    text: str
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+    seconds: float
+
+
+def weights_dir(settings: Settings, model: str, key: str = "weights") -> Path:
+    """Where a model's files are, as the model itself resolves them (``<MODEL>_WEIGHTS`` env
+    override, else the layout path under ``MODELS_DIR``)."""
+    override = os.environ.get(f"{model}_{key}".upper())
+    path = Path(override) if override else Path(layout.WEIGHTS[model][key])
+    return path if path.is_absolute() else settings.models_dir / path
+
+
+def _first(outputs: dict, name: str) -> Any:
+    value = outputs.get(name)
+    if value is None or len(value) == 0:
+        return None
+    item = value.reshape(-1)[0]
+    return item.decode("utf-8", errors="replace") if isinstance(item, bytes) else item
+
+
+class TextService:
+    """Chat / completion requests on the Qwen models."""
+
+    def __init__(self, settings: Settings, triton: TritonClient, residency: ResidencyManager) -> None:
+        self.settings = settings
+        self.triton = triton
+        self.residency = residency
+
+    def tokenizer(self, model: str) -> Any:
+        """The model's own tokenizer (for context budgets), or a diffusion model's text tokenizer:
+        ``sdxl`` → CLIP, ``wan`` → UMT5."""
+        if model == "sdxl":
+            return load_tokenizer(weights_dir(self.settings, "sdxl", "config") / "tokenizer")
+        if model == "wan":
+            return load_tokenizer(weights_dir(self.settings, "wan") / "tokenizer")
+        return load_tokenizer(weights_dir(self.settings, model))
+
+    async def stream(
+        self, model: TextModel, messages: list[dict[str, str]], sampling: dict[str, Any], *, request_id: str = ""
+    ) -> AsyncIterator[TextChunk]:
+        """Stream a reply token by token; leaving early cancels the request on the server."""
+        inputs = {"messages": messages, "stream": True, "sampling_parameters": sampling}
+        async with self.residency.use(model):
+            async for outputs in self.triton.responses(model, inputs, request_id=request_id):
+                yield TextChunk(
+                    text=_first(outputs, "text_output") or "",
+                    finish_reason=_first(outputs, "finish_reason"),
+                    input_tokens=_int(_first(outputs, "input_tokens")),
+                    output_tokens=_int(_first(outputs, "output_tokens")),
+                )
+
+    async def complete(
+        self, model: TextModel, messages: list[dict[str, str]], sampling: dict[str, Any], *,
+        timeout: float | None = None, request_id: str = "",
+    ) -> TextResult:
+        """One non-streaming request; the whole reply at once."""
+        started = time.monotonic()
+        inputs = {"messages": messages, "stream": False, "sampling_parameters": sampling}
+        async with self.residency.use(model):
+            outputs = await self.triton.run(model, inputs, timeout=timeout, request_id=request_id)
+        return TextResult(
+            text=_first(outputs, "text_output") or "",
+            finish_reason=_first(outputs, "finish_reason") or "stop",
+            input_tokens=_int(_first(outputs, "input_tokens")) or 0,
+            output_tokens=_int(_first(outputs, "output_tokens")) or 0,
+            seconds=time.monotonic() - started,
+        )
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# Sampling of the old worker's enhancement (CONTRACT §3): ~150 new tokens, T 0.7, top_p 0.9.
+ENHANCE_SAMPLING = {"max_tokens": 150, "temperature": 0.7, "top_p": 0.9}
+
+
+class Enhancer:
+    """Prompt enhancement with ``qwen_base``; never fails a job: falls back to the original."""
+
+    def __init__(self, text: TextService, timeout_s: float) -> None:
+        self.text = text
+        self.timeout_s = timeout_s
+
+    async def enhance(self, prompt: str, kind: EnhanceKind = "wan", sampling: dict[str, Any] | None = None,
+                      model: TextModel = "qwen_base") -> EnhancedPrompt:
+        """The enhanced prompt fitted to ``kind``'s token budget, or the original on failure."""
+        target_tokenizer = await asyncio.to_thread(self.text.tokenizer, kind)
+        messages = enhancement_messages(kind, prompt)
+        raw, note = None, None
+        try:
+            result = await self.text.complete(model, messages, {**ENHANCE_SAMPLING, **(sampling or {})},
+                                              timeout=self.timeout_s)
+            raw = result.text
+        except TimeoutError:
+            note = f"enhancement timed out after {self.timeout_s:.0f}s; the original prompt was used"
+        except (InferenceFailed, Exception) as exc:  # noqa: BLE001 - any failure falls back
+            note = f"enhancement failed ({exc}); the original prompt was used"
+        enhanced = finish_enhancement(kind, raw, target_tokenizer, original=prompt)
+        if note is not None:
+            log.warning("%s", note)
+            enhanced = EnhancedPrompt(enhanced.prompt, prompt, enhanced.trimmed, True, enhanced.tokens,
+                                      enhanced.budget, note)
+        return enhanced

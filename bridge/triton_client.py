@@ -1,0 +1,156 @@
+"""Inference on Triton over gRPC (grpc.aio): streaming requests with progress and cancellation.
+
+Every model in our repository is decoupled, so every request is a bidirectional stream: we send
+one request, half-close, and read responses until the server ends the stream after the model's
+final response. Closing the iterator early (an ``asyncio`` cancellation, a time limit, ``break``)
+cancels the gRPC call, which the model sees as ``is_cancelled()`` within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from pydantic import SecretStr
+from tritonclient.utils import InferenceServerException
+
+from bridge.launcher import API_KEY_HEADER
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+OnResponse = Callable[[Outputs], Awaitable[None] | None]
+
+# Messages that mean the model (or the server) is gone rather than the request being wrong.
+_TRANSIENT_MARKERS = ("stub process is not healthy", "failed to connect", "unavailable", "connection",
+                      "socket closed", "is not ready", "unknown model", "has been unloaded")
+
+
+class InferenceFailed(RuntimeError):
+    """A request failed; ``message`` is the server's or the model's own words."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(f"{model}: {message}")
+        self.model = model
+        self.message = message
+
+    @property
+    def out_of_memory(self) -> bool:
+        return "out of memory" in self.message.lower()
+
+    @property
+    def transient(self) -> bool:
+        """The server or the model process failed; retrying (after a reload) may succeed."""
+        text = self.message.lower()
+        return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+def _input(name: str, value: Any) -> grpcclient.InferInput:
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value)
+    if isinstance(value, bool):
+        array = np.array([value], dtype=bool)
+    elif isinstance(value, str):
+        array = np.array([value.encode("utf-8")], dtype=np.object_)
+    elif isinstance(value, bytes):
+        array = np.array([value], dtype=np.object_)
+    else:
+        array = np.asarray(value)
+    datatype = "BYTES" if array.dtype == np.object_ else grpcclient.np_to_triton_dtype(array.dtype)
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _outputs(result: grpcclient.InferResult) -> Outputs:
+    return {out.name: result.as_numpy(out.name) for out in result.get_response().outputs}
+
+
+class TritonClient:
+    """A grpc.aio client for one Triton server."""
+
+    def __init__(self, url: str, api_key: SecretStr | None = None) -> None:
+        self.url = url
+        self._headers = {API_KEY_HEADER: api_key.get_secret_value()} if api_key else None
+        self._client = grpcaio.InferenceServerClient(url)
+
+    @property
+    def raw(self) -> grpcaio.InferenceServerClient:
+        """The underlying tritonclient (for model control)."""
+        return self._client
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self._headers
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_live(self) -> bool:
+        try:
+            return bool(await self._client.is_server_live())
+        except InferenceServerException:
+            return False
+
+    async def responses(self, model: str, inputs: dict[str, Any], request_id: str = "") -> AsyncIterator[Outputs]:
+        """Yield each response's outputs; raise :class:`InferenceFailed` on an error response.
+
+        Leaving the iteration early cancels the request on the server.
+        """
+        tensors = [_input(name, value) for name, value in inputs.items() if value is not None]
+
+        async def _requests():
+            yield {"model_name": model, "inputs": tensors, "request_id": request_id}
+
+        stream = self._client.stream_infer(_requests())
+        finished = False
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise InferenceFailed(model, error.message() if hasattr(error, "message") else str(error))
+                yield _outputs(result)
+            finished = True
+        except InferenceServerException as exc:
+            raise InferenceFailed(model, exc.message() or str(exc)) from None
+        except Exception as exc:  # grpc.aio errors surface as AioRpcError
+            if type(exc).__name__ == "AioRpcError":
+                raise InferenceFailed(model, f"{exc.code().name}: {exc.details()}") from None  # type: ignore[attr-defined]
+            raise
+        finally:
+            if not finished:
+                stream.cancel()
+
+    async def run(
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        *,
+        on_response: OnResponse | None = None,
+        timeout: float | None = None,
+        request_id: str = "",
+    ) -> Outputs:
+        """Run one request to completion; every response goes to ``on_response``; return the
+        outputs of all responses merged (later responses win), i.e. the final results."""
+        merged: Outputs = {}
+
+        async def _consume() -> None:
+            async with aclosing(self.responses(model, inputs, request_id)) as responses:
+                async for outputs in responses:
+                    merged.update(outputs)
+                    if on_response is not None:
+                        maybe = on_response(outputs)
+                        if asyncio.iscoroutine(maybe):
+                            await maybe
+
+        if timeout is None:
+            await _consume()
+        else:
+            async with asyncio.timeout(timeout):
+                await _consume()
+        return merged

@@ -1,0 +1,551 @@
+"""The worker loop: take jobs from Redis, run them on Triton, report what they made.
+
+``start_jobs`` starts one intake task per queue (a blocking ``BLMOVE`` into this worker's
+processing list: no polling), the dispatcher (which asks the pure scheduler what runs next and
+never runs two generations at once), the heartbeat/reaper and the cancel listener. Each job goes
+``run_job`` → generate (Triton stream: progress and cancellation) → spool → ``finish_job``
+(upload, terminal callback, then ack). A job leaves the processing list only after its terminal
+callback was accepted; everything in between survives a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from bridge import metrics
+from bridge.fetch import FetchError, fetch_reference_image
+from bridge.jobs import JOB_TYPES, DeadLetter, InvalidJob, Job, parse_job
+from bridge.model_table import job_cost_s
+from bridge.queue import Delivery, Queue
+from bridge.reporting import (
+    JobOutputs,
+    OutputAsset,
+    ProgressThrottle,
+    Reporter,
+    ReportingDeadline,
+    ReportingError,
+    Spool,
+    SpoolEntry,
+    SpoolError,
+)
+from bridge.residency import ResidencyError, ResidencyManager
+from bridge.safety import check_prompt
+from bridge.scheduler import Scheduler, WaitingGroup
+from bridge.settings import Settings
+from bridge.textgen import Enhancer
+from bridge.triton_client import InferenceFailed, TritonClient
+
+log = logging.getLogger(__name__)
+
+QUEUES = tuple(sorted({job_type.queue for job_type in JOB_TYPES.values()}))
+REFERENCE_MAX_BYTES = 20 * 1024 * 1024
+REFERENCE_TIMEOUT_S = 15.0
+
+
+class JobFailed(Exception):
+    """The job cannot succeed; ``message`` goes to the app as ``error_message``."""
+
+    def __init__(self, message: str, error_type: str = "generation_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+
+
+class Retry(Exception):
+    """The job may succeed on another attempt (the model process or the server went away)."""
+
+
+@dataclass
+class Waiting:
+    """Work waiting for the GPU: a queued job, or an interactive request."""
+
+    key: str
+    models: frozenset[str]
+    since: float
+    interactive: bool = False
+    est_s: float = 0.0
+    granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Dispatcher:
+    """Grants the GPU to one piece of work at a time, in the order the scheduler decides.
+
+    Interactive requests (chat) are granted in scheduler order too, but do not occupy the single
+    generation slot: a short chat turn may run beside a long video when both models fit.
+    """
+
+    def __init__(self, scheduler: Scheduler, residency: ResidencyManager) -> None:
+        self.scheduler = scheduler
+        self.residency = residency
+        self._waiting: list[Waiting] = []
+        self._changed = asyncio.Event()
+        self._busy = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+
+    def waiting(self) -> list[Waiting]:
+        return list(self._waiting)
+
+    async def acquire(self, item: Waiting) -> None:
+        """Wait until ``item`` may run; raises :class:`JobFailed` if the scheduler rejects it."""
+        self._waiting.append(item)
+        self._changed.set()
+        try:
+            await item.granted
+        except BaseException:
+            if item in self._waiting:
+                self._waiting.remove(item)
+                self._changed.set()
+            raise
+
+    def release(self, item: Waiting) -> None:
+        if not item.interactive:
+            self._busy = False
+        self._changed.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            self._grant_all()
+
+    def _grant_all(self) -> None:
+        while self._waiting:
+            candidates = [w for w in self._waiting if w.interactive or not self._busy]
+            if not candidates:
+                return
+            groups = _groups(candidates)
+            decision = self.scheduler.decide(list(groups.values()), self.residency.views(),
+                                             budget_gb=self.residency.budget_gb)
+            if decision is None:
+                return
+            members = sorted((w for w in candidates if w.key == decision.key), key=lambda w: w.since)
+            if decision.action == "reject":
+                for item in members:
+                    self._waiting.remove(item)
+                    if not item.granted.done():
+                        item.granted.set_exception(JobFailed(f"cannot run now: {decision.reason}", "model_unavailable"))
+                continue
+            item = members[0]
+            self._waiting.remove(item)
+            if not item.interactive:
+                self._busy = True
+            if not item.granted.done():
+                item.granted.set_result(decision)
+
+
+def _groups(items: list[Waiting]) -> dict[str, WaitingGroup]:
+    groups: dict[str, WaitingGroup] = {}
+    for item in items:
+        group = groups.get(item.key)
+        if group is None:
+            groups[item.key] = WaitingGroup(item.key, item.models, item.since, 1, item.interactive, item.est_s)
+        else:
+            groups[item.key] = WaitingGroup(group.key, group.models, min(group.oldest, item.since),
+                                            group.count + 1, group.interactive or item.interactive, group.est_s)
+    return groups
+
+
+class Worker:
+    """One bridge process's job runner."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: Queue,
+        triton: TritonClient,
+        residency: ResidencyManager,
+        reporter: Reporter,
+        spool: Spool,
+        enhancer: Enhancer,
+        on_triton_failure: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.triton = triton
+        self.residency = residency
+        self.reporter = reporter
+        self.spool = spool
+        self.enhancer = enhancer
+        self.dispatcher = Dispatcher(
+            Scheduler(residency.table, aging_s=settings.swap_aging_s, clock=time.monotonic),
+            residency,
+        )
+        self._on_triton_failure = on_triton_failure
+        self._tasks: list[asyncio.Task] = []
+        self._running: dict[str, asyncio.Task] = {}  # job id -> its task
+        self._cancelled: set[str] = set()  # job ids the app asked to cancel
+        self._granted: set[str] = set()  # job ids holding the GPU
+        self._stopping = False
+        self._prefetched = {name: asyncio.Event() for name in QUEUES}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start_jobs(self) -> None:
+        """Start intake, dispatch, heartbeat/reaper and the cancel listener."""
+        self.dispatcher.start()
+        self._tasks.append(asyncio.create_task(self.queue.keep_alive(), name="keep-alive"))
+        self._tasks.append(asyncio.create_task(self.queue.listen_cancels(self._cancel_job), name="cancels"))
+        for name in QUEUES:
+            self._prefetched[name].set()
+            self._tasks.append(asyncio.create_task(self._take_jobs(name), name=f"take:{name}"))
+        log.info("worker %s taking jobs from %s", self.settings.worker_id, ", ".join(QUEUES))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking jobs, let running ones finish within the grace period, then cancel them
+        and put them back at the front of their queue without counting an attempt."""
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        for task in self._tasks:
+            if task.get_name().startswith("take:"):
+                task.cancel()
+        for job_id, task in list(self._running.items()):
+            if job_id not in self._granted:  # taken but not started: straight back to the queue
+                task.cancel()
+        running = [task for job_id, task in self._running.items() if job_id in self._granted]
+        if running:
+            log.info("waiting up to %.0fs for %d running job(s)", grace, len(running))
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=30)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.dispatcher.stop()
+        # Whatever this worker still holds (taken but not started) goes back, uncounted.
+        await self.queue.release_all()
+
+    # ------------------------------------------------------------------ intake
+    async def _take_jobs(self, queue_name: str) -> None:
+        """Keep one job of ``queue_name`` ready beside the running one (no polling: BLMOVE)."""
+        ready = self._prefetched[queue_name]
+        while not self._stopping:
+            await ready.wait()
+            delivery = await self.queue.take(queue_name, timeout=5.0)
+            if delivery is None:
+                continue
+            ready.clear()
+            task = asyncio.create_task(self.run_job(delivery), name=f"job:{delivery.job_id}")
+            task.add_done_callback(lambda _t, ev=ready: ev.set())
+            # The next job of this queue may be taken once this one holds the GPU (see run_job).
+
+    # ------------------------------------------------------------------ one job
+    async def run_job(self, delivery: Delivery) -> None:
+        """Run one delivery to a terminal state (or back to its queue). Never raises."""
+        try:
+            await self._run_delivery(delivery)
+        except asyncio.CancelledError:
+            if delivery.job_id in self._cancelled:
+                raise  # handled inside
+            log.info("job %s interrupted by shutdown; requeued without counting an attempt", delivery.job_id)
+            await self.queue.requeue(delivery, count_attempt=False)
+        except Exception:  # noqa: BLE001 - a bug must not kill the worker or lose the job
+            log.exception("job %s: unexpected error; requeued", delivery.job_id)
+            await self.queue.requeue(delivery, count_attempt=True)
+        finally:
+            if delivery.job_id:
+                self._running.pop(delivery.job_id, None)
+                self._cancelled.discard(delivery.job_id)
+                self._granted.discard(delivery.job_id)
+
+    async def _run_delivery(self, delivery: Delivery) -> None:
+        try:
+            job = parse_job(delivery.raw)
+        except DeadLetter as exc:
+            log.warning("dead-lettered a payload from %s: %s", delivery.queue, exc.reason)
+            metrics.inc_dead_letter(delivery.queue, "unparseable")
+            await self.queue.dead_letter(delivery, exc.reason)
+            return
+        except InvalidJob as exc:
+            await self._refuse(delivery, exc)
+            return
+        if await self.queue.finished_status(job.id):
+            log.info("job %s already finished; duplicate delivery acknowledged", job.id)
+            await self.queue.ack(delivery)
+            return
+        if self.queue.past_max_attempts(delivery):
+            state = await self.queue.get_state(job.id) or {}
+            last = state.get("error") or "the worker stopped during each run"
+            message = f"gave up after {delivery.attempt - 1} attempts; last error: {last}"
+            await self._fail(delivery, job, JobFailed(message, "attempts_exhausted"), dead_letter=True)
+            return
+        assert delivery.job_id is not None
+        self._running[job.id] = asyncio.current_task()  # type: ignore[assignment]
+        if await self.queue.cancel_requested(job.id):
+            await self._finish_cancelled(delivery, job)
+            return
+        entry = await asyncio.to_thread(self.spool.load, job.id)
+        started = time.monotonic()
+        if entry is None:
+            try:
+                entry = await self._generate(delivery, job)
+            except asyncio.CancelledError:
+                if job.id in self._cancelled:
+                    await self._finish_cancelled(delivery, job)
+                    return
+                raise
+            except JobFailed as exc:
+                await self._fail(delivery, job, exc)
+                return
+            except Retry as exc:
+                await self.queue.set_state(job.id, error=str(exc), event=False)
+                log.warning("job %s attempt %d failed (%s); requeued", job.id, delivery.attempt, exc)
+                await self.queue.requeue(delivery, count_attempt=True)
+                return
+            except SpoolError as exc:
+                log.error("job %s: %s; requeued", job.id, exc)
+                await self.queue.requeue(delivery, count_attempt=False)
+                await asyncio.sleep(1.0)
+                return
+        else:
+            log.info("job %s: outputs found in the spool; reporting again without generating", job.id)
+        await self.finish_job(delivery, job, entry, started)
+
+    async def _generate(self, delivery: Delivery, job: Job) -> SpoolEntry:
+        """Safety gate, enhancement, reference image, the Triton run; outputs into the spool."""
+        verdict = check_prompt(job.prompt)
+        if not verdict.allowed:
+            metrics.inc_safety_refusal(job.type.name)
+            raise JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
+        throttle = ProgressThrottle(self.reporter, job.id, metadata={"job_type": job.requested_type})
+        await self._progress(job, throttle, 0.0)
+        waiting = Waiting(job.type.name, frozenset(job.type.models), _monotonic_since(delivery.taken_at),
+                          est_s=job_cost_s(job.type.name))
+        await self.dispatcher.acquire(waiting)
+        self._granted.add(job.id)
+        self._prefetched[delivery.queue].set()  # this job holds the GPU: the next one may be taken
+        try:
+            started = time.monotonic()
+            prompt, enhancement = job.prompt, None
+            if job.type.enhance:
+                enhancement = await self.enhancer.enhance(job.prompt, kind="wan")
+                prompt = enhancement.prompt
+                check = check_prompt(prompt)
+                if not check.allowed:
+                    raise JobFailed(check.reason or "refused by the content-safety gate", "content_refused")
+            reference = await self._reference_image(job)
+            inputs = {"prompt": prompt, "negative_prompt": job.negative_prompt,
+                      "reference_image": reference, "parameters": job.triton_parameters()}
+
+            async def on_response(outputs: dict) -> None:
+                if "progress" in outputs:
+                    await self._progress(job, throttle, float(outputs["progress"][0]))
+
+            outputs = await self._infer(job, inputs, on_response)
+            elapsed = time.monotonic() - started
+        finally:
+            self.dispatcher.release(waiting)
+        return await asyncio.to_thread(self._spool, job, prompt, enhancement, outputs, elapsed)
+
+    async def _infer(self, job: Job, inputs: dict, on_response) -> dict:
+        """One Triton request under the job's time limit; OOM evicts and retries once."""
+        async def attempt() -> dict:
+            return await self.triton.run(job.model, inputs, on_response=on_response,
+                                         timeout=job.type.time_limit_s, request_id=job.id)
+
+        try:
+            return await self.residency.run_with_oom_retry({job.model}, attempt)
+        except TimeoutError:
+            raise JobFailed(f"time limit of {job.type.time_limit_s:.0f}s exceeded; generation stopped",
+                            "timeout") from None
+        except ResidencyError as exc:
+            raise Retry(f"model {job.model} unavailable: {exc}") from None
+        except InferenceFailed as exc:
+            if exc.transient:
+                await self._recover_model(job.model)
+                raise Retry(exc.message) from None
+            raise JobFailed(exc.message) from None
+
+    async def _recover_model(self, model: str) -> None:
+        """A model process or the server died: restart what is needed before the retry."""
+        if self._on_triton_failure is not None and not await self.triton.is_live():
+            await self._on_triton_failure()
+            return
+        with suppress(Exception):
+            await self.residency.unload(model)
+
+    async def _reference_image(self, job: Job) -> bytes | None:
+        if not job.reference_image_url:
+            return None
+        try:
+            return await fetch_reference_image(
+                job.reference_image_url, max_bytes=REFERENCE_MAX_BYTES, timeout_s=REFERENCE_TIMEOUT_S,
+                allowed_private_hosts=tuple(self.settings.fetch_allowed_hosts),
+            )
+        except FetchError as exc:
+            raise JobFailed(str(exc), "reference_image_error") from None
+
+    def _spool(self, job: Job, prompt: str, enhancement, outputs: dict, elapsed: float) -> SpoolEntry:
+        seeds = [int(s) for s in outputs.get("seeds", [])]
+        common = {"steps": job.steps, "guidance_scale": job.guidance_scale}
+        assets: list[OutputAsset] = []
+        if job.type.output == "video":
+            fps, frames = int(outputs["fps"][0]), int(outputs["num_frames"][0])
+            assets.append(OutputAsset("video", bytes(outputs["video"][0]),
+                                      {**common, "seed": seeds[0], "fps": fps, "frame_num": frames}))
+        else:
+            images = [bytes(b) for b in outputs["images"]]
+            for i, data in enumerate(images):
+                assets.append(OutputAsset("image", data, {
+                    **common, "seed": seeds[i], "batch_size": len(images),
+                    "negative_prompt_used": job.negative_prompt}))
+        metadata: dict[str, Any] = {
+            "job_type": job.requested_type, "generation_time": round(elapsed, 3),
+            "seed": seeds[0] if seeds else None, "prompt": prompt,
+        }
+        if job.type.output == "video":
+            metadata.update(frame_num=assets[0].metadata["frame_num"], fps=assets[0].metadata["fps"])
+        else:
+            metadata["num_images"] = len(assets)
+        if enhancement is not None:
+            metadata.update(enhancement.metadata())
+        return self.spool.save(job.id, JobOutputs(job.user_id, job.requested_type, assets, metadata))
+
+    async def _progress(self, job: Job, throttle: ProgressThrottle, fraction: float) -> None:
+        await throttle.update(round(fraction * 100))
+
+    # ------------------------------------------------------------------ terminal states
+    async def finish_job(self, delivery: Delivery, job: Job, entry: SpoolEntry, started: float) -> None:
+        """Upload, send the terminal callback, then (only then) ack and forget the spool."""
+        try:
+            t0 = time.monotonic()
+            assets = await self.reporter.upload_assets(entry)
+            upload_s = time.monotonic() - t0
+            await self._report(job.id, "completed", assets=assets, metadata=entry.metadata)
+        except ReportingDeadline as exc:
+            log.warning("job %s: reporting deadline passed (%s); will report again later", job.id, exc)
+            await self.queue.requeue(delivery, count_attempt=False)
+            return
+        except (ReportingError, SpoolError) as exc:
+            await self._fail(delivery, job, JobFailed(f"results could not be stored: {exc}", "storage_error"))
+            return
+        await self._settle(delivery, job.id, "completed")
+        self.spool.remove(job.id)
+        metrics.observe_job_finished(job.requested_type, "completed", queue_wait_s=0.0,
+                                     run_s=float(entry.metadata.get("generation_time", 0.0)),
+                                     upload_s=upload_s, total_s=time.monotonic() - started)
+        log.info("job %s completed", job.id, extra={"job_id": job.id, "job_type": job.requested_type})
+
+    async def _refuse(self, delivery: Delivery, exc: InvalidJob) -> None:
+        log.warning("job %s refused: %s", exc.job_id, exc.message)
+        metadata = {"error_type": "invalid_payload", "job_type": exc.job_type, "timestamp": _now_iso()}
+        if not await self._report_terminal(delivery, exc.job_id, "failed", exc.message, metadata):
+            return
+        await self._settle(delivery, exc.job_id, "failed")
+        metrics.observe_job_finished(exc.job_type or "unknown", "failed")
+
+    async def _fail(self, delivery: Delivery, job: Job, exc: JobFailed, dead_letter: bool = False) -> None:
+        log.warning("job %s failed: %s", job.id, exc.message)
+        metadata = {"error_type": exc.error_type, "job_type": job.requested_type, "timestamp": _now_iso()}
+        if not await self._report_terminal(delivery, job.id, "failed", exc.message, metadata):
+            return
+        if dead_letter:
+            await self.queue.mark_finished(job.id, "failed")
+            await self.queue.dead_letter(delivery, exc.message)
+            metrics.inc_dead_letter(delivery.queue, exc.error_type)
+        else:
+            await self._settle(delivery, job.id, "failed")
+        self.spool.remove(job.id)
+        metrics.observe_job_finished(job.requested_type, "failed")
+
+    async def _finish_cancelled(self, delivery: Delivery, job: Job) -> None:
+        metadata = {"job_type": job.requested_type, "timestamp": _now_iso()}
+        if not await self._report_terminal(delivery, job.id, "cancelled", "cancelled on request", metadata):
+            return
+        await self._settle(delivery, job.id, "cancelled")
+        self.spool.remove(job.id)
+        metrics.observe_job_finished(job.requested_type, "cancelled")
+
+    async def _report_terminal(self, delivery: Delivery, job_id: str, status: str, message: str | None,
+                               metadata: dict) -> bool:
+        """Send a terminal callback; on a passed deadline put the job back (never drop it)."""
+        try:
+            await self._report(job_id, status, error_message=message, metadata=metadata)
+            return True
+        except ReportingDeadline:
+            log.warning("job %s: %s callback not delivered before the deadline; requeued", job_id, status)
+            await self.queue.requeue(delivery, count_attempt=False)
+            return False
+        except ReportingError as exc:
+            log.error("job %s: %s callback rejected (%s); dead-lettered", job_id, status, exc)
+            await self.queue.dead_letter(delivery, f"{status} callback rejected: {exc}")
+            return False
+
+    async def _settle(self, delivery: Delivery, job_id: str, status: str) -> None:
+        await self.queue.mark_finished(job_id, status)
+        await self.queue.ack(delivery)
+
+    async def _report(self, job_id: str, status: str, **kwargs: Any) -> None:
+        await self.reporter.send_callback(job_id, status, **kwargs)
+
+    # ------------------------------------------------------------------ cancellation
+    async def _cancel_job(self, job_id: str) -> None:
+        task = self._running.get(job_id)
+        if task is not None and not task.done():
+            log.info("job %s: cancel requested; stopping its generation", job_id)
+            self._cancelled.add(job_id)
+            task.cancel()
+
+
+async def record_state(queue: Queue, job_id: str, status: str, assets: Any = None,
+                       error_message: str | None = None, metadata: dict | None = None) -> None:
+    """Keep a job's state in Redis: local mode's status record, and the API's /jobs view."""
+    fields: dict[str, Any] = {"status": status}
+    if assets:
+        fields["assets"] = assets
+    if error_message:
+        fields["error"] = error_message
+    if metadata:
+        fields["metadata"] = metadata
+        if "progress" in metadata:
+            fields["progress"] = metadata["progress"]
+    if status == "completed":
+        fields["progress"] = 100
+    await queue.set_state(job_id, **fields)
+
+
+class RecordingReporter:
+    """A Supabase reporter that also keeps each status in Redis (for the API's /jobs views).
+
+    (The local reporter records through ``record_state`` itself.)
+    """
+
+    def __init__(self, inner: Reporter, queue: Queue) -> None:
+        self.inner = inner
+        self.queue = queue
+
+    async def upload_assets(self, entry: SpoolEntry, **kwargs: Any) -> list[dict[str, Any]]:
+        return await self.inner.upload_assets(entry, **kwargs)
+
+    async def send_callback(self, job_id: str, status: str, assets: Any = None, error_message: str | None = None,
+                            metadata: dict | None = None, **kwargs: Any) -> dict[str, Any]:
+        answer = await self.inner.send_callback(job_id, status, assets, error_message, metadata, **kwargs)
+        await record_state(self.queue, job_id, status, assets, error_message, metadata)
+        return answer
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _monotonic_since(wall_time: float) -> float:
+    """A wall-clock time stamp on the monotonic clock the scheduler uses."""
+    return time.monotonic() - max(0.0, time.time() - wall_time)
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,81 @@
+"""What the two diffusion models (``sdxl``, ``wan``) share: parameters, seeds, loading helpers.
+
+Kept apart from :mod:`model_kit.common` (which every model uses) so that the LLM models never
+import diffusers, and apart from the model files so that those stay thin.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Seeds are reported as INT64 and image i of a batch uses base + i: leave room for 8 images.
+MAX_SEED = 2**63 - 1 - 8
+RANDOM_SEED_BOUND = 2**31  # random bases stay small enough for every UI to show and re-enter
+
+
+class DiffusionParams(BaseModel):
+    """Fields both diffusion models accept. Subclasses set defaults, bounds and ``size_multiple``."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field must not silently fall back to a default
+    size_multiple: ClassVar[int] = 8
+
+    steps: int = Field(25, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    @field_validator("width", "height", check_fields=False)
+    @classmethod
+    def _size_multiple(cls, value: int) -> int:
+        if value % cls.size_multiple:
+            raise ValueError(f"must be a multiple of {cls.size_multiple}, got {value}")
+        return value
+
+
+def seeds_for(base: int | None, count: int) -> list[int]:
+    """``count`` seeds ``base, base + 1, ...``; a random base when ``base`` is None (0 is a seed)."""
+    if base is None:
+        base = secrets.randbelow(RANDOM_SEED_BOUND)
+    return [base + i for i in range(count)]
+
+
+def generators(seeds: list[int]) -> list[Any]:
+    """One CPU ``torch.Generator`` per seed: the same seed gives the same noise on CPU and GPU."""
+    import torch  # noqa: PLC0415
+
+    return [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+
+
+def dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """The loader keyword for a dtype: ``dtype`` where diffusers has it (0.36+), else ``torch_dtype``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401, PLC0415
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def require_paths(model: str, *paths: Path) -> None:
+    """Fail loading with a message naming the first missing weights path."""
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{model}: weights not found at {path} (MODELS_DIR or {model.upper()}_WEIGHTS points elsewhere?)"
+            )
+
+
+def cuda_speedups(pipe: Any, device: str) -> None:
+    """Safe speed-ups, on CUDA only: channels-last memory format for convolutional denoisers.
+
+    PyTorch's scaled-dot-product attention is already diffusers' default attention processor.
+    """
+    if device != "cuda":
+        return
+    import torch  # noqa: PLC0415
+
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        unet.to(memory_format=torch.channels_last)

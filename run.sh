@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine:
+#   ./run.sh          install (first time) and run the system: `serve` when weights are present
+#                     under MODELS_DIR, else the self-contained demo on tiny models
+#   ./run.sh test     install (first time) and run the whole test suite
+#   ./run.sh <args>   install and run `python -m bridge <args>`
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+setup() {
+    local stamp="$VENV/.installed" want
+    want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        return
+    fi
+    echo "setting up $VENV (first run takes a minute or two)…" >&2
+    [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # torch pinned exactly: a looser pin can pull a multi-GB CUDA build onto a CPU machine.
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+    "$VENV/bin/python" -m pip install -q -e ".[cpu,test]"
+    echo "$want" > "$stamp"
+}
+
+setup
+case "${1:-}" in
+    test)
+        shift
+        exec "$VENV/bin/python" -m pytest -q "$@"
+        ;;
+    "")
+        if "$VENV/bin/python" -m bridge doctor >/dev/null 2>&1; then
+            exec "$VENV/bin/python" -m bridge serve
+        fi
+        echo "no model weights under MODELS_DIR (${MODELS_DIR:-/workspace/models}): running the demo on tiny models" >&2
+        exec "$VENV/bin/python" -m bridge demo
+        ;;
+    *)
+        exec "$VENV/bin/python" -m bridge "$@"
+        ;;
+esac

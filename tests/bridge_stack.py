@@ -1,0 +1,68 @@
+"""An in-process bridge over the real parts: a Runtime on the session's tritonserver, a real
+redis-server, and (optionally) the local Supabase stand-in. Helpers to push jobs and wait for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bridge.launcher import TritonServer
+from bridge.redis_server import RedisServer
+from bridge.runtime import Runtime
+from bridge.settings import Settings
+from tests.conftest import triton_settings
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def stack_settings(tiny_models_dir: Path, triton: TritonServer, redis: RedisServer, output_dir: Path,
+                   **overrides: Any) -> Settings:
+    """Settings for a bridge on the shared tritonserver and the given redis-server."""
+    values: dict[str, Any] = dict(
+        triton_url=triton.grpc_url, redis_url=redis.url, output_dir=output_dir, api_port=0,
+        heartbeat_ttl_s=2.0, shutdown_grace_s=5.0, report_deadline_s=10.0, vram_budget_gb=47.0,
+        fetch_allowed_hosts=[],
+    )
+    values.update(overrides)
+    return triton_settings(tiny_models_dir, **values)
+
+
+def sdxl_job(**config: Any) -> dict[str, Any]:
+    cfg = {"width": 64, "height": 64, "num_inference_steps": 2, "num_images": 1, "seed": 7}
+    cfg.update(config)
+    return {"id": str(uuid.uuid4()), "type": "sdxl_image_fast", "prompt": "a red fox in the snow",
+            "user_id": "user-1", "config": cfg, "metadata": {}}
+
+
+def wan_job(job_type: str = "video_fast", **config: Any) -> dict[str, Any]:
+    cfg = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
+    if job_type.startswith("video") or "video" in job_type:
+        cfg.setdefault("frame_num", 5)
+    cfg.update(config)
+    return {"id": str(uuid.uuid4()), "type": job_type, "prompt": "waves on a beach at sunset",
+            "user_id": "user-1", "config": cfg, "metadata": {}}
+
+
+async def push(runtime: Runtime, job: dict[str, Any] | bytes | str, queue: str | None = None) -> None:
+    if queue is None:
+        assert isinstance(job, dict)
+        queue = "wan_queue" if job["type"] not in ("sdxl_image_fast", "sdxl_image_high") else "sdxl_queue"
+    payload = job if isinstance(job, (bytes, str)) else json.dumps(job)
+    await runtime.queue.push(queue, payload)
+
+
+async def wait_state(runtime: Runtime, job_id: str, statuses: tuple[str, ...] = TERMINAL,
+                     timeout: float = 120.0) -> dict[str, Any]:
+    """Poll the job's recorded state until it reaches one of ``statuses`` (test helper only)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = await runtime.queue.get_state(job_id)
+        if state and state.get("status") in statuses:
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {statuses}; last state {await runtime.queue.get_state(job_id)}")

@@ -1,0 +1,223 @@
+"""The worker end to end: real redis-server, the session's real tritonserver with tiny models, and
+the local Supabase stand-in checking every upload and callback against the contract."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bridge.jobs import JOB_TYPES
+from bridge.runtime import Runtime
+from model_kit.media import decode_mp4
+from tests.bridge_stack import TERMINAL, push, sdxl_job, stack_settings, wait_state, wan_job
+from tests.supabase_stub import SupabaseStub
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture()
+def supabase():
+    with SupabaseStub() as stub:
+        yield stub
+        assert stub.violations == []
+
+
+@pytest.fixture()
+async def bridge(tiny_models_dir, triton, redis_server, supabase, tmp_path):
+    settings = stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out", **supabase.settings_values())
+    async with Runtime(settings, api=False) as runtime:
+        yield runtime
+
+
+async def wait_terminal(stub: SupabaseStub, job_id: str, timeout: float = 180.0) -> dict:
+    """The job's one terminal callback, as the stand-in received it."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        terminal = [c for c in stub.callbacks(job_id) if c["status"] in TERMINAL]
+        if terminal:
+            return terminal[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no terminal callback for {job_id}: {stub.callbacks(job_id, outcome=None)}")
+
+
+def assert_callback_sequence(stub: SupabaseStub, job_id: str, terminal: str) -> None:
+    statuses = [c["status"] for c in stub.callbacks(job_id, outcome=None)]
+    assert statuses[-1] == terminal, statuses
+    assert statuses.count(terminal) == 1 and all(s == "processing" for s in statuses[:-1]), statuses
+    progress = [c["metadata"].get("progress") for c in stub.callbacks(job_id) if c["status"] == "processing"]
+    assert progress == sorted(progress), f"progress went backwards: {progress}"
+
+
+def stored(stub: SupabaseStub, path: str) -> bytes:
+    obj = stub.object(path)
+    assert obj is not None, f"nothing uploaded at {path}"
+    return obj.data
+
+
+# --------------------------------------------------------------------------- every job type
+IMAGE_TYPES = [name for name, t in JOB_TYPES.items() if t.output == "image"]
+VIDEO_TYPES = [name for name, t in JOB_TYPES.items() if t.output == "video"]
+
+
+@pytest.mark.parametrize("job_type", IMAGE_TYPES)
+async def test_image_job_types_end_to_end(bridge: Runtime, supabase: SupabaseStub, job_type: str) -> None:
+    if JOB_TYPES[job_type].model == "sdxl":
+        job = sdxl_job(num_images=3, seed=11)
+        job["type"] = job_type
+    else:
+        job = wan_job(job_type, seed=11)
+    await push(bridge, job)
+    callback = await wait_terminal(supabase, job["id"])
+    assert callback["status"] == "completed", callback
+    assert_callback_sequence(supabase, job["id"], "completed")
+    count = 3 if JOB_TYPES[job_type].model == "sdxl" else 1
+    assets = callback["assets"]
+    assert [a["url"] for a in assets] == [f"user-1/{job['id']}/{i}.png" for i in range(count)]
+    for i, asset in enumerate(assets):
+        image = Image.open(io.BytesIO(stored(supabase, asset["url"])))
+        assert image.format == "PNG" and image.size == (64, 64)
+        assert asset["metadata"]["seed"] == 11 + i
+        thumb = Image.open(io.BytesIO(stored(supabase, asset["thumbnail_url"])))
+        assert thumb.format == "WEBP" and max(thumb.size) <= 256
+    assert callback["metadata"]["seed"] == 11
+    if JOB_TYPES[job_type].enhance:
+        meta = callback["metadata"]
+        assert meta["original_prompt"] == job["prompt"] and "enhanced_prompt" in meta
+        assert "enhancement_fell_back" in meta
+
+
+@pytest.mark.parametrize("job_type", VIDEO_TYPES)
+async def test_video_job_types_end_to_end(bridge: Runtime, supabase: SupabaseStub, job_type: str) -> None:
+    job = wan_job(job_type, seed=5, frame_num=5, fps=8)
+    await push(bridge, job)
+    callback = await wait_terminal(supabase, job["id"])
+    assert callback["status"] == "completed", callback
+    assert_callback_sequence(supabase, job["id"], "completed")
+    (asset,) = callback["assets"]
+    assert asset["url"] == f"user-1/{job['id']}/0.mp4"
+    frames = decode_mp4(stored(supabase, asset["url"]))
+    assert len(frames) == 5 and frames[0].shape[:2] == (64, 64)
+    meta = asset["metadata"]
+    assert meta["frame_num"] == 5 and meta["fps"] == 8 and meta["duration_seconds"] == pytest.approx(5 / 8)
+    assert meta["seed"] == 5 and callback["metadata"]["seed"] == 5
+
+
+async def test_same_seed_same_image_and_seed_zero_is_a_seed(bridge: Runtime, supabase: SupabaseStub) -> None:
+    first, second, zero = sdxl_job(seed=0), sdxl_job(seed=0), sdxl_job(seed=1)
+    for job in (first, second, zero):
+        await push(bridge, job)
+    results = [await wait_terminal(supabase, job["id"]) for job in (first, second, zero)]
+    data = [stored(supabase, r["assets"][0]["url"]) for r in results]
+    assert results[0]["metadata"]["seed"] == 0
+    assert data[0] == data[1] and data[0] != data[2]
+
+
+# --------------------------------------------------------------------------- queue semantics
+async def test_double_encoded_payload_and_fifo_order(bridge: Runtime, supabase: SupabaseStub) -> None:
+    jobs = [sdxl_job(seed=i) for i in range(3)]
+    await push(bridge, json.dumps([json.dumps(jobs[0])]), queue="sdxl_queue")  # ["{...}"] form
+    for job in jobs[1:]:
+        await push(bridge, job)
+    for job in jobs:
+        assert (await wait_terminal(supabase, job["id"]))["status"] == "completed"
+    started = [next(i for i, r in enumerate(supabase.requests_for("job-callback"))
+                    if r.json()["job_id"] == job["id"]) for job in jobs]
+    assert started == sorted(started), "jobs must start oldest first"
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda j: j.update(type="no_such_type"), "type"),
+        (lambda j: j["config"].update(width="wide"), "config.width"),
+        (lambda j: j["config"].update(width=100000), "config.width"),
+        (lambda j: j["config"].update(num_images=4), "config.num_images"),
+        (lambda j: j.update(prompt="x" * 100_000), "prompt"),
+    ],
+)
+async def test_invalid_jobs_fail_with_the_field_named_and_the_next_job_runs(
+    bridge: Runtime, supabase: SupabaseStub, mutate, field: str
+) -> None:
+    bad, good = sdxl_job(), sdxl_job()
+    mutate(bad)
+    await push(bridge, bad, queue="sdxl_queue")
+    await push(bridge, good)
+    failed = await wait_terminal(supabase, bad["id"])
+    assert failed["status"] == "failed" and field in failed["error_message"], failed
+    assert failed["metadata"]["error_type"] and failed["metadata"]["timestamp"]
+    assert (await wait_terminal(supabase, good["id"]))["status"] == "completed"
+
+
+@pytest.mark.parametrize("raw", [b"not json at all", b'{"type": "sdxl_image_fast", "prompt": "no id"}', b"[1, 2]"])
+async def test_unparseable_payloads_are_dead_lettered(bridge: Runtime, supabase: SupabaseStub, raw: bytes) -> None:
+    good = sdxl_job()
+    await push(bridge, raw, queue="sdxl_queue")
+    await push(bridge, good)
+    assert (await wait_terminal(supabase, good["id"]))["status"] == "completed"
+    letters = await bridge.queue.dead_letters()
+    assert any(entry["raw"] == raw.decode() and entry["reason"] for entry in letters), letters
+
+
+async def test_supabase_500_then_200_is_retried(bridge: Runtime, supabase: SupabaseStub) -> None:
+    supabase.fail_next("storage", 2, status=500)
+    supabase.fail_next("job-callback", 2, status=503)
+    job = sdxl_job()
+    await push(bridge, job)
+    callback = await wait_terminal(supabase, job["id"])
+    assert callback["status"] == "completed"
+    assert_callback_sequence(supabase, job["id"], "completed")
+
+
+async def test_duplicate_delivery_of_a_finished_job_is_not_run_again(bridge: Runtime, supabase: SupabaseStub) -> None:
+    job = sdxl_job()
+    await push(bridge, job)
+    await wait_terminal(supabase, job["id"])
+    await push(bridge, job)
+    follow_up = sdxl_job()
+    await push(bridge, follow_up)
+    await wait_terminal(supabase, follow_up["id"])
+    statuses = [c["status"] for c in supabase.callbacks(job["id"], outcome=None)]
+    assert statuses.count("completed") == 1 and statuses.count("processing") >= 1
+    assert sum(1 for s in statuses if s == "processing") == len(statuses) - 1
+
+
+async def test_time_limit_stops_the_generation(bridge: Runtime, supabase: SupabaseStub, monkeypatch) -> None:
+    from dataclasses import replace
+
+    monkeypatch.setitem(JOB_TYPES, "video_high", replace(JOB_TYPES["video_high"], time_limit_s=1.0))
+    job = wan_job("video_high", num_inference_steps=100, frame_num=21)
+    await push(bridge, job)
+    callback = await wait_terminal(supabase, job["id"])
+    assert callback["status"] == "failed" and "time limit" in callback["error_message"]
+    follow_up = wan_job("image_fast")
+    await push(bridge, follow_up)
+    assert (await wait_terminal(supabase, follow_up["id"]))["status"] == "completed"
+
+
+async def test_cancel_request_stops_the_job(bridge: Runtime, supabase: SupabaseStub) -> None:
+    job = wan_job("video_high", num_inference_steps=200, frame_num=21)
+    await push(bridge, job)
+    await wait_state(bridge, job["id"], ("processing",))
+    await bridge.queue.request_cancel(job["id"])
+    callback = await wait_terminal(supabase, job["id"], timeout=60)
+    assert callback["status"] == "cancelled"
+    assert_callback_sequence(supabase, job["id"], "cancelled")
+
+
+async def test_local_mode_writes_files_and_records_state(tiny_models_dir, triton, redis_server, tmp_path) -> None:
+    settings = stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out")
+    assert settings.local_mode
+    async with Runtime(settings, api=False) as runtime:
+        job = sdxl_job(num_images=3)
+        await push(runtime, job)
+        state = await wait_state(runtime, job["id"])
+    assert state["status"] == "completed" and state["progress"] == 100
+    for i in range(3):
+        assert (tmp_path / "out" / "user-1" / job["id"] / f"{i}.png").exists()
+        assert (tmp_path / "out" / "user-1" / job["id"] / f"{i}.thumb.webp").exists()
+    assert [a["url"] for a in state["assets"]] == [f"user-1/{job['id']}/{i}.png" for i in range(3)]
