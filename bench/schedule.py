@@ -38,18 +38,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from bridge.model_table import (  # noqa: E402
+from bridge.model_table import (
     ModelTable,
     build_table,
     is_interactive,
     job_cost_s,
     job_steps,
 )
-from bridge.residency import ResidencyManager  # noqa: E402
-from bridge.scheduler import Decision, ModelView, Scheduler, WaitingGroup, plan_residency  # noqa: E402
+from bridge.residency import ResidencyManager
+from bridge.scheduler import (
+    Decision,
+    ModelView,
+    Scheduler,
+    WaitingGroup,
+    plan_residency,
+)
 
 UNLOAD_LAG_S = 1.7
 LOAD_S = {"sdxl": 8.0, "qwen_instruct": 10.0, "qwen_base": 10.0, "wan": 25.0}
@@ -163,9 +169,9 @@ class SimJob:
     job_type: str
     category: str
     arrival: float
-    run_s: float  # run time of each step, in order
-    steps: tuple[frozenset[str], ...]
-    step_s: tuple[float, ...]
+    run_s: float
+    steps: tuple[frozenset[str], ...]  # models needed together, step by step
+    phases: tuple[float, ...]  # run time of each phase: (job,) or (enhancement, render)
     step: int = 0
     started: float | None = None
     finished: float | None = None
@@ -199,8 +205,6 @@ def make_trace(
             else:
                 job_type, durations, category = wan_type, (wan_s,), "wan"
         steps = job_steps(job_type, table)
-        if len(steps) == 1 and len(durations) == 2:
-            durations = (sum(durations),)
         trace.append(SimJob(i, job_type, category, now, sum(durations), steps, durations))
     return trace
 
@@ -241,7 +245,7 @@ class Outcome:
     decisions: dict[str, int] = field(default_factory=dict)
 
 
-async def _simulate(trace: list[SimJob], table: ModelTable, policy: str, aging_s: float) -> Outcome:
+async def _simulate(trace: list[SimJob], table: ModelTable, policy: str, aging_s: float, lanes: int) -> Outcome:
     loop = asyncio.get_running_loop()
     control = SimControl(table, table.budget_gb)
     baseline = policy == "fifo"
@@ -258,6 +262,13 @@ async def _simulate(trace: list[SimJob], table: ModelTable, policy: str, aging_s
     queues: dict[str, deque[SimJob]] = {}
     wake = asyncio.Event()
     decisions: dict[str, int] = {}
+    busy = {"gpu": False, "chat": False}
+    finished: list[SimJob] = []
+    tasks: set[asyncio.Task] = set()
+    prefetching: set[asyncio.Future] = set()
+
+    def lane_of(job: SimJob) -> str:
+        return "chat" if lanes == 2 and is_interactive(job.job_type) else "gpu"
 
     async def arrivals() -> None:
         for job in trace:
@@ -265,16 +276,43 @@ async def _simulate(trace: list[SimJob], table: ModelTable, policy: str, aging_s
             _enqueue(queues, job)
             wake.set()
 
+    async def run(job: SimJob, lane: str) -> None:
+        models = job.steps[job.step]
+        if len(job.phases) == 2 and len(job.steps) == 1:
+            # Enhancement and render in one step: both models resident for the enhancement;
+            # Qwen Base is let go (evictable) while WAN renders.
+            both = residency.use(*models)
+            await both.__aenter__()
+            job.started = loop.time()
+            await asyncio.sleep(job.phases[0])
+            render = residency.use("wan")
+            await render.__aenter__()
+            await both.__aexit__(None, None, None)
+            await asyncio.sleep(job.phases[1])
+            await render.__aexit__(None, None, None)
+        else:
+            async with residency.use(*models):
+                if job.started is None:
+                    job.started = loop.time()
+                await asyncio.sleep(job.phases[job.step])
+        job.step += 1
+        if job.step < len(job.steps):
+            _enqueue(queues, job)
+        else:
+            job.finished = loop.time()
+            finished.append(job)
+        busy[lane] = False
+        wake.set()
+
     feeder = asyncio.ensure_future(arrivals())
-    done = 0
-    while done < len(trace):
-        waiting = [_group(key, q) for key, q in sorted(queues.items()) if q]
-        decision = decide(waiting, residency.views())
+    while len(finished) < len(trace):
+        waiting = [_group(key, q) for key, q in sorted(queues.items()) if q and not busy[lane_of(q[0])]]
+        decision = decide(waiting, residency.views()) if waiting else None
         if decision is None:
-            prefetch = () if baseline or waiting else scheduler.prefetch(residency.views())
-            if prefetch:
-                await residency.ensure({prefetch[0]})
-                continue
+            prefetch = () if baseline or prefetching else scheduler.prefetch(residency.views(), waiting)
+            if prefetch:  # in the background: the residency lock orders it with the jobs' loads
+                prefetching.add(asyncio.ensure_future(residency.ensure({prefetch[0]})))
+                next(iter(prefetching)).add_done_callback(lambda task: (prefetching.discard(task), wake.set()))
             wake.clear()
             await wake.wait()
             continue
@@ -282,18 +320,13 @@ async def _simulate(trace: list[SimJob], table: ModelTable, policy: str, aging_s
         job = queues[decision.key].popleft()
         if decision.action == "reject":
             job.rejected, job.finished = decision.reason, loop.time()
-            done += 1
+            finished.append(job)
             continue
-        async with residency.use(*job.steps[job.step]):
-            if job.started is None:
-                job.started = loop.time()
-            await asyncio.sleep(job.step_s[job.step])
-        job.step += 1
-        if job.step < len(job.steps):
-            _enqueue(queues, job)
-        else:
-            job.finished = loop.time()
-            done += 1
+        lane = lane_of(job)
+        busy[lane] = True
+        task = asyncio.ensure_future(run(job, lane))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
     await feeder
     for job in trace:
         job.arrival -= offset
@@ -328,12 +361,13 @@ def simulate(
     table: ModelTable,
     policy: str,
     aging_s: float = 900.0,
+    lanes: int = 2,
 ) -> Outcome:
     """Run one policy over a copy of ``trace`` on a fresh virtual-time loop."""
-    copies = [SimJob(j.id, j.job_type, j.category, j.arrival, j.run_s, j.steps, j.step_s) for j in trace]
+    copies = [SimJob(j.id, j.job_type, j.category, j.arrival, j.run_s, j.steps, j.phases) for j in trace]
     loop = VirtualTimeLoop()
     try:
-        return loop.run_until_complete(_simulate(copies, table, policy, aging_s))
+        return loop.run_until_complete(_simulate(copies, table, policy, aging_s, lanes))
     finally:
         loop.close()
 
@@ -408,17 +442,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enhanced-share", type=float, default=0.5, help="share of WAN jobs that are enhanced")
     parser.add_argument("--budget", type=float, default=47.0, help="VRAM budget (GB)")
     parser.add_argument("--aging", type=float, default=900.0, help="swap aging bound (s)")
+    parser.add_argument(
+        "--lanes", type=int, choices=(1, 2), default=2,
+        help="2: chat runs beside the one generation job (as bridge/worker.py grants it); 1: one job at a time",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     table = build_table(budget_gb=args.budget)
     results = []
     for load in (float(x) for x in args.loads.split(",")):
         trace = make_trace(args.seed, args.jobs, load, args.mix, args.enhanced_share, table)
-        ours = summarize(simulate(trace, table, "scheduler", args.aging))
-        base = summarize(simulate(trace, table, "fifo"))
+        ours = summarize(simulate(trace, table, "scheduler", args.aging, args.lanes))
+        base = summarize(simulate(trace, table, "fifo", lanes=args.lanes))
         results.append((load, ours, base))
     title = (f"{args.jobs} jobs/trace, seed {args.seed}, mix {args.mix}, enhanced {args.enhanced_share:.0%}, "
-             f"budget {args.budget:g} GB, aging {args.aging:g}s (latencies in s)")
+             f"budget {args.budget:g} GB, aging {args.aging:g}s, {args.lanes} lane(s) (latencies in s)")
     render(results, Console(width=110), title)
     bad = [load for load, ours, _ in results if ours["violations"] or ours["lost"]]
     return 1 if bad else 0

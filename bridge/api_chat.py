@@ -78,7 +78,10 @@ def _refuse_unsafe(text: str, data: PromptData, kind: str) -> None:
 
 
 async def _tokenizer(runtime: Any, model: str) -> Any:
-    return await asyncio.to_thread(runtime.text.tokenizer, model)
+    try:
+        return await asyncio.to_thread(runtime.text.tokenizer, model)
+    except Exception as exc:  # noqa: BLE001 - the model's files are missing or unreadable
+        raise unavailable(f"{model}: its tokenizer cannot be read: {exc}") from None
 
 
 def _prepare_locked(chat: ChatRequest, tokenizer: Any, data: PromptData) -> PreparedChat:

@@ -546,13 +546,21 @@ class PreparedChat:
 
 
 def prepare_chat(
-    request: ChatRequest, tokenizer: Any, *, context_tokens: int | None = None, data: PromptData | None = None
+    request: ChatRequest, tokenizer: Any, *, context_tokens: int | None = None, data: PromptData | None = None,
+    template: str | None = None,
 ) -> PreparedChat:
-    """Conversation, content mode, template, trimmed messages and sampling for one request."""
+    """Conversation, content mode, template, trimmed messages and sampling for one request.
+
+    ``template`` forces a template (a job type such as ``chat_unrestricted`` or ``admin_utilities``);
+    ``sfw_mode`` still wins over a forced unrestricted template.
+    """
     data = data or get_data()
     conversation = request.conversation()
     decision = detect_content_mode(conversation, request.sfw_mode, data)
-    name = "chat" if request.sfw_mode else template_name(conversation, decision, data)
+    if template is not None and not (request.sfw_mode and template == "unrestricted"):
+        mode = "unrestricted" if template == "unrestricted" else "general"
+        decision = ModeDecision(mode=mode, reason=f"template {template!r} forced by the request type")
+    name = "chat" if request.sfw_mode else (template or template_name(conversation, decision, data))
     template = data.template(name)
     sampling = template.sampling(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p)
     built = build_messages(

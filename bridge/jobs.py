@@ -128,6 +128,7 @@ class JobType:
     fps: int | None = None
     enhance: bool = False
     negative_prompt: str | None = None
+    template: str | None = None  # text jobs: the prompt template (None: chosen by content mode)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -152,6 +153,11 @@ def _wan(name: str, output: Output, steps: int, guidance: float, time_limit_s: f
     )
 
 
+def _chat(name: str, template: str | None, time_limit_s: float = 180) -> JobType:
+    return JobType(name=name, model="qwen_instruct", queue="chat_queue", output="text", time_limit_s=time_limit_s,
+                   template=template)
+
+
 _TYPES: tuple[JobType, ...] = (
     _sdxl("sdxl_image_fast", steps=15, guidance=6.0, time_limit_s=180),
     _sdxl("sdxl_image_high", steps=25, guidance=7.5, time_limit_s=300),
@@ -163,6 +169,10 @@ _TYPES: tuple[JobType, ...] = (
     _wan("image7b_high_enhanced", "image", steps=50, guidance=7.5, time_limit_s=720, enhance=True),
     _wan("video7b_fast_enhanced", "video", steps=25, guidance=6.5, time_limit_s=1020, enhance=True),
     _wan("video7b_high_enhanced", "video", steps=50, guidance=7.5, time_limit_s=1920, enhance=True),
+    _chat("chat_conversation", template=None),
+    _chat("chat_unrestricted", template="unrestricted"),
+    _chat("chat_enhance", template="sdxl_enhance", time_limit_s=120),
+    _chat("admin_utilities", template="admin"),
 )
 ALIASES: dict[str, str] = {"wan_video_fast": "video_fast", "wan_video_high": "video_high"}
 
@@ -289,6 +299,7 @@ class Job:
     requested_type: str = ""
     exact_copy: bool = False
     payload: JobPayload | None = field(default=None, repr=False, compare=False)
+    chat: Any = field(default=None, repr=False, compare=False)  # text jobs: a bridge.chat.ChatRequest
 
     @property
     def model(self) -> str:
@@ -561,7 +572,34 @@ def _resolve_img2img(payload: JobPayload, values: dict[str, Any], problems: list
     return out
 
 
-_RESOLVERS = {"sdxl": _resolve_sdxl, "wan": _resolve_wan}
+#: Keys of a chat job's ``metadata`` that make up its chat request (bridge.chat.ChatRequest).
+CHAT_METADATA_KEYS = ("messages", "system_prompt", "conversation_id", "context_type", "conversation_history",
+                      "max_tokens", "temperature", "top_p", "sfw_mode")
+
+
+def _resolve_chat(payload: JobPayload, jt: JobType, problems: list[str]) -> dict[str, Any]:
+    """A chat job: ``prompt`` is the user's message; ``metadata`` may carry the rest of a chat
+    request (system prompt, history or ``messages``, sampling, ``sfw_mode``)."""
+    from bridge.chat import ChatRequestError, parse_chat_request  # noqa: PLC0415 - pure, imported lazily
+
+    prompt = _check_prompt(payload.prompt, "prompt", jt.limits, problems, required=True)
+    request = None
+    if prompt is not None:
+        fields = {key: payload.metadata[key] for key in CHAT_METADATA_KEYS if key in payload.metadata}
+        if "messages" not in fields:
+            fields["message"] = prompt
+        try:
+            request = parse_chat_request(fields)
+        except ChatRequestError as exc:
+            problems.append(f"metadata.{exc}")
+    return dict(
+        prompt=prompt or "", negative_prompt=None, compel_weights=None, width=None, height=None, steps=None,
+        guidance_scale=None, seed=payload.config.seed, num_images=0, num_frames=None, fps=None,
+        reference_image_url=None, strength=None, chat=request,
+    )
+
+
+_RESOLVERS = {"sdxl": _resolve_sdxl, "wan": _resolve_wan, "qwen_instruct": _resolve_chat}
 
 
 # --- small helpers ----------------------------------------------------------------------------

@@ -78,10 +78,10 @@ class ModelTable(BaseModel):
         """Whether ``names`` can be resident together within the budget."""
         return self.vram(names) <= self.budget_gb + 1e-9
 
-    def with_budget(self, budget_gb: float) -> "ModelTable":
+    def with_budget(self, budget_gb: float) -> ModelTable:
         return ModelTable(specs=self.specs, budget_gb=budget_gb)
 
-    def with_policy(self, policy: Policy) -> "ModelTable":
+    def with_policy(self, policy: Policy) -> ModelTable:
         """The same table with every model under one policy (the plain-LRU baseline uses it)."""
         specs = {name: spec.model_copy(update={"policy": policy}) for name, spec in self.specs.items()}
         return ModelTable(specs=specs, budget_gb=self.budget_gb)
@@ -96,11 +96,11 @@ def parse_overrides(overrides: Mapping[str, Any] | None) -> dict[str, dict[str, 
     if not overrides:
         return {}
     if not isinstance(overrides, Mapping):
-        raise ValueError("must be a JSON object keyed by model name")
+        raise ValueError("must be a JSON object keyed by model name")  # noqa: TRY004 - pydantic reports ValueErrors
     checked: dict[str, dict[str, Any]] = {}
     for name, fields in overrides.items():
         if not isinstance(fields, Mapping):
-            raise ValueError(f"{name}: must be an object such as {{\"vram_gb\": 20}}")
+            raise ValueError(f"{name}: must be an object such as {{\"vram_gb\": 20}}")  # noqa: TRY004
         base = DEFAULT_SPECS.get(name)
         values = {**(base.model_dump() if base else {}), **dict(fields), "name": name}
         try:

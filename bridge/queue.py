@@ -94,6 +94,10 @@ def attempts_key(raw: bytes, job_id: str | None = None) -> str:
     return f"attempts:{job_id}" if job_id else f"attempts:sha256:{hashlib.sha256(raw).hexdigest()}"
 
 
+def claim_key(job_id: str) -> str:
+    return f"job_claim:{job_id}"
+
+
 def finished_key(job_id: str) -> str:
     return f"finished:{job_id}"
 
@@ -120,6 +124,15 @@ return redis.call('SCARD', KEYS[1])
 """
 
 # KEYS: processing, attempts. ARGV: raw.
+# Claim a job id for this worker unless a live worker (one with a heartbeat) holds it.
+# KEYS[1] claim key; ARGV[1] this worker id; ARGV[2] ttl seconds. Returns the other owner or false.
+_CLAIM = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] and redis.call('EXISTS', 'worker:' .. owner) == 1 then return owner end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
 _ACK = """
 local n = redis.call('LREM', KEYS[1], 1, ARGV[1])
 if n > 0 then redis.call('DEL', KEYS[2]) end
@@ -277,7 +290,7 @@ class Queue:
             name: self._client.register_script(source)
             for name, source in (
                 ("count_attempt", _COUNT_ATTEMPT), ("ack", _ACK), ("requeue", _REQUEUE),
-                ("dead_letter", _DEAD_LETTER), ("reap", _REAP), ("forget", _FORGET),
+                ("dead_letter", _DEAD_LETTER), ("reap", _REAP), ("forget", _FORGET), ("claim", _CLAIM),
             )
         }
         self._held: defaultdict[str, Counter[bytes]] = defaultdict(Counter)  # raw jobs we hold, per queue
@@ -463,6 +476,18 @@ class Queue:
     async def mark_finished(self, job_id: str, status: str) -> None:
         """Remember that ``job_id`` reached a terminal status, so a duplicate is not run again."""
         await self._retrying(lambda: self._client.set(finished_key(job_id), status, ex=int(self.finished_ttl_s)))
+
+    async def claim(self, job_id: str) -> str | None:
+        """Claim ``job_id`` for this worker. Returns ``None`` when claimed, else the id of the live
+        worker already running it (a duplicate delivery; the original stays in that worker's
+        processing list, so the duplicate can be acknowledged without losing anything)."""
+        owner = await self._retrying(
+            lambda: self._scripts["claim"](keys=[claim_key(job_id)], args=[self.worker_id, int(self.state_ttl_s)])
+        )
+        return None if not owner else _text(owner)
+
+    async def release_claim(self, job_id: str) -> None:
+        await self._retrying(lambda: self._client.delete(claim_key(job_id)))
 
     async def finished_status(self, job_id: str) -> str | None:
         """The terminal status recorded by :meth:`mark_finished`, or None."""

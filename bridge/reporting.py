@@ -271,9 +271,10 @@ def _check_id(name: str, value: str) -> None:
 
 
 def _asset_files(assets: list[OutputAsset]) -> list[str]:
-    """File names of a job's assets (``{i}.png`` or ``0.mp4``), checking the assets on the way."""
+    """File names of a job's assets (``{i}.png`` or ``0.mp4``), checking the assets on the way.
+    A text job (chat queue) has none: its result is in the metadata."""
     if not assets:
-        raise ValueError("a job's outputs need at least one asset")
+        return []
     kinds = {asset.type for asset in assets}
     if kinds == {"video"}:
         if len(assets) != 1:

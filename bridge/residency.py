@@ -26,15 +26,25 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel
-
-from bridge.model_table import POLICY_RANK, ModelTable, effective_budget, table_from_settings
+from bridge.gpu_memory import GpuMemory, GpuMemoryInfo, NvmlMemory
+from bridge.model_table import (
+    POLICY_RANK,
+    ModelTable,
+    effective_budget,
+    table_from_settings,
+)
+from bridge.residency_report import (
+    ModelReport,
+    Observer,
+    ResidencyEvent,
+    ResidencyReport,
+    metrics_observer,
+)
 from bridge.scheduler import Eviction, ModelView, occupied_gb, plan_residency
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-GB = 1024**3
 API_KEY_HEADER = "triton-api-key"  # same as bridge.launcher.API_KEY_HEADER
 
 
@@ -62,7 +72,7 @@ class TritonModelControl:
 
     def __init__(self, url: str, api_key: Any = None, client: Any = None) -> None:
         if client is None:
-            import tritonclient.grpc.aio as grpcaio  # noqa: PLC0415 - only the real path needs it
+            import tritonclient.grpc.aio as grpcaio
 
             client = grpcaio.InferenceServerClient(url)
         self._client = client
@@ -91,100 +101,6 @@ class TritonModelControl:
 
     async def close(self) -> None:
         await self._client.close()
-
-
-# ------------------------------------------------------------------------------ GPU memory
-
-
-@dataclass(frozen=True)
-class GpuMemoryInfo:
-    total_gb: float
-    free_gb: float
-    used_gb: float
-
-
-class GpuMemory(Protocol):
-    def read(self) -> GpuMemoryInfo | None: ...
-
-
-class NvmlMemory:
-    """GPU memory of one device through NVML (``pynvml``)."""
-
-    def __init__(self, index: int = 0) -> None:
-        import pynvml  # noqa: PLC0415 - optional: absent on CPU machines
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-
-    @classmethod
-    def probe(cls, index: int = 0) -> "NvmlMemory | None":
-        """An NVML reader, or ``None`` when pynvml or a GPU is missing."""
-        try:
-            return cls(index)
-        except Exception as exc:  # ImportError, NVMLError (no driver, no device)
-            log.info("no GPU memory readings (NVML unavailable: %s)", exc)
-            return None
-
-    def read(self) -> GpuMemoryInfo | None:
-        try:
-            info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-        except Exception as exc:  # noqa: BLE001 - a reading is optional
-            log.warning("NVML memory reading failed: %s", exc)
-            return None
-        return GpuMemoryInfo(info.total / GB, info.free / GB, info.used / GB)
-
-
-# ------------------------------------------------------------------------------ reporting
-
-
-@dataclass(frozen=True)
-class ResidencyEvent:
-    """Handed to the observer before (``phase="start"``) and after (``"end"``) a load or unload."""
-
-    op: Literal["load", "unload"]
-    model: str
-    phase: Literal["start", "end"]
-    ok: bool = True
-    seconds: float = 0.0
-    error: str | None = None
-    measured_gb: float | None = None
-
-
-Observer = Callable[[ResidencyEvent], None]
-
-
-class ModelReport(BaseModel):
-    name: str
-    state: str
-    policy: str
-    vram_gb: float
-    measured_gb: float | None
-    in_flight: int
-    idle_s: float | None
-    loads: int
-    unloads: int
-    load_failures: int
-    last_load_s: float | None
-    total_load_s: float
-    last_unload_s: float | None
-    total_unload_s: float
-    last_error: str | None
-
-
-class ResidencyReport(BaseModel):
-    budget_gb: float
-    configured_budget_gb: float
-    accounted_gb: float
-    gpu_total_gb: float | None
-    gpu_free_gb: float | None
-    gpu_used_gb: float | None
-    loads: int
-    unloads: int
-    load_failures: int
-    oom_evictions: int
-    oom_retries: int
-    models: dict[str, ModelReport]
 
 
 @dataclass
@@ -262,18 +178,18 @@ class ResidencyManager:
         self.oom_retries = 0
 
     @classmethod
-    def from_settings(cls, settings: Any, control: ModelControl | None = None, **kwargs: Any) -> "ResidencyManager":
+    def from_settings(cls, settings: Any, control: ModelControl | None = None, **kwargs: Any) -> ResidencyManager:
         """A manager per settings; the Triton control from ``triton_url`` unless one is given."""
         if control is None:
             if not settings.triton_url:
                 raise ResidencyError("TRITON_URL is not set: pass the control of the embedded server")
             control = TritonModelControl(settings.triton_url, settings.triton_api_key)
-        options: dict[str, Any] = dict(
-            safety_margin_gb=settings.vram_safety_margin_gb,
-            drain_timeout_s=settings.drain_timeout_s,
-            unload_timeout_s=settings.unload_timeout_s,
-            load_retry_backoff_s=settings.load_retry_backoff_s,
-        )
+        options: dict[str, Any] = {
+            "safety_margin_gb": settings.vram_safety_margin_gb,
+            "drain_timeout_s": settings.drain_timeout_s,
+            "unload_timeout_s": settings.unload_timeout_s,
+            "load_retry_backoff_s": settings.load_retry_backoff_s,
+        }
         options.update(kwargs)
         return cls(control, table_from_settings(settings), **options)
 
@@ -421,12 +337,15 @@ class ResidencyManager:
         when an unload's drain deadline passes while this request still runs.
         """
         names = frozenset(models)
-        while not self._all_ready(names):
+        task = asyncio.current_task()
+        while not all(self._usable(name, task) for name in names):
+            held = sorted(n for n in names if self._records[n].state == "draining" and self._held_by(n, task))
+            if held:  # the unload waits for this task, and this task would wait for the unload
+                raise ResidencyError(f"{held} are being unloaded while this task holds them; cannot add {sorted(names)}")
             await self.ensure(names)
         # No await between the check above and here: nothing can unload the models in between.
         token = self._next_token
         self._next_token += 1
-        task = asyncio.current_task()
         for name in names:
             rec = self._records[name]
             rec.in_flight += 1
@@ -514,7 +433,7 @@ class ResidencyManager:
         plan = plan_residency(self.table, names, self.views(), eviction=self.eviction)
         if not plan.feasible:
             raise ResidencyError(f"cannot make {sorted(names)} resident: {plan.reason}")
-        mine = [n for n in plan.evict if self._held_by_current_task(n)]
+        mine = [n for n in plan.evict if self._held_by(n, asyncio.current_task())]
         if mine:
             raise ResidencyError(f"{sorted(names)} need {mine} evicted, but this task holds them (would wait for itself)")
         if plan.evict:
@@ -525,9 +444,14 @@ class ResidencyManager:
         for name in plan.load:
             await self._load_locked(name)
 
-    def _held_by_current_task(self, name: str) -> bool:
-        task = asyncio.current_task()
+    def _held_by(self, name: str, task: asyncio.Task | None) -> bool:
         return task is not None and any(holder is task for holder, _ in self._records[name].holders.values())
+
+    def _usable(self, name: str, task: asyncio.Task | None) -> bool:
+        """Ready, or draining but already held by ``task`` (a nested use: still loaded, and its
+        unload waits for this task anyway)."""
+        state = self._records[name].state
+        return state == "ready" or (state == "draining" and self._held_by(name, task))
 
     async def _check_gpu_room(self, names: frozenset[str], load: tuple[str, ...]) -> None:
         """On a GPU: if NVML says the loads will not fit, evict more idle models, else warn."""
@@ -580,7 +504,7 @@ class ResidencyManager:
                 result = cancel()
                 if inspect.isawaitable(result):
                     await result
-            except Exception:  # noqa: BLE001 - one bad callback must not block the unload
+            except Exception:
                 log.exception("cancel callback for %s failed", rec.name)
         try:
             await asyncio.wait_for(rec.idle.wait(), self.cancel_grace_s)
@@ -675,23 +599,13 @@ class ResidencyManager:
             return
         try:
             self._observer(event)
-        except Exception:  # noqa: BLE001 - metrics must never break residency
+        except Exception:
             log.exception("residency observer failed on %s", event)
 
 
 def _short(text: str, limit: int = 500) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def metrics_observer(observe_model_op: Callable[[str, str, float, bool], Any]) -> Observer:
-    """Adapt ``bridge.metrics.observe_model_op(model, op, seconds, ok)`` to an observer."""
-
-    def _observe(event: ResidencyEvent) -> None:
-        if event.phase == "end":
-            observe_model_op(event.model, event.op, event.seconds, event.ok)
-
-    return _observe
 
 
 __all__ = [

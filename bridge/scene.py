@@ -58,21 +58,32 @@ class SceneResult(BaseModel):
 
 # ----------------------------------------------------------------------------- rules
 def _verb_forms(entry: str) -> set[str]:
-    """Forms of a verb entry ``base[/irregular...]``: -s, -es, -ed, -ing, e-drop, y->ies/ied,
-    final consonant doubling for one-vowel verbs ("sit" -> "sitting")."""
+    """Forms of a verb entry ``base[/irregular...]`` by the regular English rules: -s/-es/-ies,
+    -ed/-d/-ied, -ing (e-drop, ie -> ying) and final consonant doubling for one-vowel verbs
+    ("sit" -> "sitting")."""
     base, *irregular = [part.strip().lower() for part in entry.split("/") if part.strip()]
-    forms = {base, base + "s", base + "es", base + "ed", base + "d", base + "ing", *irregular}
-    if base.endswith("ie"):
-        forms |= {base[:-2] + "ying"}
-    elif base.endswith("e") and not base.endswith("ee"):
-        forms |= {base[:-1] + "ing"}
-    if len(base) > 1 and base.endswith("y") and base[-2] not in "aeiou":
-        forms |= {base[:-1] + "ies", base[:-1] + "ied"}
-    vowels = sum(ch in "aeiou" for ch in base)
+    consonant_y = len(base) > 1 and base.endswith("y") and base[-2] not in "aeiou"
     cvc = len(base) >= 3 and base[-1] not in "aeiouwxy" and base[-2] in "aeiou" and base[-3] not in "aeiou"
-    if vowels == 1 and cvc:
-        forms |= {base + base[-1] + "ing", base + base[-1] + "ed"}
-    return forms
+    stem = base + base[-1] if cvc and sum(ch in "aeiou" for ch in base) == 1 else base
+    if base.endswith(("s", "x", "z", "ch", "sh")):
+        third = base + "es"
+    elif consonant_y:
+        third = base[:-1] + "ies"
+    else:
+        third = base + "s"
+    if base.endswith("e"):
+        past = base + "d"
+    elif consonant_y:
+        past = base[:-1] + "ied"
+    else:
+        past = stem + "ed"
+    if base.endswith("ie"):
+        ing = base[:-2] + "ying"
+    elif base.endswith("e") and not base.endswith("ee"):
+        ing = base[:-1] + "ing"
+    else:
+        ing = stem + "ing"
+    return {base, third, past, ing, *irregular}
 
 
 def _words_regex(words: list[str], plural: bool = True) -> re.Pattern[str] | None:

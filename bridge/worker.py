@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from bridge import metrics
+from bridge.chat import prepare_chat
 from bridge.fetch import FetchError, fetch_reference_image
 from bridge.jobs import JOB_TYPES, DeadLetter, InvalidJob, Job, parse_job
 from bridge.model_table import job_cost_s
@@ -250,13 +251,19 @@ class Worker:
         try:
             await self._run_delivery(delivery)
         except asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # type: ignore[union-attr] - we finish the job below
             if delivery.job_id in self._cancelled:
-                raise  # handled inside
+                await self._finish_cancelled(delivery, parse_job(delivery.raw))
+                return
             log.info("job %s interrupted by shutdown; requeued without counting an attempt", delivery.job_id)
-            await self.queue.requeue(delivery, count_attempt=False)
-        except Exception:  # noqa: BLE001 - a bug must not kill the worker or lose the job
+            await self._requeue(delivery, count_attempt=False)
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker or lose the job
             log.exception("job %s: unexpected error; requeued", delivery.job_id)
-            await self.queue.requeue(delivery, count_attempt=True)
+            if delivery.job_id:
+                with suppress(Exception):
+                    await self.queue.set_state(delivery.job_id, error=f"internal error: {type(exc).__name__}: {exc}",
+                                               event=False)
+            await self._requeue(delivery, count_attempt=True)
         finally:
             if delivery.job_id:
                 self._running.pop(delivery.job_id, None)
@@ -278,6 +285,13 @@ class Worker:
             log.info("job %s already finished; duplicate delivery acknowledged", job.id)
             await self.queue.ack(delivery)
             return
+        owner = self.settings.worker_id if job.id in self._running else await self.queue.claim(job.id)
+        if owner is not None:
+            # The original delivery is in the processing list of a live worker (maybe this one):
+            # it finishes there or goes back to the queue if that worker dies. Nothing is lost.
+            log.info("job %s is already running on worker %s; duplicate delivery acknowledged", job.id, owner)
+            await self.queue.ack(delivery)
+            return
         if self.queue.past_max_attempts(delivery):
             state = await self.queue.get_state(job.id) or {}
             last = state.get("error") or "the worker stopped during each run"
@@ -293,23 +307,25 @@ class Worker:
         started = time.monotonic()
         if entry is None:
             try:
-                entry = await self._generate(delivery, job)
+                generate = self._generate_text if job.type.output == "text" else self._generate
+                entry = await generate(delivery, job)
             except asyncio.CancelledError:
-                if job.id in self._cancelled:
-                    await self._finish_cancelled(delivery, job)
-                    return
-                raise
+                if job.id not in self._cancelled:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                await self._finish_cancelled(delivery, job)
+                return
             except JobFailed as exc:
                 await self._fail(delivery, job, exc)
                 return
             except Retry as exc:
                 await self.queue.set_state(job.id, error=str(exc), event=False)
                 log.warning("job %s attempt %d failed (%s); requeued", job.id, delivery.attempt, exc)
-                await self.queue.requeue(delivery, count_attempt=True)
+                await self._requeue(delivery, count_attempt=True)
                 return
             except SpoolError as exc:
                 log.error("job %s: %s; requeued", job.id, exc)
-                await self.queue.requeue(delivery, count_attempt=False)
+                await self._requeue(delivery, count_attempt=False)
                 await asyncio.sleep(1.0)
                 return
         else:
@@ -358,18 +374,65 @@ class Worker:
             return await self.triton.run(job.model, inputs, on_response=on_response,
                                          timeout=job.type.time_limit_s, request_id=job.id)
 
-        try:
+        async with self._triton_errors(job, job.model):
             return await self.residency.run_with_oom_retry({job.model}, attempt)
+
+    @asynccontextmanager
+    async def _triton_errors(self, job: Job, model: str) -> AsyncIterator[None]:
+        """Turn what can go wrong on Triton into a failed job or a retry."""
+        try:
+            yield
         except TimeoutError:
             raise JobFailed(f"time limit of {job.type.time_limit_s:.0f}s exceeded; generation stopped",
                             "timeout") from None
         except ResidencyError as exc:
-            raise Retry(f"model {job.model} unavailable: {exc}") from None
+            raise Retry(f"model {model} unavailable: {exc}") from None
         except InferenceFailed as exc:
             if exc.transient:
-                await self._recover_model(job.model)
+                await self._recover_model(model)
                 raise Retry(exc.message) from None
             raise JobFailed(exc.message) from None
+
+    async def _generate_text(self, delivery: Delivery, job: Job) -> SpoolEntry:
+        """A chat-queue job on a Qwen model; the reply goes to the callback's metadata.response."""
+        request = job.chat
+        model = request.model
+        enhance = job.type.template is not None and job.type.template.endswith("_enhance")
+        if enhance:
+            verdict = check_prompt(job.prompt)
+            if not verdict.allowed:
+                metrics.inc_safety_refusal(job.type.name)
+                raise JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
+        throttle = ProgressThrottle(self.reporter, job.id, metadata={"job_type": job.requested_type})
+        await self._progress(job, throttle, 0.0)
+        waiting = Waiting(job.type.name, frozenset({model}), _monotonic_since(delivery.taken_at),
+                          est_s=job_cost_s(job.type.name))
+        await self.dispatcher.acquire(waiting)
+        self._granted.add(job.id)
+        self._prefetched[delivery.queue].set()
+        started = time.monotonic()
+        try:
+            async with self._triton_errors(job, model):
+                if enhance:
+                    kind = "wan" if job.metadata.get("target") == "wan" else "sdxl"
+                    enhanced = await self.enhancer.enhance(job.prompt, kind=kind, model=model)
+                    response, details = enhanced.prompt, enhanced.metadata()
+                else:
+                    text = self.enhancer.text
+                    tokenizer = await asyncio.to_thread(text.tokenizer, model)
+                    prepared = prepare_chat(request, tokenizer, template=job.type.template)
+                    result = await text.complete(model, prepared.messages, prepared.sampling,
+                                                 timeout=job.type.time_limit_s, request_id=job.id)
+                    response = prepared.finish(result.text)
+                    details = {**prepared.metadata(), "finish_reason": result.finish_reason,
+                               "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
+                               "tokens_generated": result.output_tokens}
+        finally:
+            self.dispatcher.release(waiting)
+        metadata = {"job_type": job.requested_type, "model": model, "response": response,
+                    "generation_time": round(time.monotonic() - started, 3), **details}
+        outputs = JobOutputs(job.user_id, job.requested_type, [], metadata)
+        return await asyncio.to_thread(self.spool.save, job.id, outputs)
 
     async def _recover_model(self, model: str) -> None:
         """A model process or the server died: restart what is needed before the retry."""
@@ -429,7 +492,7 @@ class Worker:
             await self._report(job.id, "completed", assets=assets, metadata=entry.metadata)
         except ReportingDeadline as exc:
             log.warning("job %s: reporting deadline passed (%s); will report again later", job.id, exc)
-            await self.queue.requeue(delivery, count_attempt=False)
+            await self._requeue(delivery, count_attempt=False)
             return
         except (ReportingError, SpoolError) as exc:
             await self._fail(delivery, job, JobFailed(f"results could not be stored: {exc}", "storage_error"))
@@ -479,16 +542,23 @@ class Worker:
             return True
         except ReportingDeadline:
             log.warning("job %s: %s callback not delivered before the deadline; requeued", job_id, status)
-            await self.queue.requeue(delivery, count_attempt=False)
+            await self._requeue(delivery, count_attempt=False)
             return False
         except ReportingError as exc:
             log.error("job %s: %s callback rejected (%s); dead-lettered", job_id, status, exc)
             await self.queue.dead_letter(delivery, f"{status} callback rejected: {exc}")
             return False
 
+    async def _requeue(self, delivery: Delivery, count_attempt: bool) -> None:
+        """Back to the front of its queue; the claim goes too, so any worker may take it."""
+        await self.queue.requeue(delivery, count_attempt=count_attempt)
+        if delivery.job_id:
+            await self.queue.release_claim(delivery.job_id)
+
     async def _settle(self, delivery: Delivery, job_id: str, status: str) -> None:
         await self.queue.mark_finished(job_id, status)
         await self.queue.ack(delivery)
+        await self.queue.release_claim(job_id)
 
     async def _report(self, job_id: str, status: str, **kwargs: Any) -> None:
         await self.reporter.send_callback(job_id, status, **kwargs)

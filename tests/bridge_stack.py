@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bridge.jobs import JOB_TYPES
 from bridge.launcher import TritonServer
 from bridge.redis_server import RedisServer
 from bridge.runtime import Runtime
@@ -48,10 +49,16 @@ def wan_job(job_type: str = "video_fast", **config: Any) -> dict[str, Any]:
             "user_id": "user-1", "config": cfg, "metadata": {}}
 
 
+def chat_job(job_type: str = "chat_conversation", prompt: str = "Tell me about lighthouses.",
+             **metadata: Any) -> dict[str, Any]:
+    return {"id": str(uuid.uuid4()), "type": job_type, "prompt": prompt, "user_id": "user-1",
+            "config": {"seed": 1}, "metadata": {"max_tokens": 8, **metadata}}
+
+
 async def push(runtime: Runtime, job: dict[str, Any] | bytes | str, queue: str | None = None) -> None:
     if queue is None:
         assert isinstance(job, dict)
-        queue = "wan_queue" if job["type"] not in ("sdxl_image_fast", "sdxl_image_high") else "sdxl_queue"
+        queue = JOB_TYPES[job["type"]].queue
     payload = job if isinstance(job, (bytes, str)) else json.dumps(job)
     await runtime.queue.push(queue, payload)
 

@@ -247,6 +247,12 @@ class SupabaseStub:
 
     def handle(self, request: RecordedRequest) -> tuple[int, dict[str, Any]]:
         """Check and apply one request; return (status, JSON answer)."""
+        if request.method == "GET" and request.path == f"/storage/v1/bucket/{self.bucket}":
+            # The start-up check (bridge/doctor.py) reads the bucket with the service key.
+            if not self._check_bearer(request, apikey=True):
+                return 401, {"statusCode": "401", "error": "Unauthorized", "message": "invalid key"}
+            request.outcome = "bucket"
+            return 200, {"id": self.bucket, "name": self.bucket, "public": False}
         if request.method != "POST":
             self._violate(request, f"unexpected method {request.method}")
             return 405, {"error": "method not allowed"}
@@ -359,8 +365,9 @@ class SupabaseStub:
             problems.append("failed callback without an error_message")
         if status == "completed":
             assets = body.get("assets")
-            if not isinstance(assets, list) or not assets:
-                problems.append("completed callback without assets")
+            text_result = isinstance(body.get("metadata"), dict) and isinstance(body["metadata"].get("response"), str)
+            if not isinstance(assets, list) or (not assets and not text_result):
+                problems.append("completed callback without assets (or, for a chat job, metadata.response)")
             else:
                 for index, asset in enumerate(assets):
                     problems.extend(f"asset {index}: {p}" for p in self._asset_problems(asset))

@@ -23,11 +23,17 @@ from bridge.model_table import (
     parse_overrides,
     table_from_settings,
 )
-from bridge.scheduler import ModelView, Scheduler, WaitingGroup, occupied_gb, plan_residency
+from bridge.scheduler import (
+    ModelView,
+    Scheduler,
+    WaitingGroup,
+    occupied_gb,
+    plan_residency,
+)
 from bridge.settings import SettingsError, load_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import schedule as bench  # noqa: E402
+import schedule as bench
 
 
 def _table(budget: float = 2.0, **policies: str) -> ModelTable:
@@ -247,7 +253,15 @@ def test_prefetch_pinned_then_preferred_when_they_fit() -> None:
     assert sched.prefetch({}) == ("sdxl", "qwen_instruct")
     assert sched.prefetch({"wan": ModelView("ready")}) == ("sdxl",)
     assert sched.prefetch({"sdxl": ModelView("failed")}) == ("qwen_instruct",)
-    assert sched.prefetch({"wan": ModelView("ready"), "qwen_base": ModelView("ready")}) == ()
+    # Full of on-demand models: one idle and not wanted by waiting jobs makes room for the pinned.
+    full = {"wan": ModelView("ready", last_used=2), "qwen_base": ModelView("ready", last_used=1)}
+    assert sched.prefetch(full) == ("sdxl",)
+    assert sched.prefetch(full, [_group("enhanced", {"qwen_base", "wan"}, 0)]) == ()
+    busy = {"wan": ModelView("ready", in_flight=1), "qwen_base": ModelView("ready", in_flight=1)}
+    assert sched.prefetch(busy) == ()
+    # Never at the expense of a model of the same or a higher policy.
+    preferred = {"qwen_instruct": ModelView("ready"), "sdxl": ModelView("unloaded"), "wan": ModelView("ready")}
+    assert Scheduler(_table(budget=2.0, wan="preferred"), clock=Clock(0)).prefetch(preferred) == ()
 
 
 # ------------------------------------------------------------------------------ properties
@@ -402,7 +416,6 @@ def test_benchmark_runs_real_residency_on_virtual_time() -> None:
 
 def test_benchmark_counts_budget_violations_of_a_careless_control() -> None:
     """The simulated Triton frees memory 1.7 s after an unload: loading at once would overshoot."""
-    import asyncio
 
     table = _table(budget=1.0)
 

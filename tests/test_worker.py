@@ -14,7 +14,7 @@ from PIL import Image
 from bridge.jobs import JOB_TYPES
 from bridge.runtime import Runtime
 from model_kit.media import decode_mp4
-from tests.bridge_stack import TERMINAL, push, sdxl_job, stack_settings, wait_state, wan_job
+from tests.bridge_stack import TERMINAL, chat_job, push, sdxl_job, stack_settings, wait_state, wan_job
 from tests.supabase_stub import SupabaseStub
 
 pytestmark = pytest.mark.timeout(600)
@@ -200,7 +200,7 @@ async def test_time_limit_stops_the_generation(bridge: Runtime, supabase: Supaba
 
 
 async def test_cancel_request_stops_the_job(bridge: Runtime, supabase: SupabaseStub) -> None:
-    job = wan_job("video_high", num_inference_steps=200, frame_num=21)
+    job = wan_job("video_high", num_inference_steps=100, frame_num=161)
     await push(bridge, job)
     await wait_state(bridge, job["id"], ("processing",))
     await bridge.queue.request_cancel(job["id"])
@@ -221,3 +221,45 @@ async def test_local_mode_writes_files_and_records_state(tiny_models_dir, triton
         assert (tmp_path / "out" / "user-1" / job["id"] / f"{i}.png").exists()
         assert (tmp_path / "out" / "user-1" / job["id"] / f"{i}.thumb.webp").exists()
     assert [a["url"] for a in state["assets"]] == [f"user-1/{job['id']}/{i}.png" for i in range(3)]
+
+
+# --------------------------------------------------------------------------- chat queue
+@pytest.mark.parametrize(
+    "job_type, metadata, template",
+    [
+        ("chat_conversation", {"system_prompt": "You are terse.",
+                               "conversation_history": [{"sender": "user", "content": "hi"},
+                                                        {"sender": "assistant", "content": "hello"}]}, "chat"),
+        ("chat_unrestricted", {}, "unrestricted"),
+        ("admin_utilities", {}, "admin"),
+        ("chat_conversation", {"sfw_mode": True}, "chat"),
+    ],
+)
+async def test_chat_jobs_report_the_reply_in_metadata(bridge: Runtime, supabase: SupabaseStub, job_type: str,
+                                                      metadata: dict, template: str) -> None:
+    job = chat_job(job_type, **metadata)
+    await push(bridge, job)
+    callback = await wait_terminal(supabase, job["id"])
+    assert callback["status"] == "completed", callback
+    assert_callback_sequence(supabase, job["id"], "completed")
+    meta = callback["metadata"]
+    assert isinstance(meta["response"], str) and callback["assets"] == []
+    assert 0 < meta["output_tokens"] <= 8 and meta["input_tokens"] > 0 and meta["generation_time"] > 0
+    assert meta["template"] == template and meta["job_type"] == job_type
+
+
+async def test_chat_enhance_job_fits_the_sdxl_budget(bridge: Runtime, supabase: SupabaseStub) -> None:
+    job = chat_job("chat_enhance", prompt="a knight on a horse", max_tokens=40)
+    await push(bridge, job)
+    callback = await wait_terminal(supabase, job["id"])
+    assert callback["status"] == "completed", callback
+    meta = callback["metadata"]
+    assert meta["original_prompt"] == "a knight on a horse" and meta["enhanced_prompt"] == meta["response"]
+    assert meta["prompt_tokens"] <= meta["prompt_budget"] == 75
+
+
+async def test_chat_job_with_bad_metadata_fails_naming_the_field(bridge: Runtime, supabase: SupabaseStub) -> None:
+    job = chat_job(temperature=9)
+    await push(bridge, job)
+    callback = await wait_terminal(supabase, job["id"])
+    assert callback["status"] == "failed" and "metadata.temperature" in callback["error_message"]

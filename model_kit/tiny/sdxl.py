@@ -203,9 +203,14 @@ def _split(key: str, table: dict[str, str]) -> str:
     return f"{table.get(module, module)}.{param}"
 
 
-def _unet_key(key: str, up_attention_blocks: set[int]) -> str:
-    """One UNet parameter name, diffusers → original (``model.diffusion_model.`` not included)."""
-    per_block = LAYERS_PER_BLOCK + 1
+def _unet_key(key: str, layers_per_block: int, up_attention_blocks: set[int]) -> str:
+    """One UNet parameter name, diffusers → original (``model.diffusion_model.`` not included).
+
+    The original numbers ``input_blocks`` (conv_in, then per down block its layers and its
+    downsampler) and ``output_blocks`` (per up block its layers + 1, the last holding the upsampler)
+    consecutively.
+    """
+    per_block = layers_per_block + 1
     module = key.rpartition(".")[0]
     if module in _UNET_FIXED:
         return _split(key, _UNET_FIXED)
@@ -214,7 +219,7 @@ def _unet_key(key: str, up_attention_blocks: set[int]) -> str:
         index = 1 + block * per_block + layer
         return f"input_blocks.{index}.0.{_split(rest, _UNET_RESNET)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
     if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
-        return f"input_blocks.{1 + int(match[1]) * per_block + LAYERS_PER_BLOCK}.0.op.{match[2]}"
+        return f"input_blocks.{1 + int(match[1]) * per_block + layers_per_block}.0.op.{match[2]}"
     if match := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", key):
         return f"middle_block.{2 * int(match[1])}.{_split(match[2], _UNET_RESNET)}"
     if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
@@ -226,7 +231,7 @@ def _unet_key(key: str, up_attention_blocks: set[int]) -> str:
     if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
         block = int(match[1])
         slot = 2 if block in up_attention_blocks else 1
-        return f"output_blocks.{block * per_block + LAYERS_PER_BLOCK}.{slot}.conv.{match[2]}"
+        return f"output_blocks.{block * per_block + layers_per_block}.{slot}.conv.{match[2]}"
     raise KeyError(f"no original name for UNet parameter {key}")
 
 
@@ -288,8 +293,12 @@ def _open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
     """All weights of an SDXL pipeline under the original single-file checkpoint names."""
-    up_attention_blocks = {i for i, kind in enumerate(pipe.unet.config.up_block_types) if "CrossAttn" in kind}
-    state = {f"model.diffusion_model.{_unet_key(k, up_attention_blocks)}": v for k, v in pipe.unet.state_dict().items()}
+    unet = pipe.unet.config
+    up_attention_blocks = {i for i, kind in enumerate(unet.up_block_types) if "CrossAttn" in kind}
+    state = {
+        f"model.diffusion_model.{_unet_key(k, unet.layers_per_block, up_attention_blocks)}": v
+        for k, v in pipe.unet.state_dict().items()
+    }
     num_up = len(pipe.vae.config.up_block_types)
     for key, value in pipe.vae.state_dict().items():
         original = _vae_key(key, num_up)

@@ -1,0 +1,117 @@
+"""Checks the ``sdxl`` and ``wan`` model tests share (real tritonserver, tiny weights).
+
+Each takes the server's gRPC address and a function that sends one request of the model under
+test with a given number of steps, so that the same check runs against both models.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from tests.triton_helpers import Streamed, load_model, model_state, stub_pids, unload_model
+
+#: ``send(steps, cancel_after=None) -> Streamed``: one request of the model under test.
+Send = Callable[..., Streamed]
+
+
+def png(data: bytes) -> Image.Image:
+    """Decode PNG bytes, checking they really are a PNG."""
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def outputs(result: Streamed, steps: int | None = None) -> dict:
+    """The final outputs of a successful request, after checking its progress stream.
+
+    Progress responses come first, strictly increasing, the last one exactly 1.0 (``steps`` of
+    them when given), then one final response with the results and no progress.
+    """
+    assert result.error is None, result.error
+    assert result.final, "the stream did not end with the final flag"
+    *progress, final = result.responses
+    fractions = [float(r["progress"][0]) for r in progress]
+    assert all(set(r) == {"progress"} for r in progress), [list(r) for r in progress]
+    assert fractions and fractions[-1] == 1.0, fractions
+    assert all(a < b for a, b in zip(fractions, fractions[1:])), fractions
+    if steps is not None:
+        assert len(fractions) == steps, fractions
+    assert "progress" not in final
+    return final
+
+
+def error(result: Streamed) -> str:
+    """The error message of a request that had to fail (and produced no results)."""
+    assert result.error is not None, f"expected an error, got {[list(r) for r in result.responses]}"
+    assert not any("progress" not in r for r in result.responses), "results arrived despite the error"
+    return result.error
+
+
+def _timed(send: Send, steps: int, **kwargs) -> tuple[float, Streamed]:
+    start = time.monotonic()
+    result = send(steps, **kwargs)
+    return time.monotonic() - start, result
+
+
+def check_cancel_stops_early(send: Send, long_steps: int = 150) -> None:
+    """Cancel a long request at its first progress response: the model must stop within a step.
+
+    The one model instance serves requests in turn, so a request sent right after the cancel
+    waits for whatever the cancelled one still computes. Per-step time is measured first (two
+    uncancelled requests); a model that ignored the cancel would hold the next request for the
+    remaining ~``long_steps`` steps, far above the threshold of half of them.
+    """
+    short, result = _timed(send, 2)
+    outputs(result, steps=2)
+    longer, result = _timed(send, 12)
+    outputs(result, steps=12)
+    per_step = max((longer - short) / 10, 0.0)
+
+    cancelled = send(long_steps, cancel_after=1)
+    assert cancelled.cancelled and not cancelled.final
+    assert float(cancelled.responses[0]["progress"][0]) == pytest.approx(1 / long_steps)
+
+    following, result = _timed(send, 2)
+    outputs(result, steps=2)
+    assert following < short + per_step * long_steps / 2, (following, short, per_step)
+
+
+def check_unload_ends_stub_and_reload_works(url: str, server_pid: int, model: str, send: Send) -> None:
+    """Unloading ends the model's stub process; loading again starts a new one that serves."""
+    before = stub_pids(server_pid, model)
+    assert len(before) == 1, before
+    unload_model(url, model)
+    assert model_state(url, model) == "UNAVAILABLE"
+    assert not stub_pids(server_pid, model) & before, "the stub survived the unload"
+    load_model(url, model)
+    after = stub_pids(server_pid, model)
+    assert len(after) == 1 and not after & before
+    outputs(send(2), steps=2)
+
+
+def load_error(url: str, model: str, weights: str) -> str:
+    """Try to load ``model`` with its ``weights`` parameter overridden; the load must fail.
+
+    The override is the model's full configuration (as Triton requires) with one parameter
+    changed. The model is loaded from its own config.pbtxt again afterwards.
+    """
+    with grpcclient.InferenceServerClient(url) as client:
+        config = client.get_model_config(model, as_json=True)["config"]
+        config["parameters"]["weights"]["string_value"] = weights
+        try:
+            client.load_model(model, config=json.dumps(config), client_timeout=300)
+        except InferenceServerException as exc:
+            message = exc.message()
+        else:
+            pytest.fail(f"{model} loaded with weights={weights}")
+    load_model(url, model)
+    return message

@@ -1,0 +1,350 @@
+"""Fault injection against real processes: ``python -m bridge serve`` subprocesses, real
+redis-server and tritonserver processes, and the Supabase stand-in (which checks every request
+against the contract). Each test breaks one thing for real and then checks that every job ends
+with exactly one terminal state in the app, none is lost and the bridge stays up.
+
+Sizes are tiny (SDXL 64x64 2 steps, WAN 32x32) so the suite fits a 2-core CI box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.bridge_stack import sdxl_job, wan_job
+from tests.processes import (
+    BridgeProcess,
+    Outcomes,
+    bridge_env,
+    children_of,
+    push,
+    wait_terminals,
+    wait_until,
+)
+from tests.supabase_stub import SupabaseStub
+
+pytestmark = pytest.mark.timeout(420)
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture()
+def stub():
+    with SupabaseStub() as s:
+        yield s
+        assert s.violations == [], s.violations[:10]
+
+
+@pytest.fixture()
+def spawn(tmp_path: Path):
+    """``spawn(name, env)`` -> a BridgeProcess that is stopped (and its tritonserver killed) at the end."""
+    made: list[BridgeProcess] = []
+
+    def make(name: str, env: dict[str, str]) -> BridgeProcess:
+        bridge = BridgeProcess(name, env, tmp_path / "logs")
+        made.append(bridge)
+        return bridge
+
+    yield make
+    for bridge in made:
+        bridge.close()
+
+
+def small_wan(job_type: str = "image_fast", **config) -> dict:
+    return wan_job(job_type, width=32, height=32, **config)
+
+
+def assert_no_unexpected_errors(bridge: BridgeProcess) -> None:
+    """No job hit the worker's catch-all ("unexpected error") and Python printed no traceback."""
+    assert bridge.messages("unexpected error") == [], bridge.messages("unexpected error")[:3]
+    raw = [line for line in bridge.lines if line.startswith("Traceback")]
+    assert raw == [], bridge.tail()
+
+
+def assert_exactly_once(stub: SupabaseStub, job_ids: list[str], status: str | dict[str, str] = "completed") -> dict:
+    """Every job has exactly one terminal callback that the app applied, with the expected status;
+    any further terminal callback it received is an identical re-send of the same spooled result
+    (same assets, same metadata, incl. generation_time), i.e. nothing ran to completion twice.
+    Returns the number of re-sends per job."""
+    outcomes = Outcomes(stub)
+    applied, delivered = outcomes.applied_terminals(), outcomes.terminals()
+    resent = {}
+    for job_id in job_ids:
+        want = status if isinstance(status, str) else status[job_id]
+        got = applied.get(job_id, [])
+        assert len(got) == 1, f"job {job_id}: {len(got)} applied terminal callbacks: {got}"
+        assert got[0]["status"] == want, f"job {job_id}: {got[0]['status']} ({got[0].get('error_message')})"
+        first, *others = delivered[job_id]
+        for other in others:
+            assert (other["status"], other["assets"], other["metadata"]) == \
+                   (first["status"], first["assets"], first["metadata"]), f"job {job_id} reported two results"
+        if others:
+            resent[job_id] = len(others)
+    return resent
+
+
+def redis_leftovers(client: redis.Redis) -> dict[str, int]:
+    """Jobs still queued or held anywhere (must be empty once everything finished)."""
+    left = {name: client.llen(name) for name in ("sdxl_queue", "wan_queue")}
+    for key in client.scan_iter("processing:*"):
+        left[key.decode()] = client.llen(key)
+    left["dead_letter"] = client.llen("dead_letter")
+    return {k: v for k, v in left.items() if v}
+
+
+# --------------------------------------------------------------------------- SIGKILL the bridge
+def test_sigkill_bridge_at_random_moments_during_50_jobs(tiny_models_dir, triton, redis_server, stub, spawn, tmp_path):
+    seed = int(os.environ.get("FAULT_SEED") or random.randrange(2**31))
+    rng = random.Random(seed)
+    client = redis.Redis.from_url(redis_server.url)
+    env = bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "out", redis_url=redis_server.url,
+                     triton_url=triton.grpc_url, supabase=stub, worker_id="killed-0")
+    bridge = spawn("killed", env).start().wait_ready()
+
+    jobs = []
+    for i in range(50):
+        roll = rng.random()
+        if roll < 0.6:
+            jobs.append(sdxl_job(seed=i, num_images=rng.choice([1, 1, 3])))
+        elif roll < 0.85:
+            jobs.append(small_wan("image_fast", seed=i))
+        else:
+            jobs.append(small_wan("video_fast", seed=i, frame_num=5))
+    ids = [job["id"] for job in jobs]
+    outcomes = Outcomes(stub)
+    pushed = kills = new_ids = 0
+    while pushed < len(jobs) or kills < 7:
+        chunk = rng.randint(4, 10)
+        for job in jobs[pushed:pushed + chunk]:
+            push(client, job)
+        pushed = min(len(jobs), pushed + chunk)
+        time.sleep(rng.uniform(0.2, 2.5))  # a random moment: taking, generating, spooling, uploading, ...
+        if len(outcomes.terminals()) >= len(jobs):
+            break
+        bridge.kill()
+        kills += 1
+        if kills % 3 == 0:  # production restarts get a new WORKER_ID (host + pid): reaped, not recovered
+            new_ids += 1
+            bridge.env["WORKER_ID"] = f"killed-{new_ids}"
+        bridge.start().wait_ready()
+
+    terminals = wait_terminals(stub, ids, timeout=240)
+    assert bridge.terminate() == 0, bridge.tail()
+    # A SIGKILL during a run counts as an attempt (a job that crashes its worker must not loop
+    # forever), so a job caught by MAX_ATTEMPTS (3) kills fails, dead-lettered, saying so.
+    exhausted = {j for j, bodies in terminals.items() if bodies[0]["status"] == "failed"}
+    for job_id in exhausted:
+        body = terminals[job_id][0]
+        assert body["metadata"]["error_type"] == "attempts_exhausted", body
+        assert body["error_message"].startswith("gave up after 3 attempts"), body
+    resent = assert_exactly_once(stub, ids, {j: "failed" if j in exhausted else "completed" for j in ids})
+    assert sum(resent.values()) <= kills, f"seed {seed}: {resent}"
+    letters = [json.loads(entry) for entry in client.lrange("dead_letter", 0, -1)]
+    assert sorted(entry["job_id"] for entry in letters) == sorted(exhausted), f"seed {seed}"
+    client.delete("dead_letter")
+    assert redis_leftovers(client) == {}, f"seed {seed}"
+    assert len(exhausted) <= kills // 3, f"seed {seed}: {len(exhausted)} jobs exhausted by {kills} kills"
+    assert kills >= 3, f"seed {seed}: only {kills} kills happened"
+    assert_no_unexpected_errors(bridge)
+    print(f"seed {seed}: {kills} SIGKILLs ({new_ids} restarts under a new id); {len(exhausted)} job(s) "
+          f"failed after 3 killed runs; {len(resent)} terminal re-sends of spooled results (ignored by the app)")
+
+
+# --------------------------------------------------------------------------- SIGKILL tritonserver / a stub
+def test_sigkill_tritonserver_and_a_model_stub_mid_job(tiny_models_dir, redis_server, stub, spawn, tmp_path):
+    client = redis.Redis.from_url(redis_server.url)
+    env = bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "out", redis_url=redis_server.url,
+                     triton_url=None, supabase=stub)
+    bridge = spawn("own-triton", env).start().wait_ready()
+    outcomes = Outcomes(stub)
+
+    def generating(job_id: str) -> bool:
+        """The model is stepping (a progress callback above 0 arrived)."""
+        return any(body["job_id"] == job_id and (body.get("metadata") or {}).get("progress", 0) > 0
+                   for body in stub.callbacks(job_id, outcome=None))
+
+    # 1. tritonserver itself dies mid-job: the bridge restarts it and retries the job.
+    first = sdxl_job(num_inference_steps=40)
+    push(client, first)
+    wait_until(lambda: generating(first["id"]), 180, message=lambda: f"never generating:\n{bridge.tail()}")
+    old_server = bridge.tritonserver_pid()
+    assert old_server is not None
+    os.kill(old_server, signal.SIGKILL)
+    wait_terminals(stub, [first["id"]], timeout=240)
+    new_server = wait_until(bridge.tritonserver_pid, 30)
+    assert new_server != old_server
+
+    # 2. one model's stub process dies mid-job: that job is retried, another model keeps serving.
+    warm = small_wan()
+    push(client, warm)
+    wait_terminals(stub, [warm["id"]], timeout=240)  # wan resident before the sdxl stub dies
+    second = sdxl_job(num_inference_steps=40)
+    push(client, second)
+    wait_until(lambda: generating(second["id"]), 180, message=lambda: f"never generating:\n{bridge.tail()}")
+    stubs = [pid for pid in children_of(new_server)
+             if "/sdxl/1/model.py" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(stubs) == 1, stubs
+    os.kill(stubs[0], signal.SIGKILL)
+    other = small_wan(seed=9)
+    push(client, other)
+    wait_terminals(stub, [second["id"], other["id"]], timeout=240)
+
+    ids = [first["id"], warm["id"], second["id"], other["id"]]
+    assert_exactly_once(stub, ids)
+    starts = outcomes.generation_starts()
+    assert starts[first["id"]] >= 2 and starts[second["id"]] >= 2, dict(starts)  # each was retried
+    assert starts[other["id"]] == 1
+    assert bridge.alive and bridge.health().status_code == 200
+    assert len(bridge.messages("tritonserver is not live; restarting it")) == 1, bridge.tail()
+    assert bridge.tritonserver_pid() == new_server  # a dead stub does not cost the whole server
+    assert_no_unexpected_errors(bridge)
+    assert bridge.terminate() == 0
+    assert redis_leftovers(client) == {}
+
+
+# --------------------------------------------------------------------------- Redis away for 10 s
+def test_redis_stopped_for_10_seconds_and_restarted(tiny_models_dir, triton, redis_server, stub, spawn, tmp_path):
+    client = redis.Redis.from_url(redis_server.url)
+    env = bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "out", redis_url=redis_server.url,
+                     triton_url=triton.grpc_url, supabase=stub)
+    bridge = spawn("redis-outage", env).start().wait_ready()
+    before = [sdxl_job(seed=i) for i in range(6)] + [small_wan(seed=i) for i in range(3)]
+    for job in before:
+        push(client, job)
+    wait_until(lambda: len(Outcomes(stub).terminals()) >= 2, 180)  # some done, some still queued
+
+    redis_server.stop()  # SIGTERM; the append-only file keeps every key
+    # While it is away, something else answers on its port and drops every connection at once:
+    # counting the attempts shows the bridge backs off instead of hammering.
+    health: list = []
+    attempts = _count_connections(redis_server.port, seconds=10.0, during=lambda: health.append(bridge.health()))
+    redis_server.start()
+    assert health and health[0].status_code == 503 and health[0].json()["redis"] == "unreachable", health
+
+    after = [sdxl_job(seed=10 + i) for i in range(3)] + [small_wan(seed=10)]
+    for job in after:
+        push(client, job)
+    ids = [job["id"] for job in before + after]
+    wait_terminals(stub, ids, timeout=240)
+    assert_exactly_once(stub, ids)
+    assert bridge.alive and bridge.health().status_code == 200
+    assert len(bridge.messages("is unreachable")) == 1, bridge.messages("Redis")
+    assert len(bridge.messages("is reachable again")) == 1, bridge.messages("Redis")
+    assert 3 <= attempts < 150, f"{attempts} connection attempts in 10 s"
+    assert_no_unexpected_errors(bridge)
+    assert bridge.terminate() == 0
+    assert redis_leftovers(client) == {}
+
+
+def _count_connections(port: int, seconds: float, during) -> int:
+    """Accept-and-close every connection to ``port`` for ``seconds``; how many there were."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(128)
+    server.settimeout(0.1)
+    count = 0
+    checker = threading.Thread(target=during, daemon=True)  # the API keeps answering meanwhile
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not checker.is_alive() and checker.ident is None and time.monotonic() > deadline - seconds / 2:
+                checker.start()
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            count += 1
+            conn.close()
+    finally:
+        server.close()
+    checker.join(timeout=15)
+    return count
+
+
+# --------------------------------------------------------------------------- Supabase failing
+def test_supabase_500s_timeouts_and_dropped_connections(tiny_models_dir, triton, redis_server, stub, spawn, tmp_path):
+    client = redis.Redis.from_url(redis_server.url)
+    env = bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "out", redis_url=redis_server.url,
+                     triton_url=triton.grpc_url, supabase=stub, report_deadline_s=3)
+    bridge = spawn("supabase-faults", env).start().wait_ready()
+    bad = sdxl_job(num_inference_steps=0)  # refused: its failed callback has to get through too
+    jobs = [sdxl_job(seed=1), sdxl_job(seed=2, num_images=3), small_wan(seed=3),
+            small_wan("video_fast", seed=4, frame_num=5), bad]
+    counted = {}
+    for mode in ("status", "close", "hang"):  # 500s, then dropped connections, then no answer at all
+        options = {"status": 500} if mode == "status" else {"hang_s": 2.0} if mode == "hang" else {}
+        started = len(stub.requests)
+        stub.fail_next("storage", 10**6, mode=mode, **options)
+        stub.fail_next("job-callback", 10**6, mode=mode, **options)
+        if mode == "status":
+            for job in jobs:
+                push(client, job)
+        time.sleep(7.0)  # longer than REPORT_DEADLINE_S: reporting rounds give up and jobs go back
+        stub.clear_failures()
+        counted[mode] = len(stub.requests) - started
+    ids = [job["id"] for job in jobs]
+    wait_terminals(stub, ids, timeout=180)
+    assert_exactly_once(stub, ids, {job["id"]: "failed" if job is bad else "completed" for job in jobs})
+    failed = Outcomes(stub).applied_terminals()[bad["id"]][0]
+    assert "config.num_inference_steps" in failed["error_message"]
+    requeued = bridge.messages("will report again later") + bridge.messages("not delivered before the deadline")
+    assert requeued, "no reporting round ran past its deadline"
+    # Backoff: with 5 jobs retrying for 7 s, a client without backoff would send thousands.
+    assert all(count < 120 for count in counted.values()), counted
+    assert bridge.alive and bridge.health().status_code == 200
+    assert_no_unexpected_errors(bridge)
+    assert bridge.terminate() == 0
+    assert redis_leftovers(client) == {}
+
+
+# --------------------------------------------------------------------------- spool full / unwritable
+def test_spool_full_then_unwritable(tiny_models_dir, triton, redis_server, stub, spawn, tmp_path):
+    client = redis.Redis.from_url(redis_server.url)
+    out = tmp_path / "out"
+    env = bridge_env(models_dir=tiny_models_dir, output_dir=out, redis_url=redis_server.url,
+                     triton_url=triton.grpc_url, supabase=stub)
+    bridge = spawn("spool", env).start().wait_ready()
+    outcomes = Outcomes(stub)
+
+    # Full: no file the bridge writes may grow past 1 KiB (writes fail with EFBIG; its log is a pipe).
+    resource.prlimit(bridge.pid, resource.RLIMIT_FSIZE, (1024, 1024))
+    full = sdxl_job(seed=1)
+    push(client, full)
+    wait_until(lambda: bridge.messages(f"cannot save job {full['id']}"), 120, message=bridge.tail)
+    time.sleep(2.0)
+    assert not outcomes.terminals().get(full["id"]), "a job whose outputs cannot be spooled must not end"
+    assert bridge.alive and bridge.health().status_code == 200
+    resource.prlimit(bridge.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    wait_terminals(stub, [full["id"]], timeout=120)
+
+    # Unwritable: the spool path is taken by a plain file (root ignores permission bits, so chmod
+    # would prove nothing here); neither saving nor reading an entry can work.
+    shutil.rmtree(out / ".spool", ignore_errors=True)
+    (out / ".spool").write_text("not a directory")
+    blocked = small_wan(seed=2)
+    push(client, blocked)
+    wait_until(lambda: [m for m in bridge.messages(blocked["id"]) if "spool" in m], 120, message=bridge.tail)
+    time.sleep(3.0)
+    assert not outcomes.terminals().get(blocked["id"]), "the job must wait for the spool, not fail"
+    assert bridge.alive and bridge.health().status_code == 200
+    (out / ".spool").unlink()
+    wait_terminals(stub, [blocked["id"]], timeout=120)
+
+    assert_exactly_once(stub, [full["id"], blocked["id"]])
+    errors = [m for m in bridge.messages("spool directory") if "requeued" in m]
+    assert errors, "the spool error must be logged, naming the spool and saying the job was requeued"
+    assert_no_unexpected_errors(bridge)
+    assert bridge.terminate() == 0
+    assert redis_leftovers(client) == {}
