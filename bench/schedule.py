@@ -12,9 +12,12 @@ times (SDXL ~8 s, Qwen ~10 s, WAN ~25 s), frees an unloaded model's memory only 
 unload call returns (as the real server does), and counts every moment the memory on the card
 exceeds the budget (a *budget violation*).
 
-The GPU runs one job at a time (the old worker's concurrent generation without a lock was a bug).
-Job times (old system): SDXL 4-8 s, chat 5-15 s, enhancement 1-3 s, WAN 25-240 s (image jobs
-short, video jobs long). Arrivals are Poisson; the load is the GPU utilisation the jobs alone
+Lanes: by default one generation job (SDXL or WAN) runs at a time while chat runs beside it
+(``--lanes 2``, as ``bridge/worker.py``'s dispatcher grants work; GPU contention between the two
+is not modelled); ``--lanes 1`` runs one job of any kind at a time. An enhanced WAN job holds Qwen
+Base and WAN for the enhancement, then lets Qwen Base go while WAN renders. Job times (old
+system): SDXL 4-8 s, chat 5-15 s, enhancement 1-3 s, WAN 25-240 s (image jobs short, video jobs
+long). Arrivals are Poisson; the load is the GPU utilisation the generation jobs and chat alone
 would cause (model loads come on top).
 
 Baseline: FIFO (the oldest job first, whatever the model) with least-recently-used eviction and
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import random
@@ -265,7 +269,6 @@ async def _simulate(trace: list[SimJob], table: ModelTable, policy: str, aging_s
     busy = {"gpu": False, "chat": False}
     finished: list[SimJob] = []
     tasks: set[asyncio.Task] = set()
-    prefetching: set[asyncio.Future] = set()
 
     def lane_of(job: SimJob) -> str:
         return "chat" if lanes == 2 and is_interactive(job.job_type) else "gpu"
@@ -309,10 +312,11 @@ async def _simulate(trace: list[SimJob], table: ModelTable, policy: str, aging_s
         waiting = [_group(key, q) for key, q in sorted(queues.items()) if q and not busy[lane_of(q[0])]]
         decision = decide(waiting, residency.views()) if waiting else None
         if decision is None:
-            prefetch = () if baseline or prefetching else scheduler.prefetch(residency.views(), waiting)
-            if prefetch:  # in the background: the residency lock orders it with the jobs' loads
-                prefetching.add(asyncio.ensure_future(residency.ensure({prefetch[0]})))
-                next(iter(prefetching)).add_done_callback(lambda task: (prefetching.discard(task), wake.set()))
+            idle = not any(busy.values()) and not any(queues.values())
+            prefetch = scheduler.prefetch(residency.views()) if idle and not baseline else ()
+            if prefetch:
+                await residency.ensure({prefetch[0]})
+                continue
             wake.clear()
             await wake.wait()
             continue
@@ -441,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix", type=_parse_mix, default=_parse_mix("sdxl=0.6,chat=0.25,wan=0.15"))
     parser.add_argument("--enhanced-share", type=float, default=0.5, help="share of WAN jobs that are enhanced")
     parser.add_argument("--budget", type=float, default=47.0, help="VRAM budget (GB)")
+    parser.add_argument("--model-table", type=json.loads, default={}, help='overrides, as MODEL_TABLE: {"wan": {"vram_gb": 20}}')
     parser.add_argument("--aging", type=float, default=900.0, help="swap aging bound (s)")
     parser.add_argument(
         "--lanes", type=int, choices=(1, 2), default=2,
@@ -448,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    table = build_table(budget_gb=args.budget)
+    table = build_table(args.model_table, budget_gb=args.budget)
     results = []
     for load in (float(x) for x in args.loads.split(",")):
         trace = make_trace(args.seed, args.jobs, load, args.mix, args.enhanced_share, table)
@@ -456,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         base = summarize(simulate(trace, table, "fifo", lanes=args.lanes))
         results.append((load, ours, base))
     title = (f"{args.jobs} jobs/trace, seed {args.seed}, mix {args.mix}, enhanced {args.enhanced_share:.0%}, "
-             f"budget {args.budget:g} GB, aging {args.aging:g}s, {args.lanes} lane(s) (latencies in s)")
+             f"budget {args.budget:g} GB{', table ' + json.dumps(args.model_table) if args.model_table else ''}, aging {args.aging:g}s, {args.lanes} lane(s) (latencies in s)")
     render(results, Console(width=110), title)
     bad = [load for load, ours, _ in results if ours["violations"] or ours["lost"]]
     return 1 if bad else 0

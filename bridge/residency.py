@@ -281,10 +281,15 @@ class ResidencyManager:
         """Take the server's word for which models it holds (at start, after a server restart)."""
         async with self._lock:
             states = await self.control.index()
+            waited = 0.0
+            while "LOADING" in states.values() and waited < 600:  # a load another process started
+                await self._sleep(0.5)
+                waited += 0.5
+                states = await self.control.index()
             now = self._clock()
             for name, rec in self._records.items():
                 server_state = states.get(name, "UNAVAILABLE")
-                if server_state in ("READY", "LOADING"):
+                if server_state == "READY":
                     if rec.state != "ready":
                         rec.state, rec.last_used = "ready", now
                 elif server_state == "UNLOADING":
@@ -305,6 +310,10 @@ class ResidencyManager:
             self._record(name)
         if self._all_ready(names):
             return
+        task = asyncio.current_task()
+        draining = sorted(n for n, r in self._records.items() if r.state == "draining" and self._held_by(n, task))
+        if draining:  # their unload waits for this task, and this task would wait for the unload
+            raise ResidencyError(f"{draining} are being unloaded while this task holds them; it cannot wait for {sorted(names)}")
         async with self._lock:
             if self._all_ready(names):  # second look: another task may have done it
                 return
@@ -339,9 +348,6 @@ class ResidencyManager:
         names = frozenset(models)
         task = asyncio.current_task()
         while not all(self._usable(name, task) for name in names):
-            held = sorted(n for n in names if self._records[n].state == "draining" and self._held_by(n, task))
-            if held:  # the unload waits for this task, and this task would wait for the unload
-                raise ResidencyError(f"{held} are being unloaded while this task holds them; cannot add {sorted(names)}")
             await self.ensure(names)
         # No await between the check above and here: nothing can unload the models in between.
         token = self._next_token

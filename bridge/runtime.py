@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from contextlib import suppress
 from functools import partial
 from typing import Any
@@ -114,10 +115,41 @@ class Runtime:
         async with self._triton_restart:
             if await self.triton.is_live():
                 return
-            log.error("tritonserver is not live; restarting it")
-            await asyncio.to_thread(self.triton_server.stop)
-            await asyncio.to_thread(self.triton_server.start)
-            await self.residency.resync()
+            # (issue 7, tests/test_faults.py) After a restart the gRPC channels back off before they
+            # reconnect, so "not live" over gRPC may only mean "not reconnected yet": a running server
+            # that answers its HTTP health check is not restarted again (that killed a healthy server
+            # per retry), and the resync waits for the channels (one made during the backoff failed,
+            # burning the job's attempts and failing the next model load).
+            if not (self.triton_server.running and await self._triton_http_live()):
+                log.error("tritonserver is not live; restarting it")
+                await asyncio.to_thread(self.triton_server.stop)
+                await asyncio.to_thread(self.triton_server.start)
+            await self._resync_when_reachable()
+
+    async def _triton_http_live(self) -> bool:
+        import httpx  # noqa: PLC0415
+
+        assert self.triton_server is not None
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                response = await client.get(f"http://{self.triton_server.http_url}/v2/health/live")
+            return response.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def _resync_when_reachable(self) -> None:
+        deadline = time.monotonic() + self.settings.triton_start_timeout_s
+        while True:
+            try:
+                if await self.triton.is_live():
+                    await self.residency.resync()
+                    return
+                problem = "its gRPC endpoint is not live"
+            except Exception as exc:  # noqa: BLE001 - the model-control channel may still be backing off
+                problem = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tritonserver restarted but not reachable: {problem}")
+            await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ stop
     async def stop(self) -> None:

@@ -223,37 +223,23 @@ class Scheduler:
         cost += sum(specs[name].typical_load_s for name in plan.evict if wanted.get(name, 0) > 0)
         return cost * (2 if plan.waits_for_drain else 1)
 
-    def prefetch(
-        self,
-        models: Mapping[str, ModelView],
-        waiting: Sequence[WaitingGroup] = (),
-        *,
-        budget_gb: float | None = None,
-    ) -> tuple[str, ...]:
-        """Pinned, then preferred models to load now that nothing asks for them: those that fit in
-        the free room as is, else one that fits after evicting idle on-demand models that no
-        waiting job needs (Qwen Instruct comes back once the WAN enhancement is over)."""
+    def prefetch(self, models: Mapping[str, ModelView], *, budget_gb: float | None = None) -> tuple[str, ...]:
+        """Pinned, then preferred models that are not resident and fit in the free room as is.
+
+        (Evicting idle on-demand models to bring a preferred one back was tried in the benchmark:
+        it caused more swaps and slower chat, so the room must be free.)"""
         budget = self.table.budget_gb if budget_gb is None else budget_gb
         free = budget - occupied_gb(self.table, models)
-        wanted = frozenset().union(*(g.models for g in waiting if g.count > 0))
         picks: list[str] = []
         order = sorted(self.table.specs.values(), key=lambda s: (-POLICY_RANK[s.policy], s.name))
         for spec in order:
-            if spec.policy == "on_demand" or models.get(spec.name, ModelView()).state != "unloaded":
+            if spec.policy == "on_demand":
                 continue
-            if spec.vram_gb <= free + _EPS:
+            state = models.get(spec.name, ModelView()).state
+            if state == "unloaded" and spec.vram_gb <= free + _EPS:
                 picks.append(spec.name)
                 free -= spec.vram_gb
-            elif not picks and self._reclaimable(spec.name, models, wanted, budget):
-                return (spec.name,)
         return tuple(picks)
-
-    def _reclaimable(self, name: str, models: Mapping[str, ModelView], wanted: frozenset[str], budget: float) -> bool:
-        plan = plan_residency(self.table, {name}, models, budget_gb=budget, eviction=self.eviction)
-        return plan.feasible and all(
-            self.table.specs[n].policy == "on_demand" and models[n].in_flight == 0 and n not in wanted
-            for n in plan.evict
-        )
 
 
 _REASONS = {0: "aged", 1: "interactive", 2: "cost"}

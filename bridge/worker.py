@@ -110,6 +110,8 @@ class Dispatcher:
             if item in self._waiting:
                 self._waiting.remove(item)
                 self._changed.set()
+            elif item.granted.done() and not item.granted.cancelled() and item.granted.exception() is None:
+                self.release(item)  # granted just as we were cancelled: give the slot back
             raise
 
     def release(self, item: Waiting) -> None:
@@ -265,8 +267,9 @@ class Worker:
                                                event=False)
             await self._requeue(delivery, count_attempt=True)
         finally:
-            if delivery.job_id:
-                self._running.pop(delivery.job_id, None)
+            # Only the task that registered the job forgets it (a duplicate delivery must not).
+            if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
+                del self._running[delivery.job_id]
                 self._cancelled.discard(delivery.job_id)
                 self._granted.discard(delivery.job_id)
 
@@ -437,7 +440,10 @@ class Worker:
     async def _recover_model(self, model: str) -> None:
         """A model process or the server died: restart what is needed before the retry."""
         if self._on_triton_failure is not None and not await self.triton.is_live():
-            await self._on_triton_failure()
+            try:
+                await self._on_triton_failure()
+            except Exception:  # noqa: BLE001 - (issue 7) a failed restart is this job's retry, not a crash
+                log.exception("restarting tritonserver failed; the job will be retried")
             return
         with suppress(Exception):
             await self.residency.unload(model)

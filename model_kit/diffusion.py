@@ -6,11 +6,16 @@ import diffusers, and apart from the model files so that those stay thin.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model_kit.common import Cancelled, Request, progress_callback
+
+log = logging.getLogger(__name__)
 
 # Seeds are reported as INT64 and image i of a batch uses base + i: leave room for 8 images.
 MAX_SEED = 2**63 - 1 - 8
@@ -79,3 +84,28 @@ def cuda_speedups(pipe: Any, device: str) -> None:
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         unet.to(memory_format=torch.channels_last)
+
+
+class _CountingCallback:
+    """:func:`model_kit.common.progress_callback` that also records how many steps ran."""
+
+    def __init__(self, request: Request, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.done = 0
+        self._progress = progress_callback(request, total_steps)
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        self.done = step + 1
+        return self._progress(pipe, step, timestep, callback_kwargs)
+
+
+def run_pipeline(model: str, pipe: Any, request: Request, total_steps: int, **kwargs: Any) -> Any:
+    """Call a diffusers pipeline with progress streaming and cancellation (``total_steps`` = the
+    denoising steps it will run). A cancelled run stops after the step in progress, logs how far
+    it got (``<model>: cancelled after k of n steps``) and raises :class:`Cancelled`."""
+    callback = _CountingCallback(request, total_steps)
+    try:
+        return pipe(callback_on_step_end=callback, **kwargs)
+    except Cancelled:
+        log.warning("%s: cancelled after %d of %d steps", model, callback.done, total_steps)
+        raise

@@ -235,12 +235,12 @@ def test_cancel_stops_the_request_within_a_step(url: str) -> None:
     check_cancel_stops_early(lambda steps, **kw: generate(url, steps=steps, num_images=2, **kw))
 
 
-def test_unload_ends_the_stub_and_load_works_again(url: str, triton) -> None:
-    check_unload_ends_stub_and_reload_works(url, triton.process.pid, MODEL, lambda steps, **kw: generate(url, steps=steps, **kw))
-
-
 def test_missing_weights_fail_the_load_naming_the_path(url: str, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "model.safetensors"
     message = load_error(url, MODEL, str(missing))
     assert str(missing) in message, message
-    outputs(generate(url))  # loaded again from its own config
+    outputs(generate(url))  # the loaded model still serves
+
+
+def test_unload_ends_the_stub_and_load_works_again(url: str, triton) -> None:
+    check_unload_ends_stub_and_reload_works(url, triton.process.pid, MODEL, lambda steps, **kw: generate(url, steps=steps, **kw))

@@ -661,3 +661,34 @@ def test_a_request_for_a_draining_model_waits_and_gets_it_back() -> None:
         return order
 
     assert _virtual(scenario) == ["sdxl-1", "wan", "sdxl-2"]
+
+
+def test_a_holder_may_use_its_model_again_while_it_drains() -> None:
+    """Found by the benchmark: a job holding WAN asks for WAN again (enhancement, then render)
+    while another caller waits to evict it. It must get it (the unload waits for it anyway)."""
+
+    async def scenario() -> list[str]:
+        control, manager = _sim_manager(2.0, {"wan": "on_demand", "qwen_base": "on_demand", "sdxl": "on_demand"})
+        order: list[str] = []
+
+        async def enhanced_job() -> None:
+            async with manager.use("qwen_base", "wan"):
+                await asyncio.sleep(2)  # enhancing; meanwhile sdxl's caller starts evicting
+                assert manager.state("wan") == "draining" or manager.state("qwen_base") == "draining"
+                async with manager.use("wan"):
+                    order.append("render")
+                    with pytest.raises(ResidencyError, match="being unloaded while this task holds"):
+                        async with manager.use("wan", "sdxl"):
+                            pass
+            order.append("job done")
+
+        async def sdxl_job() -> None:
+            await asyncio.sleep(1)
+            async with manager.use("sdxl"):
+                order.append("sdxl")
+
+        await asyncio.wait_for(asyncio.gather(enhanced_job(), sdxl_job()), timeout=600)
+        assert control.violations == 0
+        return order
+
+    assert _virtual(scenario) == ["render", "job done", "sdxl"]

@@ -263,3 +263,30 @@ async def test_chat_job_with_bad_metadata_fails_naming_the_field(bridge: Runtime
     await push(bridge, job)
     callback = await wait_terminal(supabase, job["id"])
     assert callback["status"] == "failed" and "metadata.temperature" in callback["error_message"]
+
+
+# --------------------------------------------------------------------------- shutdown
+async def test_shutdown_requeues_a_running_job_without_counting_an_attempt(
+    tiny_models_dir, triton, redis_server, supabase: SupabaseStub, tmp_path: Path
+) -> None:
+    """What SIGTERM does (serve's handler calls Runtime.stop): the running job gets the grace
+    period, is then cancelled and put back at the front of its queue; with max_attempts=1 the next
+    worker still runs it, so the interrupted run did not count."""
+    values = dict(shutdown_grace_s=0.5, max_attempts=1, **supabase.settings_values())
+    job = wan_job("video_high", num_inference_steps=60, frame_num=81)
+    first = Runtime(stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "a", worker_id="w-first",
+                                   **values), api=False)
+    await first.start()
+    try:
+        await push(first, job)
+        await wait_state(first, job["id"], ("processing",))
+    finally:
+        await first.stop()
+    assert [c["status"] for c in supabase.callbacks(job["id"])] == ["processing"] * len(supabase.callbacks(job["id"]))
+    assert await first.queue._client.lindex("wan_queue", 0) is not None  # back at the front
+    second = Runtime(stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "b", worker_id="w-second",
+                                    **values), api=False)
+    async with second:
+        callback = await wait_terminal(supabase, job["id"], timeout=300)
+    assert callback["status"] == "completed", callback
+    assert_callback_sequence(supabase, job["id"], "completed")

@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import Field
 
 from model_kit import clip_prompt, diffusion
-from model_kit.common import ParamError, Request, StreamingModel, progress_callback, strings, weights_path
+from model_kit.common import ParamError, Request, StreamingModel, strings, weights_path
 from model_kit.media import encode_png, letterbox
 
 
@@ -31,11 +31,11 @@ class TritonPythonModel(StreamingModel):
     name = "sdxl"
 
     def load(self) -> None:
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline  # noqa: PLC0415
-
         checkpoint = weights_path(self.name, self.parameters)
         config = weights_path(self.name, self.parameters, key="config")
-        diffusion.require_paths(self.name, checkpoint, config / "model_index.json")
+        diffusion.require_paths(self.name, checkpoint, config / "model_index.json")  # before the slow imports
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline  # noqa: PLC0415
+
         pipe = StableDiffusionXLPipeline.from_single_file(
             str(checkpoint), config=str(config), local_files_only=True, **diffusion.dtype_kwargs(self.dtype)
         )
@@ -57,6 +57,7 @@ class TritonPythonModel(StreamingModel):
         negative_prompt = request.string("negative_prompt")
         params = request.params(SdxlParams)
         reference = request.bytes("reference_image")
+        init_image = _reference_image(reference, params.width, params.height) if reference else None
         seeds = diffusion.seeds_for(params.seed, params.num_images)
         embeds = clip_prompt.encode_sdxl(
             self.pipe, clip_prompt.with_weights(prompt, params.compel_weights), negative_prompt, self.device
@@ -68,25 +69,19 @@ class TritonPythonModel(StreamingModel):
             generator=diffusion.generators(seeds),
             output_type="pil",
         )
-        if reference:
-            steps, denoise_steps = _img2img_steps(params.steps, params.strength)
-            result = self.img2img(
-                image=_reference_image(reference, params.width, params.height),
-                strength=params.strength,
-                num_inference_steps=steps,
-                callback_on_step_end=progress_callback(request, denoise_steps),
-                **common,
-            )
+        if init_image is None:
+            result = diffusion.run_pipeline(
+                self.name, self.pipe, request, params.steps,
+                width=params.width, height=params.height, num_inference_steps=params.steps, **common,
+            )  # fmt: skip
         else:
-            result = self.pipe(
-                width=params.width,
-                height=params.height,
-                num_inference_steps=params.steps,
-                callback_on_step_end=progress_callback(request, params.steps),
-                **common,
-            )
-        images = strings([encode_png(image) for image in result.images])
-        request.send({"images": images, "seeds": np.array(seeds, dtype=np.int64)}, final=True)
+            steps, denoise_steps = _img2img_steps(params.steps, params.strength)
+            result = diffusion.run_pipeline(
+                self.name, self.img2img, request, denoise_steps,
+                image=init_image, strength=params.strength, num_inference_steps=steps, **common,
+            )  # fmt: skip
+        pngs = strings([encode_png(image) for image in result.images])
+        request.send({"images": pngs, "seeds": np.array(seeds, dtype=np.int64)}, final=True)
 
 
 def _reference_image(data: bytes, width: int, height: int):

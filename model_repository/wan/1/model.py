@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from model_kit import diffusion, layout
-from model_kit.common import Request, StreamingModel, models_dir, progress_callback, scalar, strings, weights_path
+from model_kit.common import Request, StreamingModel, models_dir, scalar, strings, weights_path
 from model_kit.media import encode_mp4, encode_png
 
 DIFFUSERS_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -50,11 +50,11 @@ class TritonPythonModel(StreamingModel):
     name = "wan"
 
     def load(self) -> None:
+        folder = weights_path(self.name, self.parameters)
+        _require_diffusers_layout(folder)  # before the slow imports
         import torch  # noqa: PLC0415
         from diffusers import AutoencoderKLWan, WanPipeline  # noqa: PLC0415
 
-        folder = weights_path(self.name, self.parameters)
-        _require_diffusers_layout(folder)
         # On CUDA: bf16 (UMT5 overflows in fp16) and the VAE in fp32, as the Wan authors recommend.
         dtype = torch.bfloat16 if self.device == "cuda" else self.dtype
         vae = AutoencoderKLWan.from_pretrained(str(folder), subfolder="vae", **diffusion.dtype_kwargs(torch.float32))
@@ -67,7 +67,11 @@ class TritonPythonModel(StreamingModel):
         negative_prompt = request.string("negative_prompt")
         params = request.params(WanParams)
         seed = diffusion.seeds_for(params.seed, 1)[0]
-        result = self.pipe(
+        result = diffusion.run_pipeline(
+            self.name,
+            self.pipe,
+            request,
+            params.steps,
             prompt=prompt,
             negative_prompt=negative_prompt,
             width=params.width,
@@ -77,7 +81,6 @@ class TritonPythonModel(StreamingModel):
             guidance_scale=params.guidance_scale,
             generator=diffusion.generators([seed])[0],
             output_type="np",
-            callback_on_step_end=progress_callback(request, params.steps),
         )
         frames = result.frames[0]  # (frames, height, width, 3) floats in [0, 1]
         if params.output == "image":
