@@ -18,7 +18,6 @@ no answer carries an environment value, a key, a token or a stack trace.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -36,8 +35,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge import metrics
 from bridge.api_chat import legacy_router, openai_router
-from bridge.api_common import ApiError, error_response, field_name, is_legacy, runtime_of, unavailable
+from bridge.api_common import ApiError, error_response, field_name, is_legacy, probe, runtime_of, unavailable
 from bridge.api_jobs import router as jobs_router
+from bridge.api_legacy import router as legacy_ops_router
+from bridge.api_scene import router as scene_router
 from bridge.jobs import JOB_TYPES, QUEUES
 from bridge.residency import ResidencyError
 
@@ -53,8 +54,6 @@ WHICH: dict[str, tuple[str, ...]] = {
     "all": ("sdxl", "qwen_instruct", "qwen_base", "wan"),
 }
 Which = Literal["sdxl", "wan", "instruct", "base", "all"]
-#: Health and info probes of Triton and Redis give up after this long.
-PROBE_TIMEOUT_S = 2.0
 
 
 class ApiConfigError(RuntimeError):
@@ -161,14 +160,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 ops_router = APIRouter()
 
 
-async def _probe(awaitable: Any) -> Any:
-    """The awaitable's result, or ``None`` if it failed or took over :data:`PROBE_TIMEOUT_S`."""
-    try:
-        return await asyncio.wait_for(awaitable, PROBE_TIMEOUT_S)
-    except Exception:  # noqa: BLE001 - a probe reports, it does not raise
-        return None
-
-
 def _model_states(runtime: Any) -> dict[str, str]:
     return {name: model.state for name, model in runtime.residency.report().models.items()}
 
@@ -182,8 +173,8 @@ async def health(request: Request) -> JSONResponse:
     """Liveness for load balancers (no key needed): 200 when Triton and Redis answer, else 503.
     ``model_loaded``: some model is resident; ``chat_model_loaded``: Qwen Instruct is."""
     runtime = runtime_of(request)
-    triton_live = bool(await _probe(runtime.triton.is_live()))
-    redis_ok = await _probe(runtime.queue.queue_depths()) is not None
+    triton_live = bool(await probe(runtime.triton.is_live()))
+    redis_ok = await probe(runtime.queue.queue_depths()) is not None
     states = _model_states(runtime)
     resident = _resident(states)
     healthy = triton_live and redis_ok
@@ -206,7 +197,7 @@ async def worker_info(request: Request) -> dict[str, Any]:
     """Who this worker is and what it serves: id, version, models, queues (no settings values)."""
     runtime = runtime_of(request)
     report = runtime.residency.report()
-    depths = await _probe(runtime.queue.queue_depths())
+    depths = await probe(runtime.queue.queue_depths())
     return {
         "success": True,
         "worker_id": runtime.settings.worker_id,
@@ -280,7 +271,7 @@ async def memory_unload(request: Request, which: Which = Query(...)) -> dict[str
 async def prometheus_metrics(request: Request) -> Response:
     """The bridge's Prometheus metrics (queue depths refreshed on each scrape). Behind the key
     like everything else: Prometheus sends it with ``authorization: {credentials: ...}``."""
-    depths = await _probe(runtime_of(request).queue.queue_depths())
+    depths = await probe(runtime_of(request).queue.queue_depths())
     for name, depth in (depths or {}).items():
         metrics.set_queue_depth(name, depth)
     return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
@@ -296,6 +287,6 @@ def create_app(runtime: Any) -> FastAPI:
     app.state.started = time.monotonic()
     app.add_middleware(BearerAuth, key=key)
     _install_error_handlers(app)
-    for router in (ops_router, legacy_router, openai_router, jobs_router):
+    for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router):
         app.include_router(router)
     return app

@@ -57,7 +57,8 @@ _tokenizer_lock = threading.Lock()  # one tokenizer call at a time (fast tokeniz
 
 
 # ----------------------------------------------------------------------------- the shared path
-def _parse(body: Any, status: int) -> ChatRequest:
+def parse_body(body: Any, status: int) -> ChatRequest:
+    """A chat request body parsed; :class:`ApiError` with ``status`` naming the field otherwise."""
     try:
         return parse_chat_request(body)
     except ChatRequestError as exc:
@@ -66,36 +67,40 @@ def _parse(body: Any, status: int) -> ChatRequest:
         raise ApiError(status, message, param=param) from None
 
 
-def _data(runtime: Any) -> PromptData:
+def data_of(runtime: Any) -> PromptData:
+    """The prompt data files of ``DATA_DIR`` (cached, re-read when they change)."""
     return get_data(runtime.settings.data_dir)
 
 
-def _refuse_unsafe(text: str, data: PromptData, kind: str) -> None:
+def refuse_unsafe(text: str, data: PromptData, kind: str) -> None:
+    """The safety gate: 400 ``content_refused`` (counted in metrics under ``kind``) if refused."""
     verdict = check_prompt(text, data=data)
     if not verdict.allowed:
         metrics.inc_safety_refusal(kind)
         raise ApiError(400, verdict.reason or "refused by the content-safety gate", type="content_refused")
 
 
-async def _tokenizer(runtime: Any, model: str) -> Any:
+async def tokenizer_of(runtime: Any, model: str) -> Any:
+    """``runtime.text.tokenizer(model)`` off the event loop; 503 when it cannot be read."""
     try:
         return await asyncio.to_thread(runtime.text.tokenizer, model)
     except Exception as exc:  # noqa: BLE001 - the model's files are missing or unreadable
         raise unavailable(f"{model}: its tokenizer cannot be read: {exc}") from None
 
 
-def _prepare_locked(chat: ChatRequest, tokenizer: Any, data: PromptData) -> PreparedChat:
+def _prepare_locked(chat: ChatRequest, tokenizer: Any, data: PromptData, template: str | None) -> PreparedChat:
     with _tokenizer_lock:
-        return prepare_chat(chat, tokenizer, data=data)
+        return prepare_chat(chat, tokenizer, data=data, template=template)
 
 
-async def prepare(runtime: Any, chat: ChatRequest) -> PreparedChat:
-    """Safety gate, then content mode, template and the context budget for one request."""
-    data = _data(runtime)
-    _refuse_unsafe(chat.conversation().latest_user, data, "chat")
-    tokenizer = await _tokenizer(runtime, chat.model)
+async def prepare(runtime: Any, chat: ChatRequest, template: str | None = None) -> PreparedChat:
+    """Safety gate, then content mode, template (``template`` forces one) and the context budget
+    for one request."""
+    data = data_of(runtime)
+    refuse_unsafe(chat.conversation().latest_user, data, "chat")
+    tokenizer = await tokenizer_of(runtime, chat.model)
     try:
-        return await asyncio.to_thread(_prepare_locked, chat, tokenizer, data)
+        return await asyncio.to_thread(_prepare_locked, chat, tokenizer, data, template)
     except BudgetError as exc:
         raise ApiError(400, str(exc), param="max_tokens") from None
 
@@ -163,13 +168,16 @@ def model_info(model: str, result: TextResult) -> dict[str, Any]:
 async def chat(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """One chat turn: ``{messages | message, max_tokens, temperature, top_p, model, sfw_mode}``
     → ``{success, response, generation_time, tokens_generated, model_info, prompt_info}``."""
-    runtime = runtime_of(request)
-    parsed = _parse(body, 400)
-    prepared = await prepare(runtime, parsed)
+    return await answer_chat(runtime_of(request), parse_body(body, 400))
+
+
+async def answer_chat(runtime: Any, parsed: ChatRequest, template: str | None = None) -> dict[str, Any]:
+    """One chat turn answered in the ``/chat`` shape; ``template`` forces a template."""
+    prepared = await prepare(runtime, parsed, template)
     result = await complete(runtime, parsed.model, prepared.messages, prepared.sampling)
     return {
         "success": True,
-        "response": prepared.finish(result.text, _data(runtime)),
+        "response": prepared.finish(result.text, data_of(runtime)),
         "generation_time": round(result.seconds, 3),
         "tokens_generated": result.output_tokens,
         "model_info": model_info(parsed.model, result),
@@ -186,17 +194,17 @@ async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[st
     target = body.get("target", "wan")
     if target not in ("sdxl", "wan"):
         raise ApiError(400, f"target: must be 'sdxl' or 'wan', got {target!r}", param="target")
-    parsed = _parse(body, 400)
-    data = _data(runtime)
+    parsed = parse_body(body, 400)
+    data = data_of(runtime)
     prompt = parsed.conversation().latest_user.strip()
-    _refuse_unsafe(prompt, data, "enhance")
+    refuse_unsafe(prompt, data, "enhance")
     sampling = {
         "max_tokens": parsed.max_tokens or ENHANCE_DEFAULTS["max_tokens"],
         "temperature": ENHANCE_DEFAULTS["temperature"] if parsed.temperature is None else parsed.temperature,
         "top_p": parsed.top_p or ENHANCE_DEFAULTS["top_p"],
     }
     result = await complete(runtime, parsed.model, enhancement_messages(target, prompt, data), sampling)
-    tokenizer = await _tokenizer(runtime, target)
+    tokenizer = await tokenizer_of(runtime, target)
     with _tokenizer_lock:
         enhanced = finish_enhancement(target, result.text, tokenizer, original=prompt, data=data)
     text = mask_sfw(enhanced.prompt, data) if parsed.sfw_mode else enhanced.prompt
@@ -254,7 +262,7 @@ class ChatCompletionRequest(BaseModel):
     sfw_mode: bool = False
 
     def chat_request(self) -> ChatRequest:
-        return _parse({
+        return parse_body({
             "messages": [m.as_chat() for m in self.messages],
             "max_tokens": self.max_completion_tokens or self.max_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "model": self.model, "sfw_mode": self.sfw_mode,
@@ -289,7 +297,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> dic
         result = await complete(runtime, body.model, prepared.messages, sampling)
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": prepared.finish(result.text, _data(runtime))},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": prepared.finish(result.text, data_of(runtime))},
                          "finish_reason": _finish_reason(result.finish_reason)}],
             "usage": _usage(result.input_tokens, result.output_tokens),
             "prompt_info": prepared.metadata(),
@@ -315,7 +323,7 @@ async def _stream_chunks(
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": choices, **extra})
 
-    data = _data(runtime)
+    data = data_of(runtime)
     masker = SfwStream(lambda text: prepared.finish(text, data), _holdback(data)) if prepared.sfw_mode else None
     finish, prompt_tokens, output_tokens = "stop", 0, 0
     yield chunk({"role": "assistant", "content": ""})

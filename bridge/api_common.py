@@ -12,6 +12,7 @@ No error body ever carries a stack trace, an environment value or a key.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
@@ -27,6 +28,8 @@ LEGACY_PATHS = frozenset({
 })
 #: Seconds a client is told to wait (``Retry-After``) when a model cannot be made resident now.
 RETRY_AFTER_S = 30
+#: Health and info probes of Triton and Redis give up after this long.
+PROBE_TIMEOUT_S = 2.0
 
 
 class ApiError(Exception):
@@ -88,6 +91,15 @@ def field_name(loc: Sequence[Any]) -> str:
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
     return ".".join(parts) or "body"
+
+
+async def probe(awaitable: Any) -> Any:
+    """The awaitable's result, or ``None`` if it failed or took over :data:`PROBE_TIMEOUT_S`
+    (Redis calls retry while Redis is away: a status answer must not wait for that)."""
+    try:
+        return await asyncio.wait_for(awaitable, PROBE_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - a probe reports, it does not raise
+        return None
 
 
 def runtime_of(request: Request) -> Any:

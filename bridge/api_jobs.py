@@ -58,8 +58,15 @@ async def _known_state(queue: Queue, job_id: str) -> dict[str, Any]:
 @router.post("", status_code=202)
 async def submit_job(request: Request) -> JSONResponse:
     """Validate and queue one job; 202 with its id, type and queue."""
-    runtime = runtime_of(request)
-    raw = _with_id(await request.body())
+    body = await queue_job(runtime_of(request), await request.body())
+    return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{body['id']}"})
+
+
+async def queue_job(runtime: Any, raw: bytes) -> dict[str, Any]:
+    """What ``POST /jobs`` does with a payload: assign an id if it has none, validate it with
+    :func:`parse_job` (:class:`ApiError` 400/422/409 otherwise), record it ``queued`` and push it
+    on its type's queue. Returns ``{id, status, type, queue, position}``."""
+    raw = _with_id(raw)
     try:
         job = parse_job(raw)
     except DeadLetter as exc:
@@ -72,8 +79,7 @@ async def submit_job(request: Request) -> JSONResponse:
     await queue.set_state(job.id, status="queued", progress=0, type=job.requested_type, user_id=job.user_id,
                           queue=job.type.queue, source="api")
     depth = await queue.push(job.type.queue, raw)
-    body = {"id": job.id, "status": "queued", "type": job.requested_type, "queue": job.type.queue, "position": depth}
-    return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
+    return {"id": job.id, "status": "queued", "type": job.requested_type, "queue": job.type.queue, "position": depth}
 
 
 @router.get("/{job_id}")

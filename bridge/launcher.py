@@ -102,6 +102,17 @@ def find_tritonserver(settings: Settings) -> TritonInstall:
     return TritonInstall(binary=binary, lib_dirs=tuple(lib_dirs), backend_source=backend_source, stub=stub)
 
 
+def speedup_environment(settings: Settings) -> dict[str, str]:
+    """The speed-up settings as the model processes read them (``model_kit.speedups``)."""
+    return {
+        "CHANNELS_LAST": "1" if settings.channels_last else "0",
+        "SDPA": "1" if settings.sdpa else "0",
+        "FP16_VAE": "1" if settings.fp16_vae else "0",
+        "TORCH_COMPILE": settings.torch_compile,
+        "TORCH_COMPILE_MODE": settings.torch_compile_mode,
+    }
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for tests and ad-hoc servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -177,6 +188,7 @@ class TritonServer:
         env["MODELS_DIR"] = str(self.settings.models_dir.resolve())
         env["DEVICE"] = self.settings.device
         env["MODEL_THREADS"] = str(self.settings.model_threads)
+        env.update(speedup_environment(self.settings))  # model_kit.speedups reads these
         env.update(self.extra_env)
         return env
 

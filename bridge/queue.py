@@ -157,6 +157,15 @@ redis.call('DEL', KEYS[3])
 return 1
 """
 
+# KEYS: dead_letter, queue, finished, attempts. ARGV: the entry as stored, its raw job.
+_REVIVE = """
+local n = redis.call('LREM', KEYS[1], 1, ARGV[1])
+if n == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[3], KEYS[4])
+return 1
+"""
+
 # KEYS: heartbeat, processing, queue. ARGV: front side. The newest job moves first, so the
 # oldest ends up frontmost; -1 when the worker's heartbeat is back.
 _REAP = """
@@ -291,6 +300,7 @@ class Queue:
             for name, source in (
                 ("count_attempt", _COUNT_ATTEMPT), ("ack", _ACK), ("requeue", _REQUEUE),
                 ("dead_letter", _DEAD_LETTER), ("reap", _REAP), ("forget", _FORGET), ("claim", _CLAIM),
+                ("revive", _REVIVE),
             )
         }
         self._held: defaultdict[str, Counter[bytes]] = defaultdict(Counter)  # raw jobs we hold, per queue
@@ -432,6 +442,23 @@ class Queue:
         """Entries of the dead-letter list, oldest first."""
         items = await self._retrying(lambda: self._client.lrange(DEAD_LETTER_KEY, start, end))
         return [json.loads(item) for item in items]
+
+    async def requeue_dead_letter(self, index: int) -> dict[str, Any] | None:
+        """Move dead-letter entry ``index`` (0 = oldest) to the end of its queue, atomically, and
+        forget its finished mark and attempts so it runs again. The entry, or ``None`` when there
+        is none at ``index`` (or another caller moved it first); :class:`ValueError` when it holds
+        no text payload or names no known queue."""
+        stored = await self._retrying(lambda: self._client.lindex(DEAD_LETTER_KEY, index))
+        if stored is None:
+            return None
+        entry = json.loads(stored)
+        raw, queue = entry.get("raw"), entry.get("queue")
+        if not isinstance(raw, str) or queue not in QUEUES:
+            raise ValueError("this entry holds no text payload for a known queue; it cannot be requeued")
+        job_id = peek_id(raw)
+        keys = [DEAD_LETTER_KEY, queue, finished_key(job_id or "-"), attempts_key(raw.encode("utf-8"), job_id)]
+        moved = await self._retrying(lambda: self._scripts["revive"](keys=keys, args=[stored, raw]))
+        return entry if moved else None
 
     async def in_processing(self, queue: str, worker_id: str | None = None) -> list[bytes]:
         """The raw jobs in a worker's processing list for ``queue`` (default: this worker)."""

@@ -76,6 +76,37 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device for the models.")
     model_threads: int = Field(0, ge=0, description="torch threads per model process (0: torch default).")
 
+    # --- Speed-ups (issue 6: model_kit/speedups.py, bench/gpu.py) -------------------------------
+    # Passed to the model processes as environment variables (bridge/launcher.py); CUDA only.
+    channels_last: bool = Field(True, description="SDXL UNet in channels-last memory format (CUDA).")
+    sdpa: bool = Field(
+        True, description="Fused scaled-dot-product attention (diffusers' default); off: classic unfused attention."
+    )
+    fp16_vae: bool = Field(
+        False,
+        description="Run the SDXL VAE in float16. The stock SDXL VAE overflows (NaN/black images) in float16: "
+        "off keeps it in float32; turn on only with an fp16-fixed VAE.",
+    )
+    torch_compile: Literal["off", "full", "regional"] = Field(
+        "off", description="torch.compile the SDXL UNet / WAN transformer: off, full (1), or regional (repeated blocks)."
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when TORCH_COMPILE is on."
+    )
+
+    @field_validator("torch_compile", mode="before")
+    @classmethod
+    def _compile_words(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "full" if value else "off"
+        if isinstance(value, (str, int)):
+            word = str(value).strip().lower()
+            return {"1": "full", "true": "full", "yes": "full", "on": "full",
+                    "0": "off", "false": "off", "no": "off", "": "off"}.get(word, word)
+        return value
+
+    # --- end speed-ups ---------------------------------------------------------------------------
+
     # --- Residency / scheduling (issue 4: bridge/model_table.py, scheduler.py, residency.py) ----
     vram_budget_gb: float = Field(47.0, gt=0, description="GPU memory all resident models may take (GB).")
     vram_safety_margin_gb: float = Field(

@@ -72,18 +72,12 @@ def require_paths(model: str, *paths: Path) -> None:
             )
 
 
-def cuda_speedups(pipe: Any, device: str) -> None:
-    """Safe speed-ups, on CUDA only: channels-last memory format for convolutional denoisers.
+def cuda_speedups(pipe: Any, device: str) -> list[str]:
+    """The speed-up switches (channels-last, SDPA, SDXL VAE precision, ``torch.compile``), on
+    CUDA only, as the environment sets them: see :mod:`model_kit.speedups`. Returns what was done."""
+    from model_kit import speedups  # noqa: PLC0415
 
-    PyTorch's scaled-dot-product attention is already diffusers' default attention processor.
-    """
-    if device != "cuda":
-        return
-    import torch  # noqa: PLC0415
-
-    unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        unet.to(memory_format=torch.channels_last)
+    return speedups.apply(pipe, device)
 
 
 class _CountingCallback:

@@ -184,9 +184,11 @@ def test_compel_weights_take_effect(url: str) -> None:
 
 
 def test_image_to_image_uses_the_letterboxed_reference(url: str) -> None:
-    red = outputs(generate(url, reference_image=reference_png((255, 0, 0)), strength=0.5, steps=4), steps=2)
+    # 4 scheduled steps at strength 0.5: 2 denoising steps, so 2 progress responses.
+    red = outputs(generate(url, reference_image=reference_png((255, 0, 0)), strength=0.5, steps=4, num_images=2), steps=2)
     blue = outputs(generate(url, reference_image=reference_png((0, 0, 255)), strength=0.5, steps=4), steps=2)
-    assert png(bytes(red["images"][0])).size == (64, 64)
+    assert [png(bytes(b)).size for b in red["images"]] == [(64, 64)] * 2
+    assert red["seeds"].tolist() == [1, 2]
     assert bytes(red["images"][0]) != bytes(blue["images"][0])
     assert bytes(red["images"][0]) not in image_bytes(url)  # not text-to-image
 
@@ -231,8 +233,9 @@ def test_missing_prompt_is_rejected(url: str) -> None:
 
 
 # ----------------------------------------------------------------------------- cancellation and lifecycle
-def test_cancel_stops_the_request_within_a_step(url: str) -> None:
-    check_cancel_stops_early(lambda steps, **kw: generate(url, steps=steps, num_images=2, **kw))
+def test_cancel_stops_the_request_early(url: str, triton) -> None:
+    send = lambda steps, **kw: generate(url, steps=steps, num_images=2, **kw)  # noqa: E731
+    check_cancel_stops_early(send, triton.log_path, MODEL)
 
 
 def test_missing_weights_fail_the_load_naming_the_path(url: str, tmp_path: Path) -> None:

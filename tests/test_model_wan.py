@@ -127,8 +127,9 @@ def test_bad_parameters_are_rejected_naming_the_field(url: str, params, field: s
 
 
 # ----------------------------------------------------------------------------- cancellation and lifecycle
-def test_cancel_stops_the_request_within_a_step(url: str) -> None:
-    check_cancel_stops_early(lambda steps, **kw: generate(url, steps=steps, **kw))
+def test_cancel_stops_the_request_early(url: str, triton) -> None:
+    send = lambda steps, **kw: generate(url, steps=steps, **kw)  # noqa: E731
+    check_cancel_stops_early(send, triton.log_path, MODEL)
 
 
 def test_original_release_layout_is_named_with_the_way_out(url: str, tmp_path: Path) -> None:

@@ -494,7 +494,7 @@ async def test_random_job_streams_stay_within_budget_and_lose_nothing(triton: Tr
 # tiny real server cannot produce on demand (stuck requests, slow frees, a GPU short of memory).
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import schedule as bench  # noqa: E402
+import schedule as bench
 
 
 def _virtual(coro_fn):

@@ -61,6 +61,7 @@ class TritonPythonModel(StreamingModel):
         pipe = WanPipeline.from_pretrained(str(folder), vae=vae, **diffusion.dtype_kwargs(dtype))
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
+        diffusion.cuda_speedups(self.pipe, self.device)  # SDPA / TORCH_COMPILE switches (model_kit.speedups)
 
     def run(self, request: Request) -> None:
         prompt = request.string("prompt", required=True)
