@@ -410,7 +410,10 @@ def callback_body(
         "error_message": error_message,
         "metadata": dict(metadata or {}),
     }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    # (issue 7, tests/test_bad_input.py) "replace": an error message may quote a payload value that
+    # holds a lone surrogate (valid JSON "\ud800"); strict UTF-8 raised here, the failed callback was
+    # never sent and the job was requeued to the front of its queue forever.
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8", "replace")
 
 
 def sign_body(body: bytes, secret: str | bytes) -> str:

@@ -312,6 +312,22 @@ class Outcomes:
         return out
 
 
+def inference_counts(grpc_url: str) -> dict[str, int]:
+    """Requests each model on a tritonserver completed successfully (Triton's own statistics):
+    a test takes the difference before/after to prove how many times jobs really ran."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        stats = client.get_inference_statistics(as_json=True)
+    finally:
+        client.close()
+    counts: dict[str, int] = defaultdict(int)
+    for model in stats.get("model_stats", []):
+        counts[model["name"]] += int(model.get("inference_stats", {}).get("success", {}).get("count", 0))
+    return counts
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.25,
                message: Callable[[], str] | str = "condition not met") -> Any:
     """Poll ``predicate`` until it returns something truthy; that value. Fails after ``timeout``."""

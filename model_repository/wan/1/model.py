@@ -113,9 +113,17 @@ def _require_diffusers_layout(folder: Path) -> None:
         return
     for candidate in (folder, models_dir() / layout.WAN_ORIGINAL):
         if _is_original_layout(candidate):
-            raise FileNotFoundError(
-                f"wan: found the original Wan release layout at {candidate}, which diffusers cannot read; "
-                f"it needs {DIFFUSERS_REPO.split('/')[1]} at {folder}: "
-                f"huggingface-cli download {DIFFUSERS_REPO} --local-dir {folder}"
-            )
+            raise FileNotFoundError(_original_layout_message(candidate, folder))
     diffusion.require_paths("wan", folder / "model_index.json")
+
+
+def _original_layout_message(original: Path, configured: Path) -> str:
+    """What was found and the one command that fixes it (into the configured folder, or the
+    default diffusers folder when the configured path is the original release itself)."""
+    target = models_dir() / layout.WAN_DIFFUSERS if configured == original else configured
+    repoint = "" if target == configured else f", then set WAN_WEIGHTS={target}"
+    return (
+        f"wan: found the original Wan release layout at {original}, which diffusers cannot read; "
+        f"it needs {DIFFUSERS_REPO.split('/')[1]}: "
+        f"huggingface-cli download {DIFFUSERS_REPO} --local-dir {target}{repoint}"
+    )
