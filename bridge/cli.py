@@ -256,7 +256,7 @@ def demo(
     from bridge.demo import run_demo
     from bridge.logs import setup_logging
 
-    setup_logging("WARNING")
+    setup_logging("ERROR")
     if models_dir is None:
         from model_kit.tiny import build_all
 

@@ -86,15 +86,24 @@ async def _chat_turn(runtime: Runtime) -> tuple[str, float, str]:
     elapsed = time.monotonic() - started
     body = response.json()
     status = "completed" if response.status_code == 200 and body.get("success") else f"failed ({response.status_code})"
-    return status, elapsed, repr(body.get("response", body.get("error", "")))[:60]
+    text = str(body.get("response", body.get("error", "")))
+    return status, elapsed, "".join(c if c.isprintable() else " " for c in text)[:40] + " (random weights)"
+
+
+def _describe_outputs(settings: Settings, assets: list[dict[str, Any]]) -> str:
+    """``outputs/demo/<job>/`` and the file names in it."""
+    if not assets:
+        return "-"
+    folder = (settings.output_dir / assets[0]["url"]).parent
+    return f"{folder}/\n" + " ".join(a["url"].rsplit("/", 1)[-1] for a in assets)
 
 
 async def run_demo(settings: Settings, console: Console, timeout: float = 1800) -> bool:
     """Run the demo; True when every job completed."""
     tiny = (settings.models_dir / ".tiny").exists()
     table = Table(title="demo summary")
-    for column in ("job", "type", "status", "seconds", "outputs"):
-        table.add_column(column)
+    for column in ("job", "type", "status", "generation s", "outputs"):
+        table.add_column(column, overflow="fold")
     ok = True
     console.print("starting redis-server, tritonserver and the bridge (local mode)…")
     async with Runtime(settings.model_copy(update={"api_port": 0})) as runtime:
@@ -111,7 +120,7 @@ async def run_demo(settings: Settings, console: Console, timeout: float = 1800) 
             status = result.get("status", "?")
             ok = ok and status == "completed"
             seconds = result.get("metadata", {}).get("generation_time", time.monotonic() - started)
-            outputs = "\n".join(str(settings.output_dir / a["url"]) for a in result.get("assets") or [])
+            outputs = _describe_outputs(settings, result.get("assets") or [])
             table.add_row(payload["id"][:8], payload["type"], status if status == "completed"
                           else f"{status}: {result.get('error')}", f"{float(seconds):.1f}", outputs or "-")
         status, seconds, text = await _chat_turn(runtime)

@@ -337,26 +337,14 @@ class Worker:
 
     async def _generate(self, delivery: Delivery, job: Job) -> SpoolEntry:
         """Safety gate, enhancement, reference image, the Triton run; outputs into the spool."""
-        verdict = check_prompt(job.prompt)
-        if not verdict.allowed:
-            metrics.inc_safety_refusal(job.type.name)
-            raise JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
-        throttle = ProgressThrottle(self.reporter, job.id, metadata={"job_type": job.requested_type})
-        await self._progress(job, throttle, 0.0)
-        waiting = Waiting(job.type.name, frozenset(job.type.models), _monotonic_since(delivery.taken_at),
-                          est_s=job_cost_s(job.type.name))
-        await self.dispatcher.acquire(waiting)
-        self._granted.add(job.id)
-        self._prefetched[delivery.queue].set()  # this job holds the GPU: the next one may be taken
-        try:
+        _check_safety(job, job.prompt)
+        async with self._holding_gpu(delivery, job, job.type.models) as throttle:
             started = time.monotonic()
             prompt, enhancement = job.prompt, None
             if job.type.enhance:
                 enhancement = await self.enhancer.enhance(job.prompt, kind="wan")
                 prompt = enhancement.prompt
-                check = check_prompt(prompt)
-                if not check.allowed:
-                    raise JobFailed(check.reason or "refused by the content-safety gate", "content_refused")
+                _check_safety(job, prompt)
             reference = await self._reference_image(job)
             inputs = {"prompt": prompt, "negative_prompt": job.negative_prompt,
                       "reference_image": reference, "parameters": job.triton_parameters()}
@@ -367,9 +355,22 @@ class Worker:
 
             outputs = await self._infer(job, inputs, on_response)
             elapsed = time.monotonic() - started
+        return await asyncio.to_thread(self._spool, job, prompt, enhancement, outputs, elapsed)
+
+    @asynccontextmanager
+    async def _holding_gpu(self, delivery: Delivery, job: Job, models: Any) -> AsyncIterator[ProgressThrottle]:
+        """Report ``processing``, wait for the dispatcher's grant, hold it for the block."""
+        throttle = ProgressThrottle(self.reporter, job.id, metadata={"job_type": job.requested_type})
+        await self._progress(job, throttle, 0.0)
+        waiting = Waiting(job.type.name, frozenset(models), _monotonic_since(delivery.taken_at),
+                          est_s=job_cost_s(job.type.name))
+        await self.dispatcher.acquire(waiting)
+        self._granted.add(job.id)
+        self._prefetched[delivery.queue].set()  # this job holds the GPU: the next one may be taken
+        try:
+            yield throttle
         finally:
             self.dispatcher.release(waiting)
-        return await asyncio.to_thread(self._spool, job, prompt, enhancement, outputs, elapsed)
 
     async def _infer(self, job: Job, inputs: dict, on_response) -> dict:
         """One Triton request under the job's time limit; OOM evicts and retries once."""
@@ -402,19 +403,9 @@ class Worker:
         model = request.model
         enhance = job.type.template is not None and job.type.template.endswith("_enhance")
         if enhance:
-            verdict = check_prompt(job.prompt)
-            if not verdict.allowed:
-                metrics.inc_safety_refusal(job.type.name)
-                raise JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
-        throttle = ProgressThrottle(self.reporter, job.id, metadata={"job_type": job.requested_type})
-        await self._progress(job, throttle, 0.0)
-        waiting = Waiting(job.type.name, frozenset({model}), _monotonic_since(delivery.taken_at),
-                          est_s=job_cost_s(job.type.name))
-        await self.dispatcher.acquire(waiting)
-        self._granted.add(job.id)
-        self._prefetched[delivery.queue].set()
-        started = time.monotonic()
-        try:
+            _check_safety(job, job.prompt)
+        async with self._holding_gpu(delivery, job, {model}):
+            started = time.monotonic()
             async with self._triton_errors(job, model):
                 if enhance:
                     kind = "wan" if job.metadata.get("target") == "wan" else "sdxl"
@@ -430,8 +421,6 @@ class Worker:
                     details = {**prepared.metadata(), "finish_reason": result.finish_reason,
                                "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
                                "tokens_generated": result.output_tokens}
-        finally:
-            self.dispatcher.release(waiting)
         metadata = {"job_type": job.requested_type, "model": model, "response": response,
                     "generation_time": round(time.monotonic() - started, 3), **details}
         outputs = JobOutputs(job.user_id, job.requested_type, [], metadata)
@@ -616,6 +605,14 @@ class RecordingReporter:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _check_safety(job: Job, prompt: str) -> None:
+    """The content-safety gate; a refusal fails the job with a clear, non-graphic reason."""
+    verdict = check_prompt(prompt)
+    if not verdict.allowed:
+        metrics.inc_safety_refusal(job.type.name)
+        raise JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
 
 
 def _monotonic_since(wall_time: float) -> float:

@@ -111,6 +111,12 @@ def push_batch(stack: Stack, items: list[tuple[str, bytes]]) -> list[dict[str, A
     return sentinels
 
 
+def all_terminal(outcomes: Outcomes, ids: list[str]) -> dict[str, list[dict[str, Any]]] | None:
+    """The terminals once every job in ``ids`` has one (for wait_until)."""
+    terminals = outcomes.terminals()
+    return terminals if all(terminals.get(i) for i in ids) else None
+
+
 def wait_sentinels(stack: Stack, sentinels: list[dict[str, Any]], timeout: float = 300) -> None:
     outcomes = Outcomes(stack.stub)
     ids = [job["id"] for job in sentinels]
@@ -385,8 +391,7 @@ def test_invalid_fields_fail_naming_the_field(stack: Stack, healthy_after) -> No
     wait_sentinels(stack, sentinels)
     outcomes = Outcomes(stack.stub)
     ids = [case.payload["id"] for case in cases]
-    terminals = wait_until(lambda: (t := outcomes.terminals()) if all(t.get(i) for i in ids) else None, 120,
-                           message="some invalid jobs got no terminal callback")
+    terminals = wait_until(lambda: all_terminal(outcomes, ids), 120, message="some invalid jobs got no terminal callback")
     starts = outcomes.generation_starts()
     wrong = []
     for case in cases:
@@ -419,8 +424,11 @@ def test_unparseable_payloads_are_dead_lettered(stack: Stack, healthy_after) -> 
         return found
 
     wanted = Counter(payloads)
-    found = wait_until(lambda: (f := letters()) if sum(f.values()) >= len(payloads) else None, 120,
-                       message=lambda: f"{sum(letters().values())} of {len(payloads)} dead-lettered")
+    def all_letters() -> Counter | None:
+        found = letters()
+        return found if sum(found.values()) >= len(payloads) else None
+
+    found = wait_until(all_letters, 120, message=lambda: f"{sum(letters().values())} of {len(payloads)} dead-lettered")
     assert found == wanted
     assert stack.redis.llen("sdxl_queue") == stack.redis.llen("wan_queue") == 0
 
@@ -454,8 +462,8 @@ def test_unusual_but_valid_jobs_run(stack: Stack, healthy_after) -> None:
         stack.redis.rpush(*raw)
     outcomes = Outcomes(stack.stub)
     ids = {name: job["id"] for name, job in jobs.items()}
-    terminals = wait_until(lambda: (t := outcomes.terminals()) if all(t.get(i) for i in ids.values()) else None,
-                           240, message=lambda: stack.bridge.tail(20))
+    terminals = wait_until(lambda: all_terminal(outcomes, list(ids.values())), 240,
+                           message=lambda: stack.bridge.tail(20))
     for name, job_id in ids.items():
         (body,) = terminals[job_id]
         assert body["status"] == "completed", (name, body.get("error_message"))
