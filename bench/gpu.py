@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import platform
@@ -365,7 +366,7 @@ class VramSampler:
     tritonserver process tree) among the GPU's processes, their own memory is reported instead.
     """
 
-    def __init__(self, interval_s: float = 0.05) -> None:
+    def __init__(self, interval_s: float = 0.05, enabled: bool = True) -> None:
         self.interval_s = interval_s
         self.source = ""
         self.unavailable = ""
@@ -378,7 +379,10 @@ class VramSampler:
         self._pids: Callable[[], set[int]] = set
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._probe()
+        if enabled:
+            self._probe()
+        else:
+            self.unavailable, self.source = "n/a (no GPU)", "none (the dry run is on CPU)"
 
     def _probe(self) -> None:
         try:
@@ -728,8 +732,7 @@ async def bench_speedups(base_settings: Settings, ready: list[str], plan: Plan, 
                          flush: Callable[[], None]) -> None:
     for toggle in plan.toggles:
         rep = plan.representative[toggle.model]
-        default = getattr(base_settings, toggle.field)
-        row = SpeedupRow(toggle.model, toggle.env, rep.describe, f"{toggle.field.upper()}={_env_word(default)}")
+        row = SpeedupRow(toggle.model, toggle.env, rep.describe, _default(toggle, base_settings))
         report.speedups.append(row)
         base = baselines.get(toggle.model)
         if toggle.model not in ready or base is None:
@@ -756,8 +759,11 @@ async def bench_speedups(base_settings: Settings, ready: list[str], plan: Plan, 
         flush()
 
 
-def _env_word(value: Any) -> str:
-    return ("1" if value else "0") if isinstance(value, bool) else str(value)
+def _default(toggle: Toggle, settings: Settings | None = None) -> str:
+    """``SDPA=1``: the setting as the run's defaults have it (the production default)."""
+    value = getattr(settings, toggle.field) if settings is not None else Settings.model_fields[toggle.field].default
+    word = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return f"{toggle.field.upper()}={word}"
 
 
 async def _one_toggle(base_settings: Settings, toggle: Toggle, rep: Case, row: SpeedupRow, budget: Budget,
@@ -790,20 +796,17 @@ async def _one_toggle(base_settings: Settings, toggle: Toggle, rep: Case, row: S
 def _environment(mode: str, device: str, root: Path, sampler: VramSampler, budget: Budget) -> dict[str, str]:
     env = {"mode": mode, "models dir": str(root), "device": device, "time budget": f"{budget.seconds:.0f} s",
            "python": platform.python_version()}
-    for package in ("torch", "diffusers", "transformers"):
+    for package in ("torch", "diffusers", "transformers", "nvidia-ml-py"):
         try:
-            module = __import__(package)
-            env[package] = getattr(module, "__version__", "?")
-        except Exception:  # noqa: BLE001
+            env[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
             env[package] = "not installed"
-    try:
+    env["gpu"] = "none"
+    if mode != "dry" and _has_cuda():
         import torch  # noqa: PLC0415
 
-        if torch.cuda.is_available():
-            env["gpu"] = f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-    except Exception:  # noqa: BLE001, S110
-        pass
-    env.setdefault("gpu", "none")
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     env["VRAM readings"] = sampler.source or "none"
     return env
 
@@ -850,6 +853,15 @@ async def _run(args: argparse.Namespace, report: Report, budget: Budget, sampler
     flush()
     if not ready:
         report.notes.append("no model could be benchmarked (see the per-model notes)")
+        return
+    kind = "dry" if args.mode == "dry" else "gpu"
+    if not budget.fits(SERVER_START_EST_S + min(LOAD_EST_S[kind][m] for m in ready)):
+        for model in ready:  # nothing fits: start nothing, say so per row
+            report.model(model).note = budget.skip_note(model, SERVER_START_EST_S + LOAD_EST_S[kind][model])
+            report.requests += [RequestRow(model, c.job_type, c.describe, note="skipped (budget)")
+                                for c in plan.cases[model]]
+        report.speedups += [SpeedupRow(t.model, t.env, plan.representative[t.model].describe, _default(t),
+                                       note="skipped: no baseline (the model was not measured)") for t in plan.toggles]
         return
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
@@ -911,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]no CUDA GPU here:[/] the full-size models need one (or --allow-cpu and tens of GB of "
                       "RAM). On a CPU machine, `--dry-run` runs the same code on the tiny models.")
         return 2
-    sampler = VramSampler().start()
+    sampler = VramSampler(enabled=args.mode != "dry").start()
     device = "cpu" if args.mode == "dry" else "auto (cuda when present)"
     titles = {"dry": "GPU benchmark -- dry run (tiny models, CPU)", "quick": "GPU benchmark -- quick",
               "full": "GPU benchmark"}

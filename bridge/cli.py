@@ -265,5 +265,6 @@ def demo(
         build_all(models_dir)
     settings = _settings(models_dir=models_dir, output_dir=out, redis_url=None, triton_url=None,
                          supabase_url=None, model_threads=1)
-    ok = asyncio.run(run_demo(settings, console))
+    out_console = Console() if Console().is_terminal else Console(width=140)  # whole table in a log file
+    ok = asyncio.run(run_demo(settings, out_console))
     raise typer.Exit(0 if ok else 1)

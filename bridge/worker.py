@@ -306,33 +306,35 @@ class Worker:
         if await self.queue.cancel_requested(job.id):
             await self._finish_cancelled(delivery, job)
             return
-        entry = await asyncio.to_thread(self.spool.load, job.id)
         started = time.monotonic()
-        if entry is None:
-            try:
+        try:
+            # (issue 7) Reading the spool is inside the try: an unreadable spool is requeued like an
+            # unwritable one, not counted as an attempt by the catch-all.
+            entry = await asyncio.to_thread(self.spool.load, job.id)
+            if entry is None:
                 generate = self._generate_text if job.type.output == "text" else self._generate
                 entry = await generate(delivery, job)
-            except asyncio.CancelledError:
-                if job.id not in self._cancelled:
-                    raise
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                await self._finish_cancelled(delivery, job)
-                return
-            except JobFailed as exc:
-                await self._fail(delivery, job, exc)
-                return
-            except Retry as exc:
-                await self.queue.set_state(job.id, error=str(exc), event=False)
-                log.warning("job %s attempt %d failed (%s); requeued", job.id, delivery.attempt, exc)
-                await self._requeue(delivery, count_attempt=True)
-                return
-            except SpoolError as exc:
-                log.error("job %s: %s; requeued", job.id, exc)
-                await self._requeue(delivery, count_attempt=False)
-                await asyncio.sleep(1.0)
-                return
-        else:
-            log.info("job %s: outputs found in the spool; reporting again without generating", job.id)
+            else:
+                log.info("job %s: outputs found in the spool; reporting again without generating", job.id)
+        except asyncio.CancelledError:
+            if job.id not in self._cancelled:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            await self._finish_cancelled(delivery, job)
+            return
+        except JobFailed as exc:
+            await self._fail(delivery, job, exc)
+            return
+        except Retry as exc:
+            await self.queue.set_state(job.id, error=str(exc), event=False)
+            log.warning("job %s attempt %d failed (%s); requeued", job.id, delivery.attempt, exc)
+            await self._requeue(delivery, count_attempt=True)
+            return
+        except SpoolError as exc:
+            log.error("job %s: %s; requeued", job.id, exc)
+            await asyncio.sleep(1.0)  # (issue 7) pause while the job is still ours, then put it back
+            await self._requeue(delivery, count_attempt=False)
+            return
         await self.finish_job(delivery, job, entry, started)
 
     async def _generate(self, delivery: Delivery, job: Job) -> SpoolEntry:
@@ -546,6 +548,11 @@ class Worker:
 
     async def _requeue(self, delivery: Delivery, count_attempt: bool) -> None:
         """Back to the front of its queue; the claim goes too, so any worker may take it."""
+        # (issue 7) Forget the job first: this worker may take it again at once, and while this task
+        # was still registered as running it, the new delivery was acknowledged as a duplicate (lost).
+        if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
+            del self._running[delivery.job_id]
+            self._granted.discard(delivery.job_id)
         await self.queue.requeue(delivery, count_attempt=count_attempt)
         if delivery.job_id:
             await self.queue.release_claim(delivery.job_id)

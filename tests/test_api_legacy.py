@@ -317,7 +317,7 @@ async def test_admin_actions_and_their_errors(settings_for, tmp_path: Path) -> N
 
 
 # ----------------------------------------------------------------------------- /debug/env
-async def test_debug_env_shows_the_settings_with_every_secret_redacted(settings_for, tmp_path: Path,
+async def test_debug_env_shows_the_settings_with_every_secret_redacted(tiny_models_dir: Path, triton, tmp_path: Path,
                                                                        monkeypatch) -> None:
     redis_password = f"redis-pass-{uuid.uuid4().hex}"
     public_password = f"public-pass-{uuid.uuid4().hex}"
@@ -325,7 +325,8 @@ async def test_debug_env_shows_the_settings_with_every_secret_redacted(settings_
     monkeypatch.setenv("HF_TOKEN", env_token)
     server = RedisServer(data_dir=tmp_path / "redis-pw", password=redis_password).start()
     try:
-        settings = settings_for(redis_url=server.url, public_url=f"https://ops:{public_password}@worker.example")
+        settings = stack_settings(tiny_models_dir, triton.grpc_url, server.url, tmp_path / "out",
+                                  public_url=f"https://ops:{public_password}@worker.example")
         async with running(settings, jobs=False) as runtime, client(runtime) as http:
             response = await http.get("/debug/env")
             assert response.status_code == 200, response.text

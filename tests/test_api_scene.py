@@ -5,12 +5,14 @@ the prompt is checked against the tiny SDXL's real CLIP tokenizer."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from bridge import chat
 from bridge.safety import REFUSAL_REASON
@@ -49,6 +51,16 @@ async def http(stack):
 @pytest.fixture(scope="module")
 def clip_tok(tiny_models_dir: Path):
     return chat.load_tokenizer(tiny_models_dir / layout.SDXL_CONFIG / "tokenizer")
+
+
+def _unload_from_triton(url: str, model: str) -> None:
+    control = grpcclient.InferenceServerClient(url)
+    try:
+        control.unload_model(model)
+        while control.is_model_ready(model):
+            time.sleep(0.05)
+    finally:
+        control.close()
 
 
 def _error(response: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -105,7 +117,8 @@ async def test_detect_rules_only_on_request_and_without_a_scene(http: httpx.Asyn
     assert talk["has_scene"] is False and talk["prompt"] == "" and talk["actions"] == []
 
 
-async def test_detect_falls_back_to_rules_when_the_model_cannot_be_resident(settings_for, clip_tok) -> None:
+async def test_detect_falls_back_to_rules_when_the_model_cannot_be_resident(settings_for, triton, clip_tok) -> None:
+    await asyncio.to_thread(_unload_from_triton, triton.grpc_url, "qwen_instruct")  # an earlier test may hold it
     too_big = {"sdxl": {"vram_gb": 1.0}, "wan": {"vram_gb": 1.0}, "qwen_base": {"vram_gb": 1.0},
                "qwen_instruct": {"vram_gb": 100.0}}
     async with running(settings_for(model_table=too_big)) as runtime, client(runtime) as http:
@@ -117,7 +130,7 @@ async def test_detect_falls_back_to_rules_when_the_model_cannot_be_resident(sett
         assert "rules only" in body["note"] and "qwen_instruct" in body["note"]
         assert time.monotonic() - started < 20  # refused at once, not after the model timeout
         _check_prompt(body, clip_tok)
-        assert runtime.residency.state("qwen_instruct") != "ready"
+        assert runtime.residency.state("qwen_instruct") != "ready" and "budget" in body["note"]
 
 
 async def test_detect_rejects_bad_input_and_refuses_unsafe_text(http: httpx.AsyncClient) -> None:

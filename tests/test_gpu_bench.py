@@ -40,7 +40,7 @@ def _table(markdown: str, title_start: str) -> list[list[str]]:
     lines = markdown.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"## {title_start}"))
     rows = []
-    for line in lines[start + 3:]:
+    for line in lines[start + 4:]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
