@@ -84,6 +84,7 @@ DEFAULT_BUDGET_S = {"dry": 600.0, "quick": 540.0, "full": 3000.0}
 RESERVE_S = 20.0  # kept back for stopping the servers and writing the tables
 # Rough costs (seconds) used before anything is measured: H200 / dry run on a small CPU.
 BUILD_EST_S = {"sdxl": 60.0, "wan": 90.0, "qwen_instruct": 90.0}
+WEIGHTS_GB = {"sdxl": 7.0, "wan": 15.0, "qwen_instruct": 15.5}  # full size, on disk
 LOAD_EST_S = {"gpu": {"sdxl": 60.0, "wan": 90.0, "qwen_instruct": 60.0}, "dry": {"sdxl": 30.0, "wan": 30.0, "qwen_instruct": 20.0}}
 COMPILE_EST_S = {"sdxl": 240.0, "wan": 300.0}  # first request under TORCH_COMPILE (default mode)
 SERVER_START_EST_S = 15.0
@@ -442,7 +443,10 @@ class VramSampler:
         """(GiB, how it was measured) since :meth:`begin`."""
         if not self.available:
             return None, ""
-        self._sample(with_processes=True)
+        try:
+            self._sample(with_processes=True)
+        except Exception:  # noqa: BLE001, S110 - the thread's readings stand
+            pass
         with self._lock:
             if self._proc_peak > 0:
                 return self._proc_peak / 2**30, "NVML per process"
@@ -506,6 +510,12 @@ def build_weights(models: list[str], root: Path, mode: str, budget: Budget, repo
         if not budget.fits(estimate):
             row.note = budget.skip_note("building the weights", estimate)
             continue
+        if mode != "dry":
+            root.mkdir(parents=True, exist_ok=True)
+            free_gb = shutil.disk_usage(root).free / 1e9
+            if free_gb < WEIGHTS_GB[model] + 1:
+                row.note = f"not built: {WEIGHTS_GB[model]:.0f} GB needed, {free_gb:.0f} GB free under {root}"
+                continue
         console.print(f"building {'tiny' if mode == 'dry' else 'full-size'} {model} into {root} ...")
         started = time.monotonic()
         try:
@@ -623,6 +633,13 @@ def _rate(case: Case, seconds: float | None, timing: Timing | None = None) -> st
     return ""
 
 
+def _problem(exc: BaseException, budget: Budget) -> str:
+    """A row's note for an exception: a cut at the deadline is not a failure."""
+    if isinstance(exc, TimeoutError) and budget.left() <= 1.0:
+        return f"cut off at the --budget-s {budget.seconds:.0f} deadline"
+    return f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+
+
 # ----------------------------------------------------------------------------- step 2
 @dataclass
 class Baseline:
@@ -657,7 +674,7 @@ async def bench_models(runtime: Runtime, server: TritonServer, ready: list[str],
         try:
             await asyncio.wait_for(runtime.residency.load(model), budget.timeout())
         except Exception as exc:  # noqa: BLE001 - one model's failure is a row
-            row.note = f"load failed: {type(exc).__name__}: {str(exc)[:300]}"
+            row.note = "load " + _problem(exc, budget)
             flush()
             continue
         row.load_s = time.monotonic() - started
@@ -693,7 +710,7 @@ async def _bench_loaded(runtime: Runtime, model: str, cases: list[Case], plan: P
             vram, _ = sampler.peak()
             baselines[model] = Baseline(timing.seconds, vram, row.load_s or 0.0, row.first_request_s or 0.0)
     except Exception as exc:  # noqa: BLE001
-        row.note = f"warm-up failed: {type(exc).__name__}: {str(exc)[:300]}"
+        row.note = "warm-up " + _problem(exc, budget)
     flush()
     for case in cases:
         result = RequestRow(model, case.job_type, case.describe)
@@ -721,7 +738,7 @@ async def _bench_loaded(runtime: Runtime, model: str, cases: list[Case], plan: P
             result.rate = _rate(case, _mean(result.direct_s), timing)
             console.print(f"    bridge {_mean(result.bridge_s):.3f} s, direct {_mean(result.direct_s):.3f} s")
         except Exception as exc:  # noqa: BLE001 - one request's failure is a row
-            result.note = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+            result.note = _problem(exc, budget)
             console.print(f"    [red]{result.note}[/]")
         flush()
 
@@ -752,7 +769,7 @@ async def bench_speedups(base_settings: Settings, ready: list[str], plan: Plan, 
         try:
             await _one_toggle(base_settings, toggle, rep, row, budget, sampler, log_dir)
         except Exception as exc:  # noqa: BLE001 - one setting's failure is a row
-            row.note = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+            row.note = _problem(exc, budget)
             console.print(f"  [red]{row.note}[/]")
         if mode == "dry":
             row.note = (row.note + "; CPU: the settings apply on CUDA only").strip("; ")

@@ -8,7 +8,11 @@
 - OpenAI-compatible: ``POST /v1/chat/completions``, ``GET /v1/models`` (:mod:`bridge.api_chat`);
 - jobs: ``POST /jobs``, ``GET /jobs/{id}``, ``GET /jobs/{id}/events``, ``POST /jobs/{id}/cancel``
   (:mod:`bridge.api_jobs`);
-- ``GET /metrics``: Prometheus text (:mod:`bridge.metrics`).
+- ``GET /metrics``: Prometheus text (:mod:`bridge.metrics`);
+- the rest of the old API: ``POST /chat/unrestricted``, ``/enhance/legacy``, ``GET /enhancement/info``,
+  ``/chat/health``, ``/model/info``, ``/status``, ``/memory/report`` (:mod:`bridge.api_legacy`),
+  ``POST /admin``, ``/emergency/operation``, ``GET /debug/env`` (secrets redacted; :mod:`bridge.api_admin`);
+- scene detection: ``POST /scene/detect``, ``/scene/generate`` (:mod:`bridge.api_scene`).
 
 Every path but ``/health`` requires ``Authorization: Bearer <WORKER_API_KEY>`` (compared in
 constant time; 401 otherwise). Without a key the API only starts bound to a loopback address, and

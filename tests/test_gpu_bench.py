@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bridge.jobs import parse_job
-from bridge.launcher import speedup_environment
+from bridge.launcher import TritonInstall, TritonServer, speedup_environment
 from bridge.settings import Settings
 from model_kit import speedups
 
@@ -129,6 +129,8 @@ def test_settings_reach_the_model_process_environment(monkeypatch: pytest.Monkey
     monkeypatch.setenv("TORCH_COMPILE_MODE", "max-autotune-no-cudagraphs")
     seen = speedups.Speedups.from_env(speedup_environment(Settings()))
     assert seen == speedups.Speedups(True, False, True, "full", "max-autotune-no-cudagraphs")
+    env = TritonServer(Settings(sdpa=False, torch_compile="regional")).environment(TritonInstall(Path("/bin/true")))
+    assert (env["SDPA"], env["TORCH_COMPILE"], env["CHANNELS_LAST"]) == ("0", "regional", "1")
     with pytest.raises(ValueError, match="SDPA"):
         speedups.Speedups.from_env({"SDPA": "maybe"})
     with pytest.raises(ValueError, match="TORCH_COMPILE"):
