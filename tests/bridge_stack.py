@@ -16,21 +16,19 @@ from bridge.launcher import TritonServer
 from bridge.redis_server import RedisServer
 from bridge.runtime import Runtime
 from bridge.settings import Settings
-from tests.conftest import triton_settings
-
-TERMINAL = ("completed", "failed", "cancelled")
+from tests.stack import TERMINAL
+from tests.stack import stack_settings as api_stack_settings
 
 
 def stack_settings(tiny_models_dir: Path, triton: TritonServer, redis: RedisServer, output_dir: Path,
                    **overrides: Any) -> Settings:
-    """Settings for a bridge on the shared tritonserver and the given redis-server."""
+    """Settings for a worker on the shared tritonserver and the given redis-server, with the real
+    model table and budget (tests.stack's API defaults otherwise)."""
     values: dict[str, Any] = dict(
-        triton_url=triton.grpc_url, redis_url=redis.url, output_dir=output_dir, api_port=0,
-        heartbeat_ttl_s=2.0, shutdown_grace_s=5.0, report_deadline_s=10.0, vram_budget_gb=47.0,
-        fetch_allowed_hosts=[],
+        heartbeat_ttl_s=2.0, report_deadline_s=10.0, vram_budget_gb=47.0, model_table={}, fetch_allowed_hosts=[],
     )
     values.update(overrides)
-    return triton_settings(tiny_models_dir, **values)
+    return api_stack_settings(tiny_models_dir, triton.grpc_url, redis.url, output_dir, **values)
 
 
 def sdxl_job(**config: Any) -> dict[str, Any]:
