@@ -53,7 +53,7 @@ WORKDIR /app
 # Dependencies in their own layer: install the project with empty packages, then the real code.
 COPY pyproject.toml /app/pyproject.toml
 RUN mkdir -p bridge model_kit && touch bridge/__init__.py model_kit/__init__.py \
- && pip install -c /opt/venv/constraints.txt /app \
+ && pip install -c /opt/venv/constraints.txt "/app[gpu]" \
  && pip install --no-deps ${PYTRITON_SPEC} \
  && rm -rf /app/bridge /app/model_kit /app/build /app/*.egg-info \
  && python -c "import pathlib, importlib.util as u; \

@@ -105,6 +105,17 @@ class Soak:
             bridge.start()
         for bridge in self.bridges:
             bridge.wait_ready()
+        # Warm-up (not counted): load both models, so the figures are about the steady state.
+        warm = [job for job in make_jobs(40, random.Random(0)) if job["config"].get("width") != 65]
+        warm = [next(j for j in warm if j["type"] == t) for t in ("sdxl_image_fast", "image_fast")]
+        client = redis.Redis.from_url(self.redis.url)
+        for job in warm:
+            client.rpush(queue_of(job), json.dumps(job))
+        outcomes = Outcomes(self.stub)
+        deadline = time.monotonic() + 600
+        while not all(outcomes.terminals().get(j["id"]) for j in warm) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        self.stub.reset()
 
     def stop(self) -> None:
         for bridge in self.bridges:
