@@ -122,7 +122,7 @@ class SupabaseStub:
 
     def start(self) -> "SupabaseStub":
         handler = type("_BoundHandler", (_Handler,), {"stub": self})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server = _QuietServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
         server.block_on_close = False
         self._server = server
@@ -411,6 +411,17 @@ def _looks_like(content_type: str, data: bytes) -> bool:
     return False
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that drops its connection (a killed worker) is normal here, not a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys  # noqa: PLC0415
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Reads a request, applies injected failures, hands it to the stub, writes the answer."""
 
@@ -437,6 +448,12 @@ class _Handler(BaseHTTPRequestHandler):
         )
         with self.stub._lock:
             self.stub.requests.append(request)
+        if length and length.isdigit() and len(body) < int(length):
+            # The client went away mid-body (a killed worker): like the real services, nothing is
+            # stored or applied, and there is nobody to answer.
+            request.outcome = "aborted"
+            self.close_connection = True
+            return
         if length is None and self.command == "POST":
             self.stub._violate(request, "no Content-Length")
         failure = self.stub._take_failure(route)

@@ -331,6 +331,7 @@ def test_supabase_500s_timeouts_and_dropped_connections(tiny_models_dir, triton,
     assert requeued, "no reporting round ran past its deadline"
     # Backoff: with jobs retrying for 7 s per phase, a client without backoff would send thousands.
     assert all(count < 150 for count in counted.values()), counted
+    print(f"requests to the failing stand-in per 7 s phase: {counted}")
     assert bridge.alive and bridge.health().status_code == 200
     assert_no_unexpected_errors(bridge)
     assert bridge.terminate() == 0
@@ -356,6 +357,7 @@ def test_spool_full_then_unwritable(tiny_models_dir, triton, redis_server, stub,
     assert bridge.alive and bridge.health().status_code == 200
     resource.prlimit(bridge.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
     wait_terminals(stub, [full["id"]], timeout=120)
+    wait_until(lambda: bridge.messages(f"job {full['id']} completed"), 30)  # its spool entry is gone
 
     # Unwritable: the spool path is taken by a plain file (root ignores permission bits, so chmod
     # would prove nothing here); neither saving nor reading an entry can work.

@@ -58,9 +58,14 @@ def invalid(type_: str = "sdxl_image_fast", **fields: object) -> InvalidJob:
 # --- the table --------------------------------------------------------------------------------
 
 
-def test_the_table_holds_exactly_the_contract_types() -> None:
-    assert set(JOB_TYPES) == set(CONTRACT_DEFAULTS)
-    assert QUEUES == ("sdxl_queue", "wan_queue")
+CHAT_TYPES = {"chat_conversation", "chat_unrestricted", "chat_enhance", "admin_utilities"}
+
+
+def test_the_table_holds_exactly_the_contract_types_and_the_chat_types() -> None:
+    assert set(JOB_TYPES) == set(CONTRACT_DEFAULTS) | CHAT_TYPES
+    assert QUEUES == ("sdxl_queue", "wan_queue", "chat_queue")
+    assert {name for name, t in JOB_TYPES.items() if t.queue == "chat_queue"} == CHAT_TYPES
+    assert all(JOB_TYPES[name].output == "text" for name in CHAT_TYPES)
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACT_DEFAULTS))
@@ -409,6 +414,9 @@ def _check_outcome(raw: bytes | str) -> None:
     # Whatever got through is runnable.
     limits = job.type.limits
     assert job.prompt and len(job.prompt) <= limits.max_prompt_chars
+    if job.type.output == "text":  # a chat job carries a validated chat request, no sizes
+        assert job.chat is not None and job.width is None and not job.storage_paths()
+        return
     assert job.width % limits.size_multiple == 0 and limits.min_size <= job.width <= limits.max_size
     assert job.height % limits.size_multiple == 0 and limits.min_size <= job.height <= limits.max_size
     assert limits.min_steps <= job.steps and math.isfinite(job.guidance_scale)

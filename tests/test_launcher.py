@@ -12,12 +12,14 @@ from bridge.launcher import SHM_PREFIX, TritonServer, TritonStartError, find_tri
 from tests.conftest import triton_settings
 
 
-def _stub_pids() -> set[int]:
+def _stub_pids(shm_prefix: str = "") -> set[int]:
+    """Stub processes (of the server using ``shm_prefix``: the stub's command line names it)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"triton_python_backend_stub" in (entry / "cmdline").read_bytes():
+                cmdline = (entry / "cmdline").read_bytes()
+                if b"triton_python_backend_stub" in cmdline and shm_prefix.encode() in cmdline:
                     pids.add(int(entry.name))
             except OSError:
                 continue
@@ -55,18 +57,18 @@ def test_failed_start_reports_the_servers_own_error(tmp_path: Path) -> None:
 
 
 def test_stop_leaves_no_stub_processes_or_shared_memory(tiny_models_dir: Path, tmp_path: Path) -> None:
-    before = _stub_pids()
     settings = triton_settings(tiny_models_dir)
     server = TritonServer(settings, startup_models=["qwen_base"], log_path=tmp_path / "t.log").start()
+    prefix = server._shm_prefix
     try:
         ready = httpx.get(f"http://{server.http_url}/v2/models/qwen_base/ready", timeout=5)
         assert ready.status_code == 200
-        assert _stub_pids() - before, "the model's stub process should be running"
-        assert list(Path("/dev/shm").glob(f"{SHM_PREFIX}*")), "the backend should use our shm prefix"
+        assert _stub_pids(prefix), "the model's stub process should be running"
+        assert prefix.startswith(SHM_PREFIX) and list(Path("/dev/shm").glob(f"{prefix}*")), "our shm regions"
     finally:
         server.stop()
     assert not server.running
-    assert not (_stub_pids() - before)
-    assert not [p for p in Path("/dev/shm").glob(f"{server._shm_prefix}*")]
+    assert not _stub_pids(prefix)
+    assert not list(Path("/dev/shm").glob(f"{prefix}*"))
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://{server.http_url}/v2/health/live", timeout=2)

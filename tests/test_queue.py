@@ -134,7 +134,7 @@ async def test_blocking_take_does_not_starve_other_calls(queue: Queue, raw: aior
     start = time.monotonic()
     await queue.set_state("j1", status="queued")
     assert (await queue.get_state("j1"))["status"] == "queued"
-    assert await queue.queue_depths() == {"sdxl_queue": 0, "wan_queue": 0}
+    assert await queue.queue_depths() == {"sdxl_queue": 0, "wan_queue": 0, "chat_queue": 0}
     assert time.monotonic() - start < 1.0
     await queue.push("wan_queue", job("w"))
     await queue.push(Q, job("s"))
@@ -438,7 +438,7 @@ async def test_depths_and_peek(queue: Queue) -> None:
     await queue.push(Q, {"id": "first"})
     await queue.push(Q, job("second"))
     await queue.push("wan_queue", job("w"))
-    assert await queue.queue_depths() == {"sdxl_queue": 2, "wan_queue": 1}
+    assert await queue.queue_depths() == {"sdxl_queue": 2, "wan_queue": 1, "chat_queue": 0}
     assert await queue.queue_depths(["chat_queue"]) == {"chat_queue": 0}
     assert json.loads(await queue.peek_oldest(Q))["id"] == "first"
     assert (await queue.take(Q, 1)).job_id == "first"  # peek did not take it
