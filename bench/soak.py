@@ -124,6 +124,21 @@ class Soak:
         self.redis.stop()
         self.triton.stop()
 
+    def restart(self, bridge: BridgeProcess) -> None:
+        """Start ``bridge`` again like a supervisor would: a start that fails its checks (e.g.
+        Supabase unreachable during a fault) is counted and retried."""
+        for attempt in range(10):
+            try:
+                bridge.start().wait_ready()
+                return
+            except AssertionError:
+                self.faults["failed start (retried)"] += 1
+                last = [line for line in bridge.lines if "FAIL" in line or "rror" in line][-1:]
+                console.print(f"[red]bridge {bridge.name} failed to start[/red] {last}; retrying")
+                bridge.kill()
+                time.sleep(1.0 + attempt)
+        raise RuntimeError(f"bridge {bridge.name} would not start")
+
     def _worker_id(self, name: str) -> str:
         self.ids += 1
         return f"soak-{name}-{self.ids}"
@@ -136,11 +151,11 @@ class Soak:
             bridge.kill()
             if self.faults["kill"] % 2:
                 bridge.env["WORKER_ID"] = self._worker_id(bridge.name)
-            bridge.start().wait_ready()
+            self.restart(bridge)
             what = f"SIGKILL bridge {bridge.name}, restarted as {bridge.env['WORKER_ID']}"
         elif kind == "term":
             code = bridge.terminate()
-            bridge.start().wait_ready()
+            self.restart(bridge)
             what = f"SIGTERM bridge {bridge.name} (exit {code}), restarted"
         elif kind == "supabase":
             mode = self.rng.choice(["status", "close", "hang"])
@@ -204,7 +219,7 @@ class Soak:
                 if not bridge.alive:
                     console.print(f"[red]bridge {bridge.name} exited by itself[/red]; restarting")
                     self.faults["unexpected exit"] += 1
-                    bridge.start().wait_ready()
+                    self.restart(bridge)
             if now - last_report > 10:
                 console.print(f"[dim]{now - started:6.1f}s pushed {pushed}, finished {done}[/dim]")
                 last_report = now

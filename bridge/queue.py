@@ -125,12 +125,27 @@ return redis.call('SCARD', KEYS[1])
 
 # KEYS: processing, attempts. ARGV: raw.
 # Claim a job id for this worker unless a live worker (one with a heartbeat) holds it.
-# KEYS[1] claim key; ARGV[1] this worker id; ARGV[2] ttl seconds. Returns the other owner or false.
+# KEYS[1] claim key; ARGV[1] this worker id; ARGV[2] ttl seconds; ARGV[3] raw ('' = not checked).
+# Returns the other owner or false.
+# (issue 7, tests/test_faults.py) A live owner's claim counts only while that owner really holds the
+# payload in one of its processing lists: a claim outlives a requeue (until released), the owner's
+# restart under the same id (which returns its orphans) and a reap; honouring it then dropped the job.
 _CLAIM = """
 local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] and redis.call('EXISTS', 'worker:' .. owner) == 1 then return owner end
+if owner and owner ~= ARGV[1] and redis.call('EXISTS', 'worker:' .. owner) == 1 then
+  if ARGV[3] == '' then return owner end
+  for _, q in ipairs(redis.call('SMEMBERS', 'worker_queues:' .. owner)) do
+    if redis.call('LPOS', 'processing:' .. owner .. ':' .. q, ARGV[3]) then return owner end
+  end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return false
+"""
+
+# KEYS[1] claim key; ARGV[1] this worker id. Only the owner's own claim is released (issue 7).
+_RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 _ACK = """
@@ -300,6 +315,7 @@ class Queue:
             for name, source in (
                 ("count_attempt", _COUNT_ATTEMPT), ("ack", _ACK), ("requeue", _REQUEUE),
                 ("dead_letter", _DEAD_LETTER), ("reap", _REAP), ("forget", _FORGET), ("claim", _CLAIM),
+                ("release_claim", _RELEASE_CLAIM),
                 ("revive", _REVIVE),
             )
         }
@@ -504,17 +520,21 @@ class Queue:
         """Remember that ``job_id`` reached a terminal status, so a duplicate is not run again."""
         await self._retrying(lambda: self._client.set(finished_key(job_id), status, ex=int(self.finished_ttl_s)))
 
-    async def claim(self, job_id: str) -> str | None:
+    async def claim(self, job_id: str, raw: bytes = b"") -> str | None:
         """Claim ``job_id`` for this worker. Returns ``None`` when claimed, else the id of the live
         worker already running it (a duplicate delivery; the original stays in that worker's
-        processing list, so the duplicate can be acknowledged without losing anything)."""
+        processing list, so the duplicate can be acknowledged without losing anything). With
+        ``raw`` (the delivery's payload), another worker's claim counts only while that worker
+        holds ``raw`` in a processing list."""
         owner = await self._retrying(
-            lambda: self._scripts["claim"](keys=[claim_key(job_id)], args=[self.worker_id, int(self.state_ttl_s)])
+            lambda: self._scripts["claim"](keys=[claim_key(job_id)],
+                                           args=[self.worker_id, int(self.state_ttl_s), raw])
         )
         return None if not owner else _text(owner)
 
     async def release_claim(self, job_id: str) -> None:
-        await self._retrying(lambda: self._client.delete(claim_key(job_id)))
+        """Release this worker's claim on ``job_id`` (another worker's claim is left alone)."""
+        await self._retrying(lambda: self._scripts["release_claim"](keys=[claim_key(job_id)], args=[self.worker_id]))
 
     async def finished_status(self, job_id: str) -> str | None:
         """The terminal status recorded by :meth:`mark_finished`, or None."""

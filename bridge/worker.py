@@ -288,7 +288,8 @@ class Worker:
             log.info("job %s already finished; duplicate delivery acknowledged", job.id)
             await self.queue.ack(delivery)
             return
-        owner = self.settings.worker_id if job.id in self._running else await self.queue.claim(job.id)
+        # (issue 7) The raw payload lets the claim check that its owner still holds the job.
+        owner = self.settings.worker_id if job.id in self._running else await self.queue.claim(job.id, delivery.raw)
         if owner is not None:
             # The original delivery is in the processing list of a live worker (maybe this one):
             # it finishes there or goes back to the queue if that worker dies. Nothing is lost.

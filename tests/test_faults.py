@@ -164,6 +164,36 @@ def test_sigkill_bridge_at_random_moments_during_50_jobs(tiny_models_dir, triton
           f"failed after 3 killed runs; {len(resent)} terminal re-sends of spooled results (ignored by the app)")
 
 
+def test_restart_under_the_same_worker_id_while_another_pod_waits(tiny_models_dir, triton, redis_server, stub, spawn,
+                                                                   tmp_path):
+    """A pod killed and restarted under the same WORKER_ID (a container's host name and pid 1)
+    before its heartbeat expires returns its own orphans to the queue; another pod, idle on the
+    queues, takes them at once. The orphans' claims still name the (alive again) worker id: they
+    must not make the other pod drop the jobs as duplicates."""
+    client = redis.Redis.from_url(redis_server.url)
+    common = dict(models_dir=tiny_models_dir, redis_url=redis_server.url, triton_url=triton.grpc_url, supabase=stub)
+    # pod-b's heartbeat outlives its restart (15 s, the production default): nobody reaps it.
+    restarted = spawn("restarted", bridge_env(output_dir=tmp_path / "b", worker_id="pod-b", heartbeat_ttl_s=15,
+                                              **common)).start().wait_ready()
+    jobs = [sdxl_job(seed=1, num_inference_steps=40), sdxl_job(seed=2, num_inference_steps=40)]
+    for job in jobs:
+        push(client, job)
+    wait_until(lambda: len(client.lrange("processing:pod-b:sdxl_queue", 0, -1)) == 2, 120)
+    wait_until(lambda: any((b.get("metadata") or {}).get("progress", 0) > 0
+                           for b in stub.callbacks(jobs[0]["id"], outcome=None)), 180, message=restarted.tail)
+    other = spawn("waiting", bridge_env(output_dir=tmp_path / "a", worker_id="pod-a", **common)).start().wait_ready()
+    restarted.kill()
+    restarted.start().wait_ready()  # returns its two orphans; pod-a is blocked on the queue
+    ids = [job["id"] for job in jobs]
+    wait_terminals(stub, ids, timeout=180)
+    assert_exactly_once(stub, ids)
+    dropped = [m for m in other.messages("duplicate delivery acknowledged")]
+    assert not dropped, dropped
+    for bridge in (other, restarted):
+        assert bridge.terminate() == 0
+    assert redis_leftovers(client) == {}
+
+
 # --------------------------------------------------------------------------- SIGKILL tritonserver / a stub
 def test_sigkill_tritonserver_and_a_model_stub_mid_job(tiny_models_dir, redis_server, stub, spawn, tmp_path):
     client = redis.Redis.from_url(redis_server.url)
