@@ -286,14 +286,17 @@ def check_supabase(settings: Settings, timeout: float = 5.0) -> Check:
     try:
         response = httpx.get(url, headers={"Authorization": f"Bearer {key}", "apikey": key}, timeout=timeout)
     except httpx.HTTPError as exc:
-        return Check("supabase", False, f"{settings.supabase_url} unreachable: {type(exc).__name__}: {exc}")
+        # A network blip must not keep the worker from starting (reports are retried and spooled).
+        return Check("supabase", False, f"{settings.supabase_url} unreachable: {type(exc).__name__}: {exc}",
+                     level="warning")
     code = response.status_code
     if code == 200:
         return Check("supabase", True, f"{settings.supabase_url} answers; bucket {settings.storage_bucket!r} found")
     if code in (401, 403):
         return Check("supabase", False, f"{settings.supabase_url} rejected SUPABASE_SERVICE_KEY (HTTP {code})")
     if code >= 500:
-        return Check("supabase", False, f"{settings.supabase_url} answers HTTP {code}: {response.text[:200]}")
+        return Check("supabase", False, f"{settings.supabase_url} answers HTTP {code}: {response.text[:200]}",
+                     level="warning")
     return Check(
         "supabase", False,
         f"{settings.supabase_url} answers, but bucket {settings.storage_bucket!r} could not be confirmed "

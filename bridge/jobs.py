@@ -613,6 +613,11 @@ def _check_prompt(value: str | None, name: str, limits: Limits, problems: list[s
     if len(value) > limits.max_prompt_chars:
         problems.append(f"{name}: at most {limits.max_prompt_chars} characters, got {len(value)}")
         return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        problems.append(f"{name}: not valid text (it holds an unpaired UTF-16 surrogate)")
+        return None
     return value.strip()
 
 

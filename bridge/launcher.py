@@ -37,6 +37,8 @@ SHM_PREFIX = "gpuworker_"
 SHM_DEFAULT_BYTES = 64 * 1024 * 1024
 SHM_GROWTH_BYTES = 64 * 1024 * 1024
 API_KEY_HEADER = "triton-api-key"
+# Over gRPC, Triton reads a restricted-protocol key from metadata under this prefixed name.
+GRPC_API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"
 
 
 class TritonStartError(RuntimeError):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from bridge.gpu_memory import GpuMemory, GpuMemoryInfo, NvmlMemory
+from bridge.launcher import GRPC_API_KEY_HEADER
 from bridge.model_table import (
     POLICY_RANK,
     ModelTable,
@@ -45,7 +46,6 @@ from bridge.scheduler import Eviction, ModelView, occupied_gb, plan_residency
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-API_KEY_HEADER = "triton-api-key"  # same as bridge.launcher.API_KEY_HEADER
 
 
 class ResidencyError(RuntimeError):
@@ -77,7 +77,7 @@ class TritonModelControl:
             client = grpcaio.InferenceServerClient(url)
         self._client = client
         key = api_key.get_secret_value() if hasattr(api_key, "get_secret_value") else api_key
-        self._headers = {API_KEY_HEADER: key} if key else None
+        self._headers = {GRPC_API_KEY_HEADER: key} if key else None
 
     async def load(self, name: str, timeout_s: float | None = None) -> None:
         """Load ``name``; returns when the model is ready (or raises the server's error)."""

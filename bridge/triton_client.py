@@ -20,7 +20,7 @@ import tritonclient.grpc.aio as grpcaio
 from pydantic import SecretStr
 from tritonclient.utils import InferenceServerException
 
-from bridge.launcher import API_KEY_HEADER
+from bridge.launcher import GRPC_API_KEY_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ Outputs = dict[str, np.ndarray]
 OnResponse = Callable[[Outputs], Awaitable[None] | None]
 
 # Messages that mean the model (or the server) is gone rather than the request being wrong.
-_TRANSIENT_MARKERS = ("stub process is not healthy", "failed to connect", "unavailable", "connection",
+_TRANSIENT_MARKERS = ("is not healthy", "failed to connect", "unavailable", "connection",
                       "socket closed", "is not ready", "unknown model", "has been unloaded")
 
 
@@ -77,7 +77,7 @@ class TritonClient:
 
     def __init__(self, url: str, api_key: SecretStr | None = None) -> None:
         self.url = url
-        self._headers = {API_KEY_HEADER: api_key.get_secret_value()} if api_key else None
+        self._headers = {GRPC_API_KEY_HEADER: api_key.get_secret_value()} if api_key else None
         self._client = grpcaio.InferenceServerClient(url)
 
     @property

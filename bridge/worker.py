@@ -496,7 +496,7 @@ class Worker:
             await self._fail(delivery, job, JobFailed(f"results could not be stored: {exc}", "storage_error"))
             return
         await self._settle(delivery, job.id, "completed")
-        self.spool.remove(job.id)
+        self._forget_spool(job.id)
         metrics.observe_job_finished(job.requested_type, "completed", queue_wait_s=0.0,
                                      run_s=float(entry.metadata.get("generation_time", 0.0)),
                                      upload_s=upload_s, total_s=time.monotonic() - started)
@@ -521,7 +521,7 @@ class Worker:
             metrics.inc_dead_letter(delivery.queue, exc.error_type)
         else:
             await self._settle(delivery, job.id, "failed")
-        self.spool.remove(job.id)
+        self._forget_spool(job.id)
         metrics.observe_job_finished(job.requested_type, "failed")
 
     async def _finish_cancelled(self, delivery: Delivery, job: Job) -> None:
@@ -529,7 +529,7 @@ class Worker:
         if not await self._report_terminal(delivery, job.id, "cancelled", "cancelled on request", metadata):
             return
         await self._settle(delivery, job.id, "cancelled")
-        self.spool.remove(job.id)
+        self._forget_spool(job.id)
         metrics.observe_job_finished(job.requested_type, "cancelled")
 
     async def _report_terminal(self, delivery: Delivery, job_id: str, status: str, message: str | None,
@@ -546,6 +546,13 @@ class Worker:
             log.error("job %s: %s callback rejected (%s); dead-lettered", job_id, status, exc)
             await self.queue.dead_letter(delivery, f"{status} callback rejected: {exc}")
             return False
+
+    def _forget_spool(self, job_id: str) -> None:
+        """The job is settled: its spool entry may go. A failure here costs disk, not the job."""
+        try:
+            self.spool.remove(job_id)
+        except OSError as exc:
+            log.warning("job %s: spool entry not removed (%s); it is settled, nothing is resent", job_id, exc)
 
     async def _requeue(self, delivery: Delivery, count_attempt: bool) -> None:
         """Back to the front of its queue; the claim goes too, so any worker may take it."""

@@ -485,6 +485,4 @@ def test_lone_surrogate_in_a_prompt_fails_naming_the_prompt(stack: Stack) -> Non
     body = terminals[0]
     assert body["status"] == "failed", body
     assert stack.bridge.alive and stack.bridge.health().status_code == 200
-    if "prompt:" not in (body.get("error_message") or ""):
-        pytest.xfail("bridge/jobs.py accepts a prompt holding a lone surrogate; the job then fails 3 times "
-                     f"inside the worker with {body.get('error_message')!r} instead of naming the prompt")
+    assert "prompt:" in (body.get("error_message") or ""), body
