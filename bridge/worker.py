@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from bridge import metrics
 from bridge.chat import prepare_chat
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 QUEUES = tuple(sorted({job_type.queue for job_type in JOB_TYPES.values()}))
 REFERENCE_MAX_BYTES = 20 * 1024 * 1024
 REFERENCE_TIMEOUT_S = 15.0
+REPORT_RETRY_PAUSE_S = 5.0  # after a reporting round's deadline passed: pause before the next round
+REPORT_RETRY_MAX_PAUSE_S = 120.0
+T = TypeVar("T")
 
 
 class JobFailed(Exception):
@@ -193,6 +197,7 @@ class Worker:
         self._running: dict[str, asyncio.Task] = {}  # job id -> its task
         self._cancelled: set[str] = set()  # job ids the app asked to cancel
         self._granted: set[str] = set()  # job ids holding the GPU
+        self._progress_sends: dict[str, asyncio.Task] = {}  # job id -> its progress callback in flight
         self._stopping = False
         self._prefetched = {name: asyncio.Event() for name in QUEUES}
 
@@ -272,6 +277,7 @@ class Worker:
                 del self._running[delivery.job_id]
                 self._cancelled.discard(delivery.job_id)
                 self._granted.discard(delivery.job_id)
+                self._progress_sends.pop(delivery.job_id, None)
 
     async def _run_delivery(self, delivery: Delivery) -> None:
         try:
@@ -478,20 +484,30 @@ class Worker:
         return self.spool.save(job.id, JobOutputs(job.user_id, job.requested_type, assets, metadata))
 
     async def _progress(self, job: Job, throttle: ProgressThrottle, fraction: float) -> None:
-        await throttle.update(round(fraction * 100))
+        """Send progress in the background: a slow callback must not hold up the GPU. While one
+        send is in flight newer progress is skipped (the throttle would drop it anyway)."""
+        pending = self._progress_sends.get(job.id)
+        if pending is None or pending.done():
+            self._progress_sends[job.id] = asyncio.create_task(throttle.update(round(fraction * 100)))
+
+    async def _quiet_progress(self, job_id: str) -> None:
+        """Before a terminal callback: let a progress callback on its way land first (it gives up
+        within its own short deadline), so nothing arrives after the terminal one."""
+        pending = self._progress_sends.pop(job_id, None)
+        if pending is not None:
+            with suppress(Exception):
+                await pending
 
     # ------------------------------------------------------------------ terminal states
     async def finish_job(self, delivery: Delivery, job: Job, entry: SpoolEntry, started: float) -> None:
         """Upload, send the terminal callback, then (only then) ack and forget the spool."""
+        await self._quiet_progress(job.id)
         try:
             t0 = time.monotonic()
-            assets = await self.reporter.upload_assets(entry)
+            assets = await self._until_delivered(delivery, job.id, lambda: self.reporter.upload_assets(entry))
             upload_s = time.monotonic() - t0
-            await self._report(job.id, "completed", assets=assets, metadata=entry.metadata)
-        except ReportingDeadline as exc:
-            log.warning("job %s: reporting deadline passed (%s); will report again later", job.id, exc)
-            await self._requeue(delivery, count_attempt=False)
-            return
+            await self._until_delivered(
+                delivery, job.id, lambda: self._report(job.id, "completed", assets=assets, metadata=entry.metadata))
         except (ReportingError, SpoolError) as exc:
             await self._fail(delivery, job, JobFailed(f"results could not be stored: {exc}", "storage_error"))
             return
@@ -501,6 +517,20 @@ class Worker:
                                      run_s=float(entry.metadata.get("generation_time", 0.0)),
                                      upload_s=upload_s, total_s=time.monotonic() - started)
         log.info("job %s completed", job.id, extra={"job_id": job.id, "job_type": job.requested_type})
+
+    async def _until_delivered(self, delivery: Delivery, job_id: str, send: Callable[[], Awaitable[T]]) -> T:
+        """Repeat a reporting round until it gets through. A passed deadline does not drop or
+        requeue the job: it stays in this worker's processing list (a crash returns it; the spool
+        keeps its outputs) while its queue moves on to the next job and we try again later."""
+        pause = REPORT_RETRY_PAUSE_S
+        while True:
+            try:
+                return await send()
+            except ReportingDeadline as exc:
+                log.warning("job %s: reporting deadline passed (%s); trying again in %.0fs", job_id, exc, pause)
+                self._prefetched[delivery.queue].set()  # nothing of this job needs the GPU now
+                await asyncio.sleep(pause * (0.5 + random.random()))
+                pause = min(pause * 2, REPORT_RETRY_MAX_PAUSE_S)
 
     async def _refuse(self, delivery: Delivery, exc: InvalidJob) -> None:
         log.warning("job %s refused: %s", exc.job_id, exc.message)
@@ -534,14 +564,12 @@ class Worker:
 
     async def _report_terminal(self, delivery: Delivery, job_id: str, status: str, message: str | None,
                                metadata: dict) -> bool:
-        """Send a terminal callback; on a passed deadline put the job back (never drop it)."""
+        """Send a terminal callback until it gets through; False (dead-lettered) if refused."""
+        await self._quiet_progress(job_id)
         try:
-            await self._report(job_id, status, error_message=message, metadata=metadata)
+            await self._until_delivered(
+                delivery, job_id, lambda: self._report(job_id, status, error_message=message, metadata=metadata))
             return True
-        except ReportingDeadline:
-            log.warning("job %s: %s callback not delivered before the deadline; requeued", job_id, status)
-            await self._requeue(delivery, count_attempt=False)
-            return False
         except ReportingError as exc:
             log.error("job %s: %s callback rejected (%s); dead-lettered", job_id, status, exc)
             await self.queue.dead_letter(delivery, f"{status} callback rejected: {exc}")

@@ -324,8 +324,9 @@ def test_supabase_500s_timeouts_and_dropped_connections(tiny_models_dir, triton,
     bad = sdxl_job(num_inference_steps=0)  # refused: its failed callback has to get through too
     jobs = [sdxl_job(seed=1), sdxl_job(seed=2, num_images=3), small_wan(seed=3),
             small_wan("video_fast", seed=4, frame_num=5)]
-    # Each phase lasts longer than REPORT_DEADLINE_S (3 s), so reporting rounds give up and the jobs
-    # go back to their queue to be reported again from the spool (no new generation).
+    # Each phase lasts longer than REPORT_DEADLINE_S (3 s), so reporting rounds give up; the jobs stay
+    # in the worker's processing list and are reported again from the spool (no new generation)
+    # while their queues move on.
     phases = [
         ("storage 500", {"storage": dict(mode="status", status=500)}),
         ("storage drops connections, callback 503", {"storage": dict(mode="close"),
@@ -354,8 +355,7 @@ def test_supabase_500s_timeouts_and_dropped_connections(tiny_models_dir, triton,
     runs = inference_counts(triton.grpc_url)
     assert (runs["sdxl"] - runs_before["sdxl"], runs["wan"] - runs_before["wan"]) == (2, 2), \
         "a job was generated again although its outputs were in the spool"
-    requeued = bridge.messages("will report again later") + bridge.messages("not delivered before the deadline")
-    assert requeued, "no reporting round ran past its deadline"
+    assert bridge.messages("reporting deadline passed"), "no reporting round ran past its deadline"
     # Backoff: with jobs retrying for 7 s per phase, a client without backoff would send thousands.
     assert all(count < 150 for count in counted.values()), counted
     print(f"requests to the failing stand-in per 7 s phase: {counted}")
