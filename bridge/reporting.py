@@ -549,10 +549,11 @@ class SupabaseReporter:
         """
         started = time.monotonic()
         attempts = 0
+        last_error = "none"
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ReportingDeadline(label, attempts, time.monotonic() - started, last_error if attempts else "none")
+                raise ReportingDeadline(label, attempts, time.monotonic() - started, last_error)
             attempts += 1
             retry_after = None
             try:

@@ -71,7 +71,7 @@ class Runtime:
         )
         await self.residency.start()
         self.text = TextService(s, self.triton, self.residency)
-        reporter = make_reporter(s, partial(record_state, self.queue))
+        reporter = make_reporter(s, partial(record_state, self.queue), on_retry=_count_retry)
         if not s.local_mode:
             reporter = RecordingReporter(reporter, self.queue)
         self.worker = Worker(
@@ -179,6 +179,14 @@ class Runtime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _count_retry(route: str, _reason: str) -> None:
+    """Reporter retries into the metrics (uploads and callbacks counted apart)."""
+    if route == "storage":
+        metrics.inc_upload_retry()
+    else:
+        metrics.inc_callback_retry()
 
 
 async def serve(settings: Settings) -> None:

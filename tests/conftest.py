@@ -58,3 +58,33 @@ def redis_server(tmp_path: Path):
     server = RedisServer(data_dir=tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------- in-process bridge + API
+@pytest.fixture()
+def settings_for(tiny_models_dir: Path, triton, redis_server, tmp_path: Path):
+    """Settings of an in-process bridge over the session Triton and this test's Redis."""
+    from tests.stack import stack_settings
+
+    def make(**overrides):
+        return stack_settings(tiny_models_dir, triton.grpc_url, redis_server.url, tmp_path / "out", **overrides)
+
+    return make
+
+
+@pytest.fixture()
+async def stack(settings_for):
+    """A running bridge (worker loop and API) with the default test settings."""
+    from tests.stack import running
+
+    async with running(settings_for()) as runtime:
+        yield runtime
+
+
+@pytest.fixture()
+async def http(stack, request):
+    """An HTTP client for ``stack``; a module's ``RECORDER`` (if any) keeps every answer."""
+    from tests.stack import client
+
+    async with client(stack, getattr(request.module, "RECORDER", None)) as http_client:
+        yield http_client

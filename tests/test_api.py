@@ -12,7 +12,6 @@ import logging
 import re
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import openai
@@ -34,7 +33,6 @@ from tests.stack import (
     client,
     read_sse,
     running,
-    stack_settings,
     wait_for_state,
 )
 
@@ -46,26 +44,6 @@ MASKED = get_data().content_mode.sfw_mask.words
 #: With this seed the tiny model writes all 24 tokens of USER's answer in many deltas (random
 #: weights may otherwise stop after a token or two).
 LONG_SEED = 10
-
-
-@pytest.fixture()
-def settings_for(tiny_models_dir: Path, triton, redis_server, tmp_path: Path):
-    """Settings of an in-process bridge over the session Triton and this test's Redis."""
-    def make(**overrides):
-        return stack_settings(tiny_models_dir, triton.grpc_url, redis_server.url, tmp_path / "out", **overrides)
-    return make
-
-
-@pytest.fixture()
-async def stack(settings_for):
-    async with running(settings_for()) as runtime:
-        yield runtime
-
-
-@pytest.fixture()
-async def http(stack):
-    async with client(stack, RECORDER) as http_client:
-        yield http_client
 
 
 def _legacy_error(response: httpx.Response, status: int) -> str:

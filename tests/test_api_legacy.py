@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 import redis.asyncio as aioredis
 import tritonclient.grpc as grpcclient
 
@@ -30,25 +29,6 @@ ROUTES = {
 }
 MODELS = {"sdxl", "wan", "qwen_instruct", "qwen_base"}
 SHORT_REFUSED = "nude child"  # the team's short non-graphic test phrase (tests/test_safety.py)
-
-
-@pytest.fixture()
-def settings_for(tiny_models_dir: Path, triton, redis_server, tmp_path: Path):
-    def make(**overrides):
-        return stack_settings(tiny_models_dir, triton.grpc_url, redis_server.url, tmp_path / "out", **overrides)
-    return make
-
-
-@pytest.fixture()
-async def stack(settings_for):
-    async with running(settings_for()) as runtime:
-        yield runtime
-
-
-@pytest.fixture()
-async def http(stack):
-    async with client(stack) as http_client:
-        yield http_client
 
 
 def _error(response: httpx.Response, status: int, param: str | None = None) -> dict:

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from bridge import chat
 from bridge.safety import REFUSAL_REASON
 from model_kit import layout
-from tests.stack import TERMINAL, client, running, stack_settings, wait_for_state
+from tests.stack import TERMINAL, client, running, wait_for_state
 
 LUNA = {"name": "Luna", "appearance": "silver hair, green eyes"}
 KAI = {"name": "Kai", "appearance": "tall man, black coat", "aliases": ["the captain"]}
@@ -27,25 +27,6 @@ REPLY = (
 )
 TALK = "I think that is a great idea. Tell me more about your plans."
 TINY_SDXL = {"width": 64, "height": 64, "num_inference_steps": 2, "num_images": 1, "seed": 3}
-
-
-@pytest.fixture()
-def settings_for(tiny_models_dir: Path, triton, redis_server, tmp_path: Path):
-    def make(**overrides):
-        return stack_settings(tiny_models_dir, triton.grpc_url, redis_server.url, tmp_path / "out", **overrides)
-    return make
-
-
-@pytest.fixture()
-async def stack(settings_for):
-    async with running(settings_for()) as runtime:
-        yield runtime
-
-
-@pytest.fixture()
-async def http(stack):
-    async with client(stack) as http_client:
-        yield http_client
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,10 @@ The HTTP-endpoint half of bad input belongs to the API tests (tests/test_api.py)
 from __future__ import annotations
 
 import base64
-import copy
 import json
-import math
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest

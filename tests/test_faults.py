@@ -17,7 +17,6 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest

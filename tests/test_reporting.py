@@ -19,7 +19,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
-from pydantic import SecretStr
+
 
 from bridge.reporting import (
     JobOutputs,
