@@ -290,3 +290,31 @@ async def test_shutdown_requeues_a_running_job_without_counting_an_attempt(
         callback = await wait_terminal(supabase, job["id"], timeout=300)
     assert callback["status"] == "completed", callback
     assert_callback_sequence(supabase, job["id"], "completed")
+
+
+async def test_a_job_whose_worker_died_each_time_fails_after_max_attempts(
+    tiny_models_dir, triton, redis_server, supabase: SupabaseStub, tmp_path: Path
+) -> None:
+    """Three workers take the job and die (no ack, heartbeat gone; another worker's reaper puts it
+    back each time): the fourth delivery fails it with a clear message and a dead-letter entry."""
+    from bridge.queue import Queue
+
+    job = sdxl_job()
+    settings = stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out", max_attempts=3,
+                              **supabase.settings_values())
+    async with Queue(redis_server.url, worker_id="reaper", heartbeat_ttl_s=0.5) as reaper:
+        await reaper.push("sdxl_queue", json.dumps(job))
+        for attempt in range(1, 4):
+            async with Queue(redis_server.url, worker_id=f"doomed-{attempt}", heartbeat_ttl_s=0.5) as doomed:
+                await doomed.heartbeat()
+                delivery = await doomed.take("sdxl_queue", timeout=5)
+                assert delivery is not None and delivery.attempt == attempt
+            await asyncio.sleep(0.7)  # its heartbeat expires: the worker is dead
+            assert await reaper.reap() == 1
+    async with Runtime(settings, api=False) as runtime:
+        callback = await wait_terminal(supabase, job["id"], timeout=60)
+        letters = await runtime.queue.dead_letters()
+    assert callback["status"] == "failed" and "gave up after 3 attempts" in callback["error_message"]
+    assert callback["metadata"]["error_type"] == "attempts_exhausted"
+    assert [c["status"] for c in supabase.callbacks(job["id"], outcome=None)] == ["failed"]  # never ran again
+    assert any(json.loads(entry["raw"])["id"] == job["id"] for entry in letters)
