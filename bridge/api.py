@@ -275,9 +275,14 @@ async def memory_unload(request: Request, which: Which = Query(...)) -> dict[str
 async def prometheus_metrics(request: Request) -> Response:
     """The bridge's Prometheus metrics (queue depths refreshed on each scrape). Behind the key
     like everything else: Prometheus sends it with ``authorization: {credentials: ...}``."""
-    depths = await probe(runtime_of(request).queue.queue_depths())
+    runtime = runtime_of(request)
+    depths = await probe(runtime.queue.queue_depths())
     for name, depth in (depths or {}).items():
         metrics.set_queue_depth(name, depth)
+    for name, model in runtime.residency.report().models.items():
+        # Resident VRAM: measured on a GPU, else what the model table accounts to a resident model.
+        held = model.measured_gb if model.measured_gb is not None else (model.vram_gb if model.state == "ready" else 0.0)
+        metrics.set_model_vram(name, held * 1e9)
     return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
 

@@ -48,6 +48,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, NoBackoff
 
+from bridge import metrics
 from bridge.jobs import QUEUES, peek_id
 from bridge.settings import Settings
 
@@ -250,6 +251,7 @@ class _Link:
         self._first_failure = None
         if self.down_since is not None:
             log.warning("Redis at %s is reachable again after %.1f s", self.where, time.monotonic() - self.down_since)
+            metrics.inc_redis_reconnect()
             self.down_since = None
 
 

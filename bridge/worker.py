@@ -313,7 +313,6 @@ class Worker:
         if await self.queue.cancel_requested(job.id):
             await self._finish_cancelled(delivery, job)
             return
-        started = time.monotonic()
         try:
             # (issue 7) Reading the spool is inside the try: an unreadable spool is requeued like an
             # unwritable one, not counted as an attempt by the catch-all.
@@ -342,7 +341,7 @@ class Worker:
             await asyncio.sleep(1.0)  # (issue 7) pause while the job is still ours, then put it back
             await self._requeue(delivery, count_attempt=False)
             return
-        await self.finish_job(delivery, job, entry, started)
+        await self.finish_job(delivery, job, entry)
 
     async def _generate(self, delivery: Delivery, job: Job) -> SpoolEntry:
         """Safety gate, enhancement, reference image, the Triton run; outputs into the spool."""
@@ -499,7 +498,7 @@ class Worker:
                 await pending
 
     # ------------------------------------------------------------------ terminal states
-    async def finish_job(self, delivery: Delivery, job: Job, entry: SpoolEntry, started: float) -> None:
+    async def finish_job(self, delivery: Delivery, job: Job, entry: SpoolEntry) -> None:
         """Upload, send the terminal callback, then (only then) ack and forget the spool."""
         await self._quiet_progress(job.id)
         try:
@@ -513,9 +512,12 @@ class Worker:
             return
         await self._settle(delivery, job.id, "completed")
         self._forget_spool(job.id)
-        metrics.observe_job_finished(job.requested_type, "completed", queue_wait_s=0.0,
-                                     run_s=float(entry.metadata.get("generation_time", 0.0)),
-                                     upload_s=upload_s, total_s=time.monotonic() - started)
+        # End to end from the moment this worker took the job; what is neither generation nor
+        # upload is waiting (for the GPU, a model load, or the queue ahead of it at this worker).
+        run_s = float(entry.metadata.get("generation_time", 0.0))
+        total_s = max(0.0, time.time() - delivery.taken_at)
+        metrics.observe_job_finished(job.requested_type, "completed", queue_wait_s=max(0.0, total_s - run_s - upload_s),
+                                     run_s=run_s, upload_s=upload_s, total_s=total_s)
         log.info("job %s completed", job.id, extra={"job_id": job.id, "job_type": job.requested_type})
 
     async def _until_delivered(self, delivery: Delivery, job_id: str, send: Callable[[], Awaitable[T]]) -> T:

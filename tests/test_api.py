@@ -143,6 +143,10 @@ async def test_health_worker_info_metrics(http: httpx.AsyncClient, stack) -> Non
     metrics = await http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     assert 'gpu_worker_queue_depth{queue="sdxl_queue"}' in metrics.text
+    # Resident VRAM per model follows what the residency manager holds (the table's 1 GB per model).
+    await stack.residency.load("qwen_base")
+    scraped = (await http.get("/metrics")).text
+    assert 'gpu_worker_model_vram_bytes{model="qwen_base"} 1e+09' in scraped, scraped
 
 
 async def test_health_is_503_degraded_while_redis_is_away(http: httpx.AsyncClient, redis_server) -> None:
