@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 QUEUES = tuple(sorted({job_type.queue for job_type in JOB_TYPES.values()}))
 REFERENCE_MAX_BYTES = 20 * 1024 * 1024
 REFERENCE_TIMEOUT_S = 15.0
+TERMINAL_KEY = "terminal_status"  # a spooled failed/cancelled result (no assets)
 REPORT_RETRY_PAUSE_S = 5.0  # after a reporting round's deadline passed: pause before the next round
 REPORT_RETRY_MAX_PAUSE_S = 120.0
 T = TypeVar("T")
@@ -302,26 +303,34 @@ class Worker:
             log.info("job %s is already running on worker %s; duplicate delivery acknowledged", job.id, owner)
             await self.queue.ack(delivery)
             return
+        assert delivery.job_id is not None
+        self._running[job.id] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            # (issue 7) An unreadable spool is requeued like an unwritable one, not counted as an
+            # attempt by the catch-all.
+            entry = await asyncio.to_thread(self.spool.load, job.id)
+        except SpoolError as exc:
+            await self._spool_trouble(delivery, job, exc)
+            return
+        if entry is not None:
+            # Generated (or settled as failed/cancelled) before a crash: report that same result
+            # again, whatever the attempt count, never a different one.
+            log.info("job %s: result found in the spool; reporting it again without generating", job.id)
+            self._prefetched[delivery.queue].set()  # no GPU needed: the queue may move on
+            await self._finish_from_spool(delivery, job, entry)
+            return
         if self.queue.past_max_attempts(delivery):
             state = await self.queue.get_state(job.id) or {}
             last = state.get("error") or "the worker stopped during each run"
             message = f"gave up after {delivery.attempt - 1} attempts; last error: {last}"
             await self._fail(delivery, job, JobFailed(message, "attempts_exhausted"), dead_letter=True)
             return
-        assert delivery.job_id is not None
-        self._running[job.id] = asyncio.current_task()  # type: ignore[assignment]
         if await self.queue.cancel_requested(job.id):
             await self._finish_cancelled(delivery, job)
             return
         try:
-            # (issue 7) Reading the spool is inside the try: an unreadable spool is requeued like an
-            # unwritable one, not counted as an attempt by the catch-all.
-            entry = await asyncio.to_thread(self.spool.load, job.id)
-            if entry is None:
-                generate = self._generate_text if job.type.output == "text" else self._generate
-                entry = await generate(delivery, job)
-            else:
-                log.info("job %s: outputs found in the spool; reporting again without generating", job.id)
+            generate = self._generate_text if job.type.output == "text" else self._generate
+            entry = await generate(delivery, job)
         except asyncio.CancelledError:
             if job.id not in self._cancelled:
                 raise
@@ -337,11 +346,14 @@ class Worker:
             await self._requeue(delivery, count_attempt=True)
             return
         except SpoolError as exc:
-            log.error("job %s: %s; requeued", job.id, exc)
-            await asyncio.sleep(1.0)  # (issue 7) pause while the job is still ours, then put it back
-            await self._requeue(delivery, count_attempt=False)
+            await self._spool_trouble(delivery, job, exc)
             return
         await self.finish_job(delivery, job, entry)
+
+    async def _spool_trouble(self, delivery: Delivery, job: Job, exc: SpoolError) -> None:
+        log.error("job %s: %s; requeued", job.id, exc)
+        await asyncio.sleep(1.0)  # (issue 7) pause while the job is still ours, then put it back
+        await self._requeue(delivery, count_attempt=False)
 
     async def _generate(self, delivery: Delivery, job: Job) -> SpoolEntry:
         """Safety gate, enhancement, reference image, the Triton run; outputs into the spool."""
@@ -545,24 +557,42 @@ class Worker:
     async def _fail(self, delivery: Delivery, job: Job, exc: JobFailed, dead_letter: bool = False) -> None:
         log.warning("job %s failed: %s", job.id, exc.message)
         metadata = {"error_type": exc.error_type, "job_type": job.requested_type, "timestamp": _now_iso()}
-        if not await self._report_terminal(delivery, job.id, "failed", exc.message, metadata):
-            return
-        if dead_letter:
-            await self.queue.mark_finished(job.id, "failed")
-            await self.queue.dead_letter(delivery, exc.message)
-            metrics.inc_dead_letter(delivery.queue, exc.error_type)
-        else:
-            await self._settle(delivery, job.id, "failed")
-        self._forget_spool(job.id)
-        metrics.observe_job_finished(job.requested_type, "failed")
+        await self._settle_terminal(delivery, job, "failed", exc.message, metadata, dead_letter)
 
     async def _finish_cancelled(self, delivery: Delivery, job: Job) -> None:
         metadata = {"job_type": job.requested_type, "timestamp": _now_iso()}
-        if not await self._report_terminal(delivery, job.id, "cancelled", "cancelled on request", metadata):
+        await self._settle_terminal(delivery, job, "cancelled", "cancelled on request", metadata)
+
+    async def _settle_terminal(self, delivery: Delivery, job: Job, status: str, message: str, metadata: dict,
+                               dead_letter: bool = False, remember: bool = True) -> None:
+        """A failed or cancelled end: remembered in the spool first (a crash after the app took
+        it re-sends this same result), then reported, then settled."""
+        if remember:
+            record = {**metadata, TERMINAL_KEY: status, "error_message": message, "dead_letter": dead_letter}
+            try:
+                await asyncio.to_thread(self.spool.save, job.id, JobOutputs(job.user_id, job.requested_type, [], record))
+            except (SpoolError, ValueError) as exc:  # best effort: the report itself still goes out
+                log.warning("job %s: %s result not spooled (%s)", job.id, status, exc)
+        if not await self._report_terminal(delivery, job.id, status, message, metadata):
             return
-        await self._settle(delivery, job.id, "cancelled")
+        if dead_letter:
+            await self.queue.mark_finished(job.id, status)
+            await self.queue.dead_letter(delivery, message)
+            await self.queue.release_claim(job.id)
+            metrics.inc_dead_letter(delivery.queue, str(metadata.get("error_type", status)))
+        else:
+            await self._settle(delivery, job.id, status)
         self._forget_spool(job.id)
-        metrics.observe_job_finished(job.requested_type, "cancelled")
+        metrics.observe_job_finished(job.requested_type, status)
+
+    async def _finish_from_spool(self, delivery: Delivery, job: Job, entry: SpoolEntry) -> None:
+        status = entry.metadata.get(TERMINAL_KEY)
+        if status is None:
+            await self.finish_job(delivery, job, entry)
+            return
+        metadata = {k: v for k, v in entry.metadata.items() if k not in (TERMINAL_KEY, "error_message", "dead_letter")}
+        await self._settle_terminal(delivery, job, status, entry.metadata.get("error_message") or status, metadata,
+                                    dead_letter=bool(entry.metadata.get("dead_letter")), remember=False)
 
     async def _report_terminal(self, delivery: Delivery, job_id: str, status: str, message: str | None,
                                metadata: dict) -> bool:

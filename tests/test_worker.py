@@ -318,3 +318,33 @@ async def test_a_job_whose_worker_died_each_time_fails_after_max_attempts(
     assert callback["metadata"]["error_type"] == "attempts_exhausted"
     assert [c["status"] for c in supabase.callbacks(job["id"], outcome=None)] == ["failed"]  # never ran again
     assert any(json.loads(entry["raw"])["id"] == job["id"] for entry in letters)
+
+
+async def test_a_result_in_the_spool_is_reported_again_even_past_max_attempts(
+    tiny_models_dir, triton, redis_server, supabase: SupabaseStub, tmp_path: Path
+) -> None:
+    """A worker settled the job as cancelled (spooled, reported) and died before acknowledging it,
+    three times over: the redelivery re-sends that same result, never a different one."""
+    from bridge.queue import Queue
+    from bridge.reporting import JobOutputs, Spool
+
+    job = sdxl_job()
+    settings = stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out", max_attempts=3,
+                              **supabase.settings_values())
+    record = {"job_type": "sdxl_image_fast", "timestamp": "2026-01-01T00:00:00Z", "terminal_status": "cancelled",
+              "error_message": "cancelled on request", "dead_letter": False}
+    Spool(settings.spool_dir).save(job["id"], JobOutputs("user-1", "sdxl_image_fast", [], record))
+    async with Queue(redis_server.url, worker_id="reaper", heartbeat_ttl_s=0.5) as reaper:
+        await reaper.push("sdxl_queue", json.dumps(job))
+        for attempt in range(1, 4):
+            async with Queue(redis_server.url, worker_id=f"doomed-{attempt}", heartbeat_ttl_s=0.5) as doomed:
+                await doomed.heartbeat()
+                assert (await doomed.take("sdxl_queue", timeout=5)).attempt == attempt
+            await asyncio.sleep(0.7)
+            assert await reaper.reap() == 1
+    async with Runtime(settings, api=False) as runtime:
+        callback = await wait_terminal(supabase, job["id"], timeout=60)
+        assert await runtime.queue.finished_status(job["id"]) == "cancelled"
+    assert callback["status"] == "cancelled" and callback["error_message"] == "cancelled on request", callback
+    assert "terminal_status" not in callback["metadata"]
+    assert Spool(settings.spool_dir).load(job["id"]) is None  # settled: the spool entry is gone
