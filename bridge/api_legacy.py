@@ -39,7 +39,7 @@ from bridge.api_chat import (
 from bridge.api_common import ApiError, probe, runtime_of
 from bridge.chat import MAX_MESSAGE_CHARS
 from bridge.jobs import JOB_TYPES, QUEUES, peek_id
-from bridge.textgen import ENHANCE_SAMPLING, weights_dir
+from bridge.textgen import ENHANCE_SAMPLING
 
 router = APIRouter()
 router.include_router(admin_router)
@@ -193,7 +193,7 @@ async def model_info(request: Request) -> dict[str, Any]:
     report = runtime.residency.report()
     models = {}
     for name, m in report.models.items():
-        weights = weights_dir(runtime.settings, name)
+        weights = runtime.settings.weights_path(name)
         models[name] = {
             "state": m.state, "kind": _KINDS.get(name), "policy": m.policy, "vram_gb": m.vram_gb,
             "measured_gb": m.measured_gb, "in_flight": m.in_flight, "weights_path": str(weights),

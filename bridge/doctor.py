@@ -96,12 +96,8 @@ def configured_path(settings: Settings, environ: Mapping[str, str], model: str, 
     variable ``<MODEL>_<KEY>`` (absolute, or relative to ``MODELS_DIR``) as in
     ``model_kit.common.weights_path``, else the :mod:`model_kit.layout` default."""
     env_name = f"{model}_{key}".upper()
-    value = environ.get(env_name)
-    source = f"from {env_name}"
-    if not value:
-        value, source = layout.WEIGHTS[model][key], f"MODELS_DIR/{layout.WEIGHTS[model][key]}"
-    path = Path(value)
-    return (path if path.is_absolute() else settings.models_dir / path), source
+    source = f"from {env_name}" if environ.get(env_name) else f"MODELS_DIR/{layout.WEIGHTS[model][key]}"
+    return settings.weights_path(model, key, environ), source
 
 
 def check_weights(settings: Settings, environ: Mapping[str, str], models: Sequence[str] = MODEL_NAMES) -> list[Check]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -208,6 +209,16 @@ class Settings(BaseSettings):
     def local_mode(self) -> bool:
         """No Supabase configured: results stay on disk and statuses in Redis."""
         return self.supabase_url is None
+
+    def weights_path(self, model: str, key: str = "weights", environ: Mapping[str, str] | None = None) -> Path:
+        """Where ``model`` looks for ``key`` (``weights``/``config``), resolved as the model process
+        does (``model_kit.common.weights_path``): ``<MODEL>_<KEY>`` from the environment (absolute,
+        or relative to ``MODELS_DIR``), else the :mod:`model_kit.layout` default."""
+        from model_kit import layout  # noqa: PLC0415 - constants only
+
+        environ = os.environ if environ is None else environ
+        path = Path(environ.get(f"{model}_{key}".upper()) or layout.WEIGHTS[model][key])
+        return path if path.is_absolute() else self.models_dir / path
 
     @cached_property
     def spool_dir(self) -> Path:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
 from bridge.chat import EnhancedPrompt, enhancement_messages, finish_enhancement, load_tokenizer
 from bridge.residency import ResidencyManager
 from bridge.settings import Settings
 from bridge.triton_client import InferenceFailed, TritonClient
-from model_kit import layout
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +44,6 @@ class TextResult:
     seconds: float
 
 
-def weights_dir(settings: Settings, model: str, key: str = "weights") -> Path:
-    """Where a model's files are, as the model itself resolves them (``<MODEL>_WEIGHTS`` env
-    override, else the layout path under ``MODELS_DIR``)."""
-    override = os.environ.get(f"{model}_{key}".upper())
-    path = Path(override) if override else Path(layout.WEIGHTS[model][key])
-    return path if path.is_absolute() else settings.models_dir / path
-
-
 def _first(outputs: dict, name: str) -> Any:
     value = outputs.get(name)
     if value is None or len(value) == 0:
@@ -75,10 +64,10 @@ class TextService:
         """The model's own tokenizer (for context budgets), or a diffusion model's text tokenizer:
         ``sdxl`` → CLIP, ``wan`` → UMT5."""
         if model == "sdxl":
-            return load_tokenizer(weights_dir(self.settings, "sdxl", "config") / "tokenizer")
+            return load_tokenizer(self.settings.weights_path("sdxl", "config") / "tokenizer")
         if model == "wan":
-            return load_tokenizer(weights_dir(self.settings, "wan") / "tokenizer")
-        return load_tokenizer(weights_dir(self.settings, model))
+            return load_tokenizer(self.settings.weights_path("wan") / "tokenizer")
+        return load_tokenizer(self.settings.weights_path(model))
 
     async def stream(
         self, model: TextModel, messages: list[dict[str, str]], sampling: dict[str, Any], *, request_id: str = ""

@@ -145,3 +145,13 @@ async def read_sse(response: httpx.Response, recorder: Recorder | None = None) -
                 value = value.removeprefix(" ")
                 fields[name] = f"{fields[name]}\n{value}" if name in fields else value
     return events
+
+
+def api_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    """The newer error shape: ``{"error": {message, type, param}}``; ``param`` checked when given."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and "Traceback" not in response.text, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error

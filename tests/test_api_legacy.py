@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from bridge.prompt_data import PACKAGED_DATA_DIR, get_data
 from bridge.redis_server import RedisServer
 from bridge.safety import REFUSAL_REASON
-from tests.stack import API_KEY, SECRETS, TERMINAL, client, running, stack_settings, wait_for_state
+from tests.stack import API_KEY, SECRETS, TERMINAL, api_error, client, running, stack_settings, wait_for_state
 
 ROUTES = {
     ("POST", "/chat/unrestricted"), ("POST", "/enhance/legacy"), ("GET", "/enhancement/info"),
@@ -29,16 +29,6 @@ ROUTES = {
 }
 MODELS = {"sdxl", "wan", "qwen_instruct", "qwen_base"}
 SHORT_REFUSED = "nude child"  # the team's short non-graphic test phrase (tests/test_safety.py)
-
-
-def _error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    """The newer error shape: ``{"error": {message, type, param}}``; ``param`` checked when given."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["message"] and error["type"] and "Traceback" not in response.text, error
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 async def _refusals(http: httpx.AsyncClient, kind: str) -> float:
@@ -72,7 +62,7 @@ async def test_every_new_route_is_registered_and_answers_401_without_the_key(sta
             for header in (None, "Bearer wrong-key", f"Bearer {API_KEY}x", f"Basic {API_KEY}"):
                 headers = {"Authorization": header} if header else {}
                 response = await anonymous.request(method, path, headers=headers, json={})
-                assert _error(response, 401)["type"] == "authentication_error"
+                assert api_error(response, 401)["type"] == "authentication_error"
                 assert response.headers["www-authenticate"] == "Bearer"
 
 
@@ -94,11 +84,11 @@ async def test_chat_unrestricted_forces_the_template_and_sfw_mode_still_wins(htt
     assert safe["prompt_info"]["template"] == "chat" and safe["content_mode"]["mode"] == "general"
     assert safe["content_mode"]["forced"] is False and safe["prompt_info"]["sfw_mode"] is True
 
-    assert _error(await http.post("/chat/unrestricted", json={"message": "  "}), 422, "message")
-    assert _error(await http.post("/chat/unrestricted", json={"message": "hi", "max_tokens": 0}), 422, "max_tokens")
-    assert _error(await http.post("/chat/unrestricted", json=["x"]), 422)
+    assert api_error(await http.post("/chat/unrestricted", json={"message": "  "}), 422, "message")
+    assert api_error(await http.post("/chat/unrestricted", json={"message": "hi", "max_tokens": 0}), 422, "max_tokens")
+    assert api_error(await http.post("/chat/unrestricted", json=["x"]), 422)
     before = await _refusals(http, "chat")
-    refused = _error(await http.post("/chat/unrestricted", json={"message": SHORT_REFUSED}), 400)
+    refused = api_error(await http.post("/chat/unrestricted", json={"message": SHORT_REFUSED}), 400)
     assert refused["message"] == REFUSAL_REASON and refused["type"] == "content_refused"
     assert await _refusals(http, "chat") == before + 1
 
@@ -124,15 +114,15 @@ async def test_enhance_legacy_fits_the_target_budget(http: httpx.AsyncClient) ->
 
 
 async def test_enhance_legacy_rejects_bad_input_and_refuses_unsafe_prompts(http: httpx.AsyncClient) -> None:
-    assert _error(await http.post("/enhance/legacy", json={"prompt": "x", "quality": "ultra"}), 422, "quality")
-    assert "gif_fast" in _error(await http.post("/enhance/legacy", json={"prompt": "x", "job_type": "gif_fast"}),
+    assert api_error(await http.post("/enhance/legacy", json={"prompt": "x", "quality": "ultra"}), 422, "quality")
+    assert "gif_fast" in api_error(await http.post("/enhance/legacy", json={"prompt": "x", "job_type": "gif_fast"}),
                                 422, "job_type")["message"]
-    assert _error(await http.post("/enhance/legacy", json={"prompt": "x", "enhancement_type": "mp3"}), 422,
+    assert api_error(await http.post("/enhance/legacy", json={"prompt": "x", "enhancement_type": "mp3"}), 422,
                   "enhancement_type")
-    assert _error(await http.post("/enhance/legacy", json={"prompt": " "}), 422, "prompt")
-    assert _error(await http.post("/enhance/legacy", json={}), 422, "prompt")
+    assert api_error(await http.post("/enhance/legacy", json={"prompt": " "}), 422, "prompt")
+    assert api_error(await http.post("/enhance/legacy", json={}), 422, "prompt")
     before = await _refusals(http, "enhance")
-    refused = _error(await http.post("/enhance/legacy", json={"prompt": SHORT_REFUSED, "enhancement_type": "sdxl"}), 400)
+    refused = api_error(await http.post("/enhance/legacy", json={"prompt": SHORT_REFUSED, "enhancement_type": "sdxl"}), 400)
     assert refused["message"] == REFUSAL_REASON and refused["type"] == "content_refused"
     assert await _refusals(http, "enhance") == before + 1
 
@@ -225,12 +215,12 @@ async def test_emergency_operations_change_what_triton_holds(http: httpx.AsyncCl
 
 
 async def test_emergency_operation_validates_names(http: httpx.AsyncClient) -> None:
-    assert _error(await http.post("/emergency/operation", json={"operation": "explode"}), 422, "operation")
-    assert _error(await http.post("/emergency/operation", json={}), 422, "operation")
-    assert _error(await http.post("/emergency/operation",
+    assert api_error(await http.post("/emergency/operation", json={"operation": "explode"}), 422, "operation")
+    assert api_error(await http.post("/emergency/operation", json={}), 422, "operation")
+    assert api_error(await http.post("/emergency/operation",
                                   json={"operation": "force_unload_all_except", "keep": ["sdxl", "gpt4"]}), 422, "keep.1")
-    assert _error(await http.post("/emergency/operation", json={"operation": "force_unload_all_except"}), 422, "keep")
-    assert _error(await http.post("/emergency/operation",
+    assert api_error(await http.post("/emergency/operation", json={"operation": "force_unload_all_except"}), 422, "keep")
+    assert api_error(await http.post("/emergency/operation",
                                   json={"operation": "force_unload_all_except", "keep": "sdxl"}), 422, "keep")
 
 
@@ -262,7 +252,7 @@ async def test_admin_dead_letters_are_redacted_and_a_requeued_one_runs(settings_
         assert [e["index"] for e in one] == [-1]
 
         wrong = await http.post("/admin", json={"action": "requeue_dead_letter", "index": -1, "job_id": job_id})
-        assert _error(wrong, 409, "job_id")
+        assert api_error(wrong, 409, "job_id")
         moved = await http.post("/admin", json={"action": "requeue_dead_letter", "index": -2, "job_id": job_id})
         assert moved.status_code == 200, moved.text
         assert moved.json()["job_id"] == job_id and moved.json()["queue"] == "sdxl_queue"
@@ -270,7 +260,7 @@ async def test_admin_dead_letters_are_redacted_and_a_requeued_one_runs(settings_
         assert state["status"] == "completed" and len(state["assets"]) == 1
         remaining = (await http.post("/admin", json={"action": "dead_letters"})).json()["entries"]
         assert [e["job_id"] for e in remaining] == [None]
-        assert _error(await http.post("/admin", json={"action": "requeue_dead_letter", "index": 5}), 404, "index")
+        assert api_error(await http.post("/admin", json={"action": "requeue_dead_letter", "index": 5}), 404, "index")
     await direct.aclose()
 
 
@@ -286,14 +276,14 @@ async def test_admin_actions_and_their_errors(settings_for, tmp_path: Path) -> N
         reload = await http.post("/admin", json={"action": "templates_reload"})
         assert reload.status_code == 200 and "scene_detect" in reload.json()["templates"]
         (data_dir / "templates.yaml").write_text("templates: [broken\n")
-        broken = _error(await http.post("/admin", json={"action": "templates_reload"}), 409)
+        broken = api_error(await http.post("/admin", json={"action": "templates_reload"}), 409)
         assert broken["type"] == "data_file_error" and "templates.yaml" in broken["message"]
         assert (await http.get("/enhancement/info")).status_code == 200  # the last good copy stays in use
 
-        assert _error(await http.post("/admin", json={"action": "shell"}), 422, "action")
-        assert _error(await http.post("/admin", json={"action": "requeue_dead_letter"}), 422, "index")
-        assert _error(await http.post("/admin", json={"action": "dead_letters", "limit": 0}), 422, "limit")
-        assert _error(await http.post("/admin", json={"action": "requeue_dead_letter", "index": 0}), 404, "index")
+        assert api_error(await http.post("/admin", json={"action": "shell"}), 422, "action")
+        assert api_error(await http.post("/admin", json={"action": "requeue_dead_letter"}), 422, "index")
+        assert api_error(await http.post("/admin", json={"action": "dead_letters", "limit": 0}), 422, "limit")
+        assert api_error(await http.post("/admin", json={"action": "requeue_dead_letter", "index": 0}), 404, "index")
 
 
 # ----------------------------------------------------------------------------- /debug/env

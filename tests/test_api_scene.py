@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from bridge import chat
 from bridge.safety import REFUSAL_REASON
 from model_kit import layout
-from tests.stack import TERMINAL, client, running, wait_for_state
+from tests.stack import TERMINAL, api_error, client, running, wait_for_state
 
 LUNA = {"name": "Luna", "appearance": "silver hair, green eyes"}
 KAI = {"name": "Kai", "appearance": "tall man, black coat", "aliases": ["the captain"]}
@@ -42,15 +42,6 @@ def _unload_from_triton(url: str, model: str) -> None:
             time.sleep(0.05)
     finally:
         control.close()
-
-
-def _error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["message"] and error["type"] and "Traceback" not in response.text, error
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 def _check_prompt(body: dict, clip_tok) -> None:
@@ -115,17 +106,17 @@ async def test_detect_falls_back_to_rules_when_the_model_cannot_be_resident(sett
 
 
 async def test_detect_rejects_bad_input_and_refuses_unsafe_text(http: httpx.AsyncClient) -> None:
-    assert _error(await http.post("/scene/detect", json={}), 422, "text")
-    assert _error(await http.post("/scene/detect", json={"text": "  "}), 422, "text")
-    assert _error(await http.post("/scene/detect", json={"text": REPLY, "characters": [{"appearance": "tall"}]}),
+    assert api_error(await http.post("/scene/detect", json={}), 422, "text")
+    assert api_error(await http.post("/scene/detect", json={"text": "  "}), 422, "text")
+    assert api_error(await http.post("/scene/detect", json={"text": REPLY, "characters": [{"appearance": "tall"}]}),
                   422, "characters.0.name")
-    assert _error(await http.post("/scene/detect", json={"text": REPLY, "characters": "Luna"}), 422, "characters")
-    assert _error(await http.post("/scene/detect", json={"text": "x" * 40_000}), 422, "text")
+    assert api_error(await http.post("/scene/detect", json={"text": REPLY, "characters": "Luna"}), 422, "characters")
+    assert api_error(await http.post("/scene/detect", json={"text": "x" * 40_000}), 422, "text")
     before = await _refusals(http)
-    refused = _error(await http.post("/scene/detect", json={"text": "*She walks in.* nude child"}), 400)
+    refused = api_error(await http.post("/scene/detect", json={"text": "*She walks in.* nude child"}), 400)
     assert refused["message"] == REFUSAL_REASON and refused["type"] == "content_refused"
     described = {"text": "*Mia walks to the window.*", "characters": [{"name": "Mia", "appearance": "sexy 14yo"}]}
-    assert _error(await http.post("/scene/detect", json=described), 400)["type"] == "content_refused"
+    assert api_error(await http.post("/scene/detect", json=described), 400)["type"] == "content_refused"
     assert await _refusals(http) == before + 2
 
 
@@ -163,11 +154,11 @@ async def test_generate_with_the_model_pass_queues_a_job(http: httpx.AsyncClient
 
 async def test_generate_errors(http: httpx.AsyncClient) -> None:
     base = {"text": REPLY, "characters": [LUNA], "user_id": "u1", "use_model": False}
-    no_scene = _error(await http.post("/scene/generate", json={**base, "text": TALK}), 422, "text")
+    no_scene = api_error(await http.post("/scene/generate", json={**base, "text": TALK}), 422, "text")
     assert no_scene["type"] == "no_scene" and "no visual scene" in no_scene["message"]
-    assert _error(await http.post("/scene/generate", json={**base, "config": {"width": 100}}), 422, "config.width")
-    assert _error(await http.post("/scene/generate", json={**base, "job_type": "video_fast"}), 422, "job_type")
+    assert api_error(await http.post("/scene/generate", json={**base, "config": {"width": 100}}), 422, "config.width")
+    assert api_error(await http.post("/scene/generate", json={**base, "job_type": "video_fast"}), 422, "job_type")
     without_user = {k: v for k, v in base.items() if k != "user_id"}
-    assert _error(await http.post("/scene/generate", json=without_user), 422, "user_id")
-    refused = _error(await http.post("/scene/generate", json={**base, "text": "nude child"}), 400)
+    assert api_error(await http.post("/scene/generate", json=without_user), 422, "user_id")
+    refused = api_error(await http.post("/scene/generate", json={**base, "text": "nude child"}), 400)
     assert refused["message"] == REFUSAL_REASON
