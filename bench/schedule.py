@@ -1,27 +1,42 @@
-"""Discrete-event simulation of the GPU worker's scheduling: the real scheduler and residency code
-against a simulated Triton and a simulated clock, beside a FIFO-with-LRU baseline.
+"""Discrete-event simulation of the GPU worker's scheduling: the real dispatcher, scheduler and
+residency code against a simulated Triton, a simulated GPU and a simulated clock, beside a
+FIFO-with-LRU baseline.
 
-    .venv/bin/python bench/schedule.py --seed 1 --jobs 3000 --loads 0.5,0.7,0.85
+    .venv/bin/python bench/schedule.py --seed 1 --jobs 3000 --loads 0.3,0.5,0.7,0.85
 
 How it works. The simulation runs on an asyncio event loop whose clock is virtual: when nothing is
-ready to run, the loop jumps to the next timer instead of sleeping. So ``bridge.residency``'s
-``ResidencyManager`` (its lock, its drain waits, its polling of the repository index) and
-``bridge.scheduler``'s ``Scheduler`` run unchanged, thousands of simulated hours in seconds, and
-deterministically for a seed. The simulated Triton (``SimControl``) takes the old system's load
-times (SDXL ~8 s, Qwen ~10 s, WAN ~25 s), frees an unloaded model's memory only 1.7 s after the
-unload call returns (as the real server does), and counts every moment the memory on the card
-exceeds the budget (a *budget violation*).
+ready to run, the loop jumps to the next timer instead of sleeping. So ``bridge.worker``'s
+``Dispatcher`` (grants, lanes, bringing models back), ``bridge.scheduler``'s ``Scheduler`` and
+``bridge.residency``'s ``ResidencyManager`` (its lock, its drain waits, its polling of the
+repository index) run unchanged, thousands of simulated hours in seconds, deterministically for a
+seed. Each job does what ``bridge/worker.py`` does: per stage (``bridge.model_table.job_stages``:
+an enhanced WAN job is two, Qwen Base for the enhancement then WAN for the render) it waits for
+the dispatcher's grant, holds its models resident (``residency.use``: loads and evictions happen
+there), computes, and releases the grant.
 
-Lanes: by default one generation job (SDXL or WAN) runs at a time while chat runs beside it
-(``--lanes 2``, as ``bridge/worker.py``'s dispatcher grants work; GPU contention between the two
-is not modelled); ``--lanes 1`` runs one job of any kind at a time. An enhanced WAN job holds Qwen
-Base and WAN for the enhancement, then lets Qwen Base go while WAN renders. Job times (old
-system): SDXL 4-8 s, chat 5-15 s, enhancement 1-3 s, WAN 25-240 s (image jobs short, video jobs
-long). Arrivals are Poisson; the load is the GPU utilisation the generation jobs and chat alone
-would cause (model loads come on top).
+The simulated Triton (``SimControl``) takes the old system's load times (SDXL ~8 s, Qwen ~10 s,
+WAN ~25 s), frees an unloaded model's memory only 1.7 s after the unload call returns (as the real
+server does), and counts every moment the memory on the card exceeds the budget (a *budget
+violation*).
 
-Baseline: FIFO (the oldest job first, whatever the model) with least-recently-used eviction and
-no policies: the old worker's behaviour with a working memory manager.
+The simulated GPU (``SimGpu``) is honest about contention: *processor sharing* — with k requests
+computing at once, each progresses at 1/k speed, so running work side by side gives no free
+throughput, it only changes who finishes when. That holds for every kind of work, chat beside a
+generation included, for the scheduler and the baseline alike. Each model serves one request at a
+time (one Triton instance), later ones queue at the model. Loads take no compute share (they move
+weights). Job times are the old system's, for a job alone on the card: SDXL 4-8 s, chat 5-15 s,
+enhancement 1-3 s, WAN 25-240 s (image jobs short, video jobs long). Arrivals are Poisson; the load
+is the GPU utilisation the jobs alone would cause (model loads come on top).
+
+The scheduler runs with ``GPU_LANES`` (``--lanes``, default as in the settings) generations at
+once, chat beside them. Baseline: FIFO (the oldest job first, whatever the model; the head of the
+line waits, nobody passes it) with least-recently-used eviction and no policies, one generation at
+a time with chat beside it, nothing brought back ahead of need: the old worker's behaviour with a
+working memory manager. Both start with SDXL and Qwen Instruct loaded.
+
+Printed per load: mean and p95 latency (enqueue to end) per job type and overall, model loads
+(swaps), the longest wait (enqueue to first compute), budget violations, peak GB on the card, lost
+jobs, grants beside a running generation, and how much of the time the GPU computed and was shared.
 """
 
 from __future__ import annotations
@@ -35,7 +50,6 @@ import random
 import selectors
 import statistics
 import sys
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,21 +59,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console
 from rich.table import Table
 
-from bridge.model_table import (
-    ModelTable,
-    build_table,
-    is_interactive,
-    job_cost_s,
-    job_steps,
-)
+from bridge.model_table import ModelTable, Stage, build_table, is_interactive, job_stages
 from bridge.residency import ResidencyManager
-from bridge.scheduler import (
-    Decision,
-    ModelView,
-    Scheduler,
-    WaitingGroup,
-    plan_residency,
-)
+from bridge.scheduler import Decision, ModelView, Running, Scheduler, WaitingGroup, plan_residency
+from bridge.settings import Settings
+from bridge.worker import Dispatcher, JobFailed, Waiting
 
 UNLOAD_LAG_S = 1.7
 LOAD_S = {"sdxl": 8.0, "qwen_instruct": 10.0, "qwen_base": 10.0, "wan": 25.0}
@@ -76,6 +80,8 @@ ENHANCED = {"image_fast": "image7b_fast_enhanced", "image_high": "image7b_high_e
 CHAT_S = (5.0, 15.0)
 ENHANCE_S = (1.0, 3.0)
 CATEGORIES = ("sdxl", "chat", "wan", "wan_enhanced")
+DEFAULT_AGING_S = Settings.model_fields["swap_aging_s"].default
+DEFAULT_LANES = Settings.model_fields["gpu_lanes"].default
 
 
 # ------------------------------------------------------------------------------ virtual time
@@ -164,6 +170,80 @@ class SimControl:
         return dict(self.states)
 
 
+# ------------------------------------------------------------------------------ simulated GPU
+
+
+class _Compute:
+    __slots__ = ("remaining", "done")
+
+    def __init__(self, remaining: float, done: asyncio.Future) -> None:
+        self.remaining = remaining
+        self.done = done
+
+
+class SimGpu:
+    """The card's compute under processor sharing: with k requests computing at once, each one
+    progresses at 1/k speed (no free throughput). Each model serves one request at a time (one
+    Triton instance per model), later ones queue at the model in arrival order. Loads and unloads
+    take no compute share (they move weights; the simulated Triton times them)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._active: list[_Compute] = []
+        self._last = loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._instances: dict[str, asyncio.Lock] = {}
+        self.busy_s = 0.0  # time with at least one request computing
+        self.shared_s = 0.0  # time with two or more
+        self.peak = 0
+
+    async def run(self, model: str, work_s: float, on_start: Callable[[], None] | None = None) -> None:
+        """Compute ``work_s`` seconds of ``model``'s work (seconds it would take alone on the card)."""
+        async with self._instances.setdefault(model, asyncio.Lock()):
+            if on_start is not None:
+                on_start()
+            self._advance()
+            entry = _Compute(work_s, self.loop.create_future())
+            self._active.append(entry)
+            self.peak = max(self.peak, len(self._active))
+            self._schedule()
+            try:
+                await entry.done
+            finally:
+                if entry in self._active:  # cancelled before it finished
+                    self._advance()
+                    self._active.remove(entry)
+                    self._schedule()
+
+    def _advance(self) -> None:
+        now = self.loop.time()
+        elapsed, k = now - self._last, len(self._active)
+        if k:
+            for entry in self._active:
+                entry.remaining -= elapsed / k
+            self.busy_s += elapsed
+            if k > 1:
+                self.shared_s += elapsed
+        self._last = now
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._active:
+            first = min(entry.remaining for entry in self._active)
+            self._timer = self.loop.call_at(self.loop.time() + max(0.0, first) * len(self._active), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._advance()
+        for entry in [e for e in self._active if e.remaining <= 1e-6]:
+            self._active.remove(entry)
+            if not entry.done.done():
+                entry.done.set_result(None)
+        self._schedule()
+
+
 # ------------------------------------------------------------------------------ trace
 
 
@@ -174,16 +254,16 @@ class SimJob:
     category: str
     arrival: float
     run_s: float
-    steps: tuple[frozenset[str], ...]  # models needed together, step by step
-    phases: tuple[float, ...]  # run time of each phase: (job,) or (enhancement, render)
-    step: int = 0
+    stages: tuple[Stage, ...]  # one GPU grant each (bridge.model_table.job_stages)
+    phases: tuple[float, ...]  # run time of each stage alone on the card: (job,) or (enhancement, render)
     started: float | None = None
     finished: float | None = None
     rejected: str | None = None
+    marks: list[tuple[float, float, float]] = field(default_factory=list)  # per stage: granted, computing, done
 
 
 def make_trace(
-    seed: int, jobs: int, load: float, mix: Mapping[str, float], enhanced_share: float, table: ModelTable
+    seed: int, jobs: int, load: float, mix: Mapping[str, float], enhanced_share: float, table: ModelTable | None = None
 ) -> list[SimJob]:
     """Poisson arrivals at GPU utilisation ``load`` with job types drawn from ``mix``."""
     rng = random.Random(seed)
@@ -208,8 +288,9 @@ def make_trace(
                 durations = (rng.uniform(*ENHANCE_S), wan_s)
             else:
                 job_type, durations, category = wan_type, (wan_s,), "wan"
-        steps = job_steps(job_type, table)
-        trace.append(SimJob(i, job_type, category, now, sum(durations), steps, durations))
+        stages = job_stages(job_type)
+        assert len(stages) == len(durations), (job_type, stages)
+        trace.append(SimJob(i, job_type, category, now, sum(durations), stages, durations))
     return trace
 
 
@@ -223,20 +304,54 @@ def _mean_service(mix: Mapping[str, float], enhanced_share: float) -> float:
 # ------------------------------------------------------------------------------ policies
 
 
-def fifo_lru_decide(table: ModelTable) -> Callable[[Sequence[WaitingGroup], Mapping[str, ModelView]], Decision | None]:
-    """The baseline: the oldest waiting job first; evict the least recently used models."""
+@dataclass
+class FifoLru:
+    """The baseline: the oldest waiting job first, whatever the model (the head of the line waits,
+    nobody passes it); least-recently-used eviction, no policies; one generation at a time, chat
+    beside it. The dispatcher asks it as it asks the scheduler."""
 
-    def decide(waiting: Sequence[WaitingGroup], models: Mapping[str, ModelView]) -> Decision | None:
+    table: ModelTable
+    clock: Callable[[], float]
+
+    def decide(
+        self,
+        waiting: Sequence[WaitingGroup],
+        models: Mapping[str, ModelView],
+        *,
+        budget_gb: float | None = None,
+        running: Sequence[Running] = (),
+    ) -> Decision | None:
+        generating = any(not r.interactive for r in running)
         for group in sorted(waiting, key=lambda g: (g.oldest, g.key)):
-            plan = plan_residency(table, group.models, models, eviction="lru")
+            if generating and not group.interactive:
+                continue
+            plan = plan_residency(self.table, group.models, models, budget_gb=budget_gb, eviction="lru")
             if plan.permanent:
                 return Decision("reject", group.key, group.models, plan.reason, 0.0)
             if plan.feasible:
-                return Decision("run", group.key, group.models, "fifo", 0.0, load=plan.load, evict=plan.evict)
-            return None  # FIFO: the head of the line waits, nobody passes it
+                return Decision("run", group.key, group.models, "fifo", 0.0, load=plan.load, evict=plan.evict,
+                                waits_for_drain=plan.waits_for_drain, est_s=group.est_s)
+            return None
         return None
 
-    return decide
+    def prefetch(self, models: Mapping[str, ModelView], **_: object) -> tuple[str, ...]:
+        return ()  # no policies: nothing is brought back
+
+
+class _Counting:
+    """Counts the reasons of the decisions the dispatcher acts on."""
+
+    def __init__(self, inner: Scheduler | FifoLru) -> None:
+        self.inner = inner
+        self.clock = inner.clock
+        self.reasons: dict[str, int] = {}
+        self.prefetch = inner.prefetch
+
+    def decide(self, *args, **kwargs) -> Decision | None:
+        decision = self.inner.decide(*args, **kwargs)
+        if decision is not None:
+            self.reasons[decision.reason] = self.reasons.get(decision.reason, 0) + 1
+        return decision
 
 
 @dataclass
@@ -247,131 +362,85 @@ class Outcome:
     violations: int
     peak_gb: float
     decisions: dict[str, int] = field(default_factory=dict)
+    gpu_busy_s: float = 0.0
+    gpu_shared_s: float = 0.0
+    span_s: float = 0.0
 
 
-async def _simulate(trace: list[SimJob], table: ModelTable, policy: str, aging_s: float, lanes: int) -> Outcome:
+async def _simulate(
+    trace: list[SimJob], table: ModelTable, policy: str, aging_s: float, lanes: int, knobs: Mapping[str, float]
+) -> Outcome:
     loop = asyncio.get_running_loop()
     control = SimControl(table, table.budget_gb)
     baseline = policy == "fifo"
     residency = ResidencyManager(control, table, clock=loop.time, gpu=None, eviction="lru" if baseline else "policy")
-    scheduler = Scheduler(table, aging_s=aging_s, clock=loop.time)
-    decide = fifo_lru_decide(table) if baseline else scheduler.decide
+    chooser = FifoLru(table, loop.time) if baseline else Scheduler(
+        table, aging_s=aging_s, clock=loop.time, lanes=lanes, **knobs)
+    counting = _Counting(chooser)
+    dispatcher = Dispatcher(counting, residency)  # type: ignore[arg-type] - the baseline is duck-typed
+    gpu = SimGpu(loop)
     # Both start as the old system did: SDXL and Qwen Instruct loaded.
     await residency.ensure({"sdxl"})
     await residency.ensure({"qwen_instruct"})
     start_loads, start_unloads = control.loads, control.unloads
     offset = loop.time()
-    for job in trace:
+    for job in trace:  # shifted and back (monotonic rounding keeps started >= arrival exact)
         job.arrival += offset
-    queues: dict[str, deque[SimJob]] = {}
-    wake = asyncio.Event()
-    decisions: dict[str, int] = {}
-    busy = {"gpu": False, "chat": False}
-    finished: list[SimJob] = []
-    tasks: set[asyncio.Task] = set()
+    dispatcher.start()
 
-    def lane_of(job: SimJob) -> str:
-        return "chat" if lanes == 2 and is_interactive(job.job_type) else "gpu"
+    async def run_job(job: SimJob) -> None:
+        """As bridge/worker.py runs a job: per stage, the dispatcher's grant, then the models held
+        resident (residency.use: loads and evictions happen here) while the model computes."""
+        await asyncio.sleep(job.arrival - loop.time())
+        for stage, work_s in zip(job.stages, job.phases):
+            item = Waiting(stage.key, stage.models, job.arrival, is_interactive(job.job_type), stage.est_s, stage.then)
+            try:
+                await dispatcher.acquire(item)
+            except JobFailed as exc:
+                job.rejected = exc.message
+                break
+            granted, computing = loop.time(), [math.nan]
+            try:
+                async with residency.use(*sorted(stage.models)):
+                    (model,) = stage.models
+                    await gpu.run(model, work_s, on_start=lambda: _mark_started(job, computing, loop.time()))
+            finally:
+                dispatcher.release(item)
+            job.marks.append((granted, computing[0], loop.time()))
+        job.finished = loop.time()
 
-    async def arrivals() -> None:
-        for job in trace:
-            await asyncio.sleep(max(0.0, job.arrival - loop.time()))
-            _enqueue(queues, job)
-            wake.set()
-
-    async def run(job: SimJob, lane: str) -> None:
-        models = job.steps[job.step]
-        if len(job.phases) == 2 and len(job.steps) == 1:
-            # Enhancement and render in one step: both models resident for the enhancement;
-            # Qwen Base is let go (evictable) while WAN renders.
-            both = residency.use(*models)
-            await both.__aenter__()
-            job.started = loop.time()
-            await asyncio.sleep(job.phases[0])
-            render = residency.use("wan")
-            await render.__aenter__()
-            await both.__aexit__(None, None, None)
-            await asyncio.sleep(job.phases[1])
-            await render.__aexit__(None, None, None)
-        else:
-            async with residency.use(*models):
-                if job.started is None:
-                    job.started = loop.time()
-                await asyncio.sleep(job.phases[job.step])
-        job.step += 1
-        if job.step < len(job.steps):
-            _enqueue(queues, job)
-        else:
-            job.finished = loop.time()
-            finished.append(job)
-        busy[lane] = False
-        wake.set()
-
-    feeder = asyncio.ensure_future(arrivals())
-    while len(finished) < len(trace):
-        waiting = [_group(key, q) for key, q in sorted(queues.items()) if q and not busy[lane_of(q[0])]]
-        decision = decide(waiting, residency.views()) if waiting else None
-        if decision is None:
-            idle = not any(busy.values()) and not any(queues.values())
-            prefetch = scheduler.prefetch(residency.views()) if idle and not baseline else ()
-            if prefetch:
-                await residency.ensure({prefetch[0]})
-                continue
-            wake.clear()
-            await wake.wait()
-            continue
-        decisions[decision.reason] = decisions.get(decision.reason, 0) + 1
-        job = queues[decision.key].popleft()
-        if decision.action == "reject":
-            job.rejected, job.finished = decision.reason, loop.time()
-            finished.append(job)
-            continue
-        lane = lane_of(job)
-        busy[lane] = True
-        task = asyncio.ensure_future(run(job, lane))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await feeder
+    await asyncio.gather(*(run_job(job) for job in trace))
+    await dispatcher.stop()
     for job in trace:
         job.arrival -= offset
         job.started = None if job.started is None else job.started - offset
         job.finished = None if job.finished is None else job.finished - offset
-    return Outcome(trace, control.loads - start_loads, control.unloads - start_unloads,
-                   control.violations, control.peak_gb, decisions)
+        job.marks = [(g - offset, c - offset, d - offset) for g, c, d in job.marks]
+    return Outcome(trace, control.loads - start_loads, control.unloads - start_unloads, control.violations,
+                   control.peak_gb, counting.reasons, gpu.busy_s, gpu.shared_s, loop.time() - offset)
 
 
-def _enqueue(queues: dict[str, deque[SimJob]], job: SimJob) -> None:
-    key = job.job_type if job.step == 0 else f"{job.job_type}#{job.step}"
-    queue = queues.setdefault(key, deque())
-    queue.append(job)
-    if len(queue) > 1 and queue[-2].arrival > job.arrival:  # a later step keeps its job's age
-        queues[key] = deque(sorted(queue, key=lambda j: j.arrival))
-
-
-def _group(key: str, queue: deque[SimJob]) -> WaitingGroup:
-    head = queue[0]
-    return WaitingGroup(
-        key=key,
-        models=head.steps[head.step],
-        oldest=head.arrival,
-        count=len(queue),
-        interactive=is_interactive(head.job_type),
-        est_s=job_cost_s(head.job_type),
-    )
+def _mark_started(job: SimJob, computing: list[float], now: float) -> None:
+    computing[0] = now
+    if job.started is None:
+        job.started = now
 
 
 def simulate(
     trace: list[SimJob],
     table: ModelTable,
     policy: str,
-    aging_s: float = 900.0,
-    lanes: int = 2,
+    aging_s: float = DEFAULT_AGING_S,
+    lanes: int = DEFAULT_LANES,
+    **knobs: float,
 ) -> Outcome:
-    """Run one policy over a copy of ``trace`` on a fresh virtual-time loop."""
-    copies = [SimJob(j.id, j.job_type, j.category, j.arrival, j.run_s, j.steps, j.phases) for j in trace]
+    """Run one policy (``scheduler`` or ``fifo``) over a copy of ``trace`` on a fresh virtual-time
+    loop. ``lanes`` is the scheduler's GPU_LANES; ``knobs`` set other Scheduler fields
+    (``beside_ratio``, ``stretch``) for what-if runs."""
+    copies = [SimJob(j.id, j.job_type, j.category, j.arrival, j.run_s, j.stages, j.phases) for j in trace]
     loop = VirtualTimeLoop()
     try:
-        return loop.run_until_complete(_simulate(copies, table, policy, aging_s, lanes))
+        return loop.run_until_complete(_simulate(copies, table, policy, aging_s, lanes, knobs))
     finally:
         loop.close()
 
@@ -400,6 +469,11 @@ def summarize(outcome: Outcome) -> dict[str, float]:
     stats["peak_gb"] = outcome.peak_gb
     stats["lost"] = sum(1 for j in outcome.jobs if j.finished is None)
     stats["rejected"] = sum(1 for j in outcome.jobs if j.rejected)
+    stats["beside"] = outcome.decisions.get("beside", 0)
+    span = outcome.span_s or math.nan
+    stats["gpu_busy_pct"] = 100 * outcome.gpu_busy_s / span
+    stats["gpu_shared_pct"] = 100 * outcome.gpu_shared_s / span
+    stats["makespan"] = outcome.span_s
     return stats
 
 
@@ -416,7 +490,9 @@ def render(results: list[tuple[float, dict[str, float], dict[str, float]]], cons
     table.add_column("change", justify="right")
     rows = [(f"{c} {m}", f"{c}_{m}") for c in (*CATEGORIES, "all") for m in ("mean", "p95")]
     rows += [("model loads (swaps)", "swaps"), ("longest wait", "longest_wait"),
-             ("budget violations", "violations"), ("peak GB on card", "peak_gb"), ("lost jobs", "lost")]
+             ("budget violations", "violations"), ("peak GB on card", "peak_gb"), ("lost jobs", "lost"),
+             ("grants beside a generation", "beside"), ("GPU computing %", "gpu_busy_pct"),
+             ("GPU shared by 2+ %", "gpu_shared_pct"), ("makespan", "makespan")]
     for load, ours, base in results:
         for i, (label, key) in enumerate(rows):
             change = ""
@@ -446,22 +522,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enhanced-share", type=float, default=0.5, help="share of WAN jobs that are enhanced")
     parser.add_argument("--budget", type=float, default=47.0, help="VRAM budget (GB)")
     parser.add_argument("--model-table", type=json.loads, default={}, help='overrides, as MODEL_TABLE: {"wan": {"vram_gb": 20}}')
-    parser.add_argument("--aging", type=float, default=900.0, help="swap aging bound (s)")
+    parser.add_argument("--aging", type=float, default=DEFAULT_AGING_S, help="SWAP_AGING_S: the hard aging bound (s)")
     parser.add_argument(
-        "--lanes", type=int, choices=(1, 2), default=2,
-        help="2: chat runs beside the one generation job (as bridge/worker.py grants it); 1: one job at a time",
+        "--lanes", type=int, default=DEFAULT_LANES,
+        help="GPU_LANES of the scheduler: generations at once (chat beside either way); the baseline always runs one",
     )
+    parser.add_argument("--beside-ratio", type=float, default=None, help="what-if: Scheduler.beside_ratio (default 2)")
+    parser.add_argument("--stretch", type=float, default=None, help="what-if: Scheduler.stretch (default 1: HRRN)")
     args = parser.parse_args(argv)
+    knobs = {k: v for k, v in (("beside_ratio", args.beside_ratio), ("stretch", args.stretch)) if v is not None}
     logging.basicConfig(level=logging.WARNING)
     table = build_table(args.model_table, budget_gb=args.budget)
     results = []
     for load in (float(x) for x in args.loads.split(",")):
         trace = make_trace(args.seed, args.jobs, load, args.mix, args.enhanced_share, table)
-        ours = summarize(simulate(trace, table, "scheduler", args.aging, args.lanes))
-        base = summarize(simulate(trace, table, "fifo", lanes=args.lanes))
+        ours = summarize(simulate(trace, table, "scheduler", args.aging, args.lanes, **knobs))
+        base = summarize(simulate(trace, table, "fifo"))
         results.append((load, ours, base))
     title = (f"{args.jobs} jobs/trace, seed {args.seed}, mix {args.mix}, enhanced {args.enhanced_share:.0%}, "
-             f"budget {args.budget:g} GB{', table ' + json.dumps(args.model_table) if args.model_table else ''}, aging {args.aging:g}s, {args.lanes} lane(s) (latencies in s)")
+             f"budget {args.budget:g} GB{', table ' + json.dumps(args.model_table) if args.model_table else ''}, aging {args.aging:g}s, GPU_LANES {args.lanes}{' ' + json.dumps(knobs) if knobs else ''} (latencies in s)")
     render(results, Console(width=110), title)
     bad = [load for load, ours, _ in results if ours["violations"] or ours["lost"]]
     return 1 if bad else 0

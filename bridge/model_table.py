@@ -17,6 +17,7 @@ budget is checked against NVML's free memory with ``VRAM_SAFETY_MARGIN_GB``
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -148,7 +149,10 @@ def effective_budget(configured_gb: float, gpu_free_gb: float | None, resident_g
 _SDXL_TYPES = ("sdxl_image_fast", "sdxl_image_high")
 _WAN_TYPES = ("image_fast", "image_high", "video_fast", "video_high", "wan_video_fast", "wan_video_high")
 _ENHANCED_TYPES = ("image7b_fast_enhanced", "image7b_high_enhanced", "video7b_fast_enhanced", "video7b_high_enhanced")
+# chat_queue job types (bridge/jobs.py): somebody waits for the reply, as for an HTTP chat turn.
+_CHAT_QUEUE_TYPES = ("chat_conversation", "chat_unrestricted", "chat_enhance", "admin_utilities")
 CHAT_MODELS = ("qwen_instruct", "qwen_base")
+ENHANCE_SUFFIX = ":enhance"  # key of an enhanced job's first stage
 
 # Rough run times of one job (seconds) on the production GPU, from the old system: the
 # scheduler's cost hint (shortest expected job first among resident work).
@@ -167,43 +171,68 @@ _JOB_COST_S: dict[str, float] = {
     "video7b_high_enhanced": 242.0,
     "chat": 10.0,
     "enhance": 2.0,
+    "chat_conversation": 10.0,
+    "chat_unrestricted": 10.0,
+    "chat_enhance": 2.0,
+    "admin_utilities": 10.0,
 }
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One GPU grant of a job: the models it needs together, its scheduling key (jobs of one key
+    need the same models) and its expected run time."""
+
+    key: str
+    models: frozenset[str]
+    est_s: float
+    then: frozenset[str] = frozenset()  # models the job's next stage needs (eviction spares them)
 
 
 def is_enhanced(job_type: str) -> bool:
     return job_type in _ENHANCED_TYPES
 
 
-def job_steps(job_type: str, table: ModelTable | None = None, model: str | None = None) -> tuple[frozenset[str], ...]:
-    """The model sets a job needs, step by step.
+def job_steps(job_type: str, model: str | None = None) -> tuple[frozenset[str], ...]:
+    """The model sets a job needs, step by step (one GPU grant each).
 
     - SDXL types → ``({sdxl},)``; WAN types → ``({wan},)``.
-    - Enhanced WAN types: Qwen Base rewrites the prompt, then WAN renders. When both fit in the
-      budget together they form one step ``({qwen_base, wan},)`` (no swap between the steps);
-      otherwise two: ``({qwen_base}, {wan})``.
-    - ``chat`` → ``({model},)`` with ``model`` ``qwen_instruct`` (default) or ``qwen_base``;
-      ``enhance`` → ``({model},)`` with ``qwen_base`` by default.
+    - Enhanced WAN types (CONTRACT §3: "qwen_base, then wan"): ``({qwen_base}, {wan})`` — Qwen
+      Base rewrites the prompt, lets go, then WAN renders. Never both at once: SDXL, Qwen
+      Instruct and either of them fit the 47 GB card (40 GB), all four do not (55 GB), so holding
+      both evicted the chat model for the whole render.
+    - ``chat`` and the chat_queue types → ``({model},)`` with ``model`` ``qwen_instruct`` (default)
+      or ``qwen_base``; ``enhance`` → ``({model},)`` with ``qwen_base`` by default.
     """
     if job_type in _SDXL_TYPES:
         return (frozenset({"sdxl"}),)
     if job_type in _WAN_TYPES:
         return (frozenset({"wan"}),)
     if job_type in _ENHANCED_TYPES:
-        together = frozenset({"qwen_base", "wan"})
-        if table is None or table.fits(together):
-            return (together,)
         return (frozenset({"qwen_base"}), frozenset({"wan"}))
-    if job_type in ("chat", "enhance"):
-        chosen = model or ("qwen_instruct" if job_type == "chat" else "qwen_base")
+    if job_type in ("chat", "enhance", *_CHAT_QUEUE_TYPES):
+        chosen = model or ("qwen_base" if job_type == "enhance" else "qwen_instruct")
         if chosen not in CHAT_MODELS:
             raise ValueError(f"{job_type}: model must be one of {list(CHAT_MODELS)}, not {chosen!r}")
         return (frozenset({chosen}),)
     raise ValueError(f"unknown job type {job_type!r}")
 
 
+def job_stages(job_type: str, model: str | None = None) -> tuple[Stage, ...]:
+    """:func:`job_steps` with a key and an expected run time per step: what a job asks the
+    dispatcher for, grant by grant. An enhanced job's first stage is keyed
+    ``<type>:enhance`` and costs an enhancement; its render keeps the type as key."""
+    steps = job_steps(job_type, model=model)
+    if len(steps) == 1:
+        return (Stage(job_type, steps[0], job_cost_s(job_type)),)
+    enhance_s = _JOB_COST_S["enhance"]
+    render_s = max(0.0, job_cost_s(job_type) - enhance_s)
+    return (Stage(job_type + ENHANCE_SUFFIX, steps[0], enhance_s, steps[1]), Stage(job_type, steps[1], render_s))
+
+
 def job_models(job_type: str, model: str | None = None) -> frozenset[str]:
     """Every model a job uses, over all its steps."""
-    return frozenset().union(*job_steps(job_type, None, model))
+    return frozenset().union(*job_steps(job_type, model))
 
 
 def job_cost_s(job_type: str) -> float:
@@ -212,5 +241,6 @@ def job_cost_s(job_type: str) -> float:
 
 
 def is_interactive(job_type: str) -> bool:
-    """Chat and HTTP enhancement are interactive: somebody is waiting for the answer."""
-    return job_type in ("chat", "enhance")
+    """Chat (HTTP turns and chat_queue jobs) and HTTP enhancement are interactive: somebody is
+    waiting for the answer."""
+    return job_type in ("chat", "enhance", *_CHAT_QUEUE_TYPES)

@@ -124,23 +124,37 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return redis.call('SCARD', KEYS[1])
 """
 
-# KEYS: processing, attempts. ARGV: raw.
-# Claim a job id for this worker unless a live worker (one with a heartbeat) holds it.
-# KEYS[1] claim key; ARGV[1] this worker id; ARGV[2] ttl seconds; ARGV[3] raw ('' = not checked).
-# Returns the other owner or false.
+# Everything a job checks before it runs, in one round trip (issue 3: per-job overhead).
+# KEYS: finished, claim, cancel, attempts. ARGV: this worker id, claim ttl_s, raw ('' = not checked),
+# delivery token ('' = count nothing), attempts ttl_s.
+# Returns {finished status or false, the other live owner or false, cancel requested 0/1, attempt}.
+# A finished job is neither claimed nor counted; else the job id is claimed for this worker unless a
+# live worker (one with a heartbeat) holds it, and this delivery counts as an attempt (as in
+# _COUNT_ATTEMPT: the same token twice counts once).
 # (issue 7, tests/test_faults.py) A live owner's claim counts only while that owner really holds the
 # payload in one of its processing lists: a claim outlives a requeue (until released), the owner's
 # restart under the same id (which returns its orphans) and a reap; honouring it then dropped the job.
-_CLAIM = """
-local owner = redis.call('GET', KEYS[1])
+_BEGIN = """
+local finished = redis.call('GET', KEYS[1])
+if finished then return {finished, false, 0, 0} end
+local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] and redis.call('EXISTS', 'worker:' .. owner) == 1 then
-  if ARGV[3] == '' then return owner end
-  for _, q in ipairs(redis.call('SMEMBERS', 'worker_queues:' .. owner)) do
-    if redis.call('LPOS', 'processing:' .. owner .. ':' .. q, ARGV[3]) then return owner end
+  local held = ARGV[3] == ''
+  if not held then
+    for _, q in ipairs(redis.call('SMEMBERS', 'worker_queues:' .. owner)) do
+      if redis.call('LPOS', 'processing:' .. owner .. ':' .. q, ARGV[3]) then held = true break end
+    end
   end
+  if held then return {false, owner, 0, 0} end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return false
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+local attempt = 0
+if ARGV[4] ~= '' then
+  redis.call('SADD', KEYS[4], ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+  attempt = redis.call('SCARD', KEYS[4])
+end
+return {false, false, redis.call('EXISTS', KEYS[3]), attempt}
 """
 
 # KEYS[1] claim key; ARGV[1] this worker id. Only the owner's own claim is released (issue 7).
@@ -152,6 +166,16 @@ return 0
 _ACK = """
 local n = redis.call('LREM', KEYS[1], 1, ARGV[1])
 if n > 0 then redis.call('DEL', KEYS[2]) end
+return n
+"""
+
+# KEYS: finished, processing, attempts, claim. ARGV: status, finished ttl_s, raw, this worker id.
+# A terminal job in one round trip: remember its status, ack it, release this worker's claim.
+_SETTLE = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local n = redis.call('LREM', KEYS[2], 1, ARGV[3])
+if n > 0 then redis.call('DEL', KEYS[3]) end
+if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
 return n
 """
 
@@ -206,7 +230,8 @@ return 1
 @dataclass(frozen=True)
 class Delivery:
     """One job taken from a queue; it sits in ``processing_key`` until acked, requeued or
-    dead-lettered. ``attempt`` is 1 for the first run, 2 after one redelivery, ..."""
+    dead-lettered. ``attempt`` is 1 for the first run, 2 after one redelivery, ... (0 while not
+    counted yet: see :meth:`Queue.take`)."""
 
     raw: bytes
     queue: str
@@ -219,6 +244,18 @@ class Delivery:
     @property
     def attempts_key(self) -> str:
         return attempts_key(self.raw, self.job_id)
+
+
+@dataclass(frozen=True)
+class Begin:
+    """What :meth:`Queue.begin` found: ``finished`` (a terminal status: a duplicate), ``owner``
+    (another live worker runs it: a duplicate), else the job is claimed for this worker and
+    ``cancelled`` says whether the app asked to cancel it."""
+
+    finished: str | None
+    owner: str | None
+    cancelled: bool
+    attempt: int = 0  # the delivery's attempt number once counted (0: not counted)
 
 
 class _Link:
@@ -316,8 +353,8 @@ class Queue:
             name: self._client.register_script(source)
             for name, source in (
                 ("count_attempt", _COUNT_ATTEMPT), ("ack", _ACK), ("requeue", _REQUEUE),
-                ("dead_letter", _DEAD_LETTER), ("reap", _REAP), ("forget", _FORGET), ("claim", _CLAIM),
-                ("release_claim", _RELEASE_CLAIM),
+                ("dead_letter", _DEAD_LETTER), ("reap", _REAP), ("forget", _FORGET),
+                ("release_claim", _RELEASE_CLAIM), ("begin", _BEGIN), ("settle", _SETTLE),
                 ("revive", _REVIVE),
             )
         }
@@ -358,10 +395,13 @@ class Queue:
 
     # --- taking and settling jobs ---------------------------------------------------------
 
-    async def take(self, queue: str, timeout: float = 0) -> Delivery | None:
+    async def take(self, queue: str, timeout: float = 0, *, count: bool = True) -> Delivery | None:
         """Wait up to ``timeout`` seconds (0: forever) for the next job of ``queue`` and move it to
         this worker's processing list; ``None`` on timeout. Wakes as soon as a job is pushed. While
-        Redis is away it keeps retrying (the job stays in Redis) until ``timeout`` runs out."""
+        Redis is away it keeps retrying (the job stays in Redis) until ``timeout`` runs out.
+
+        The delivery counts as an attempt; with ``count=False`` not yet (``attempt`` is 0): the
+        worker counts it in :meth:`begin`, saving a round trip per job."""
         deadline = time.monotonic() + timeout if timeout > 0 else None
         processing = processing_key(self.worker_id, queue)
         source = "LEFT" if self.pop_side == "left" else "RIGHT"
@@ -401,10 +441,12 @@ class Queue:
         job_id = peek_id(raw)
         token = uuid.uuid4().hex
         key = attempts_key(raw, job_id)
+        attempt = 0
         try:
-            attempt = await self._retrying(
-                lambda: self._scripts["count_attempt"](keys=[key], args=[token, int(self.finished_ttl_s)])
-            )
+            if count:
+                attempt = await self._retrying(
+                    lambda: self._scripts["count_attempt"](keys=[key], args=[token, int(self.finished_ttl_s)])
+                )
         except BaseException:
             self._release(queue, raw)
             self._clean.discard(queue)  # recovered by the next take
@@ -422,6 +464,22 @@ class Queue:
         removed = await self._retrying(
             lambda: self._scripts["ack"](keys=[delivery.processing_key, delivery.attempts_key], args=[delivery.raw])
         )
+        self._release(delivery.queue, delivery.raw, delivery.token)
+        return bool(removed)
+
+    async def settle(self, delivery: Delivery, status: str, job_id: str | None = None) -> bool:
+        """A terminal job, in one step: :meth:`mark_finished` for ``job_id`` (default: the
+        delivery's), :meth:`ack` and :meth:`release_claim`. False as for :meth:`ack`."""
+        job_id = job_id or delivery.job_id
+        if job_id is None:
+            return await self.ack(delivery)
+        if delivery.token not in self._open:  # released meanwhile: still remember the status
+            await self.mark_finished(job_id, status)
+            await self.release_claim(job_id)
+            return False
+        keys = [finished_key(job_id), delivery.processing_key, delivery.attempts_key, claim_key(job_id)]
+        args = [status, int(self.finished_ttl_s), delivery.raw, self.worker_id]
+        removed = await self._retrying(lambda: self._scripts["settle"](keys=keys, args=args))
         self._release(delivery.queue, delivery.raw, delivery.token)
         return bool(removed)
 
@@ -522,17 +580,20 @@ class Queue:
         """Remember that ``job_id`` reached a terminal status, so a duplicate is not run again."""
         await self._retrying(lambda: self._client.set(finished_key(job_id), status, ex=int(self.finished_ttl_s)))
 
-    async def claim(self, job_id: str, raw: bytes = b"") -> str | None:
-        """Claim ``job_id`` for this worker. Returns ``None`` when claimed, else the id of the live
-        worker already running it (a duplicate delivery; the original stays in that worker's
-        processing list, so the duplicate can be acknowledged without losing anything). With
-        ``raw`` (the delivery's payload), another worker's claim counts only while that worker
-        holds ``raw`` in a processing list."""
-        owner = await self._retrying(
-            lambda: self._scripts["claim"](keys=[claim_key(job_id)],
-                                           args=[self.worker_id, int(self.state_ttl_s), raw])
+    async def begin(self, job_id: str, delivery: Delivery | None = None) -> Begin:
+        """Everything to check before running ``job_id``, in one round trip: whether it already
+        finished (then it is not claimed), else claim it for this worker unless another live
+        worker holds it (given the ``delivery``, only while that worker holds the same payload in a
+        processing list), count the ``delivery`` as an attempt, and whether a cancel was requested.
+        (A delivery taken with ``count=False`` gets its attempt number here.)"""
+        raw, token = (delivery.raw, delivery.token) if delivery is not None else (b"", "")
+        keys = [finished_key(job_id), claim_key(job_id), cancel_key(job_id), attempts_key(raw, job_id)]
+        finished, owner, cancelled, attempt = await self._retrying(
+            lambda: self._scripts["begin"](keys=keys, args=[self.worker_id, int(self.state_ttl_s), raw, token,
+                                                            int(self.finished_ttl_s)])
         )
-        return None if not owner else _text(owner)
+        return Begin(finished=_text(finished) if finished else None, owner=_text(owner) if owner else None,
+                     cancelled=bool(cancelled), attempt=int(attempt or 0))
 
     async def release_claim(self, job_id: str) -> None:
         """Release this worker's claim on ``job_id`` (another worker's claim is left alone)."""

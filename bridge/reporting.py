@@ -155,10 +155,18 @@ class Spool:
     def __repr__(self) -> str:
         return f"Spool({str(self.directory)!r})"
 
-    def save(self, job_id: str, outputs: JobOutputs) -> SpoolEntry:
+    def has(self, job_id: str) -> bool:
+        """Whether ``job_id`` has an entry (one stat; cheap enough for the event loop)."""
+        _check_id("job_id", job_id)
+        return (self.directory / job_id / MANIFEST).exists()
+
+    def save(self, job_id: str, outputs: JobOutputs, *, durable: bool = True) -> SpoolEntry:
         """Write ``outputs`` for ``job_id`` (replacing an earlier entry). Raises :class:`SpoolError`.
 
-        Blocking file I/O with fsync: from a coroutine, ``await asyncio.to_thread(spool.save, ...)``.
+        The entry survives a crash of this process as soon as ``save`` returns. With ``durable``
+        its files are also fsync'd (it survives a power cut); without, call :meth:`sync` later
+        (the worker does so in the background while it uploads, issue 3: per-job overhead).
+        Blocking file I/O: from a coroutine, ``await asyncio.to_thread(spool.save, ...)``.
         """
         _check_id("job_id", job_id)
         _check_id("user_id", outputs.user_id)
@@ -170,7 +178,7 @@ class Spool:
             "job_type": outputs.job_type,
             "created_at": time.time(),
             "assets": [
-                {"type": asset.type, "file": name, "metadata": asset.metadata}
+                {"type": asset.type, "file": name, "size": len(asset.data), "metadata": asset.metadata}
                 for asset, name in zip(outputs.assets, files)
             ],
             "metadata": outputs.metadata,
@@ -184,9 +192,9 @@ class Spool:
             self.directory.mkdir(parents=True, exist_ok=True)
             temp.mkdir()
             for asset, name in zip(outputs.assets, files):
-                _write_synced(temp / name, asset.data)
-            _write_synced(temp / MANIFEST, manifest_bytes)
-            self._replace_entry(job_id, temp)
+                _write_file(temp / name, asset.data, durable)
+            _write_file(temp / MANIFEST, manifest_bytes, durable)
+            self._replace_entry(job_id, temp, durable)
         except OSError as exc:
             shutil.rmtree(temp, ignore_errors=True)
             raise SpoolError(
@@ -195,19 +203,46 @@ class Spool:
             ) from None
         return self._entry_from_manifest(job_id, manifest)
 
+    def sync(self, job_id: str) -> None:
+        """fsync the files of ``job_id``'s entry and the folders that name them (after a save
+        with ``durable=False``). An entry removed meanwhile is fine."""
+        _check_id("job_id", job_id)
+        entry = self.directory / job_id
+        try:
+            for child in entry.iterdir():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise SpoolError(f"spool directory {self.directory}: cannot sync job {job_id}: {exc.strerror or exc}") from None
+        _fsync_dir(entry)
+        _fsync_dir(self.directory)
+
     def load(self, job_id: str) -> SpoolEntry | None:
-        """The complete entry of ``job_id``, or None when there is none."""
+        """The complete entry of ``job_id``, or None when there is none.
+
+        An entry that is not whole (a power cut before it was synced can leave a manifest that
+        does not parse or files shorter than recorded) is removed and reported as none: the job
+        is generated again rather than requeued forever or reported with broken files."""
         _check_id("job_id", job_id)
         path = self.directory / job_id / MANIFEST
         try:
             manifest = json.loads(path.read_bytes())
+            entry = self._entry_from_manifest(job_id, manifest)
+            problem = _incomplete(entry, manifest)
         except FileNotFoundError:
             return None
+        except (ValueError, SpoolError) as exc:  # SpoolError: a manifest that lacks a field
+            problem = f"unreadable manifest ({exc})"
         except OSError as exc:
             raise SpoolError(f"spool directory {self.directory}: cannot read {path}: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise SpoolError(f"spool directory {self.directory}: corrupt manifest {path}: {exc}") from None
-        return self._entry_from_manifest(job_id, manifest)
+        if problem is None:
+            return entry
+        log.warning("spool entry of job %s is not whole (%s); it is discarded and the job generated again",
+                    job_id, problem)
+        self.remove(job_id)
+        return None
 
     def remove(self, job_id: str) -> None:
         """Forget ``job_id``'s entry (after its terminal callback got through). Missing is fine."""
@@ -233,14 +268,15 @@ class Spool:
                 entries.append((manifest.stat().st_mtime, child.name))
         return [name for _, name in sorted(entries)]
 
-    def _replace_entry(self, job_id: str, temp: Path) -> None:
+    def _replace_entry(self, job_id: str, temp: Path, durable: bool) -> None:
         final = self.directory / job_id
         old = None
         if final.exists():
             old = self.directory / f".del-{job_id}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
         os.replace(temp, final)
-        _fsync_dir(self.directory)
+        if durable:
+            _fsync_dir(self.directory)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -295,11 +331,24 @@ def _asset_files(assets: list[OutputAsset]) -> list[str]:
     return names
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _incomplete(entry: SpoolEntry, manifest: dict[str, Any]) -> str | None:
+    """Why ``entry``'s files do not match its manifest, or None when they do."""
+    for asset, item in zip(entry.assets, manifest["assets"]):
+        try:
+            size = asset.path.stat().st_size
+        except FileNotFoundError:
+            return f"{asset.filename} is missing"
+        if "size" in item and size != item["size"]:
+            return f"{asset.filename} has {size} bytes, not {item['size']}"
+    return None
+
+
+def _write_file(path: Path, data: bytes, durable: bool = True) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -642,9 +691,7 @@ class LocalReporter:
 
     async def upload_assets(self, entry: SpoolEntry, *, deadline: float | None = None) -> list[dict[str, Any]]:
         """Write each asset and its thumbnail; return the asset objects. ``deadline`` is ignored."""
-        prepared = await asyncio.to_thread(_prepare_assets, entry)
-        await asyncio.to_thread(self._write_all, prepared)
-        return [item.asset for item in prepared]
+        return await asyncio.to_thread(self._write_all, entry)
 
     async def send_callback(
         self,
@@ -661,17 +708,22 @@ class LocalReporter:
         answer = await self._record(job_id, status, body["assets"], error_message, body["metadata"])
         return answer if isinstance(answer, dict) else {"success": True}
 
-    def _write_all(self, prepared: list[_PreparedAsset]) -> None:
+    def _write_all(self, entry: SpoolEntry) -> list[dict[str, Any]]:
+        prepared = _prepare_assets(entry)
         for item in prepared:
             self._write(item.path, item.data)
             self._write(item.thumb_path, item.thumb)
+        return [item.asset for item in prepared]
 
     def _write(self, relative: str, data: bytes) -> None:
+        """Atomically (a temporary file, then a rename), not fsync'd: local mode is one machine
+        and a person, and its per-job overhead counts (issue 3); the spool entry the outputs come
+        from is fsync'd in the background until the job is settled."""
         target = self.output_dir / relative
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_synced(temp, data)
+            _write_file(temp, data, durable=False)
             os.replace(temp, target)
         except OSError as exc:
             temp.unlink(missing_ok=True)

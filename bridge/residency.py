@@ -174,6 +174,10 @@ class ResidencyManager:
         self._lock = asyncio.Lock()
         self._records = {name: _Record(name) for name in table.specs}
         self._next_token = 0
+        # Models known work needs next (the dispatcher keeps it current): evictions spare them
+        # after the others of their policy, as the scheduler's plans do.
+        self.wanted: frozenset[str] = frozenset()
+        self._displaced: set[str] = set()  # evicted to make room for other models, not loaded since
         self.oom_evictions = 0
         self.oom_retries = 0
 
@@ -215,6 +219,12 @@ class ResidencyManager:
                 state = "unloaded"
             views[name] = ModelView(state=state, in_flight=rec.in_flight, last_used=rec.last_used)  # type: ignore[arg-type]
         return views
+
+    @property
+    def displaced(self) -> frozenset[str]:
+        """Models evicted to make room for others and not loaded since (what :meth:`prefetch` may
+        bring back; an explicit unload or an out-of-memory eviction is not undone)."""
+        return frozenset(self._displaced)
 
     def accounted_gb(self) -> float:
         return occupied_gb(self.table, self.views())
@@ -318,6 +328,29 @@ class ResidencyManager:
             if self._all_ready(names):  # second look: another task may have done it
                 return
             await self._ensure_locked(names, retry_failed=retry_failed)
+
+    async def prefetch(self, name: str) -> bool:
+        """Load ``name`` back (it must be :attr:`displaced`) if that needs no wait and evicts
+        nothing busy or :attr:`wanted`; ``False`` (nothing done) otherwise, or while a failed load
+        is refused."""
+        rec = self._record(name)
+        async with self._lock:
+            await self._refresh_unloading()
+            if name not in self._displaced or rec.state in ("ready", "loading") or (
+                rec.state == "failed" and self._in_backoff(rec, self._clock())
+            ):
+                return False
+            plan = plan_residency(self.table, {name}, self.views(), eviction=self.eviction, keep=self.wanted)
+            if not plan.feasible or plan.waits_for_drain or set(plan.evict) & self.wanted:
+                return False
+            log.info("bringing %s back: evicting %s", name, list(plan.evict) or "nothing")
+            for other in plan.evict:
+                await self._unload_locked(other, self.drain_timeout_s)
+                self._displaced.add(other)
+            await self._check_gpu_room(frozenset({name}), plan.load)
+            for other in plan.load:
+                await self._load_locked(other)
+            return True
 
     async def load(self, name: str) -> None:
         """Load one model (HTTP ``/memory/load``): like :meth:`ensure`, even right after a failure."""
@@ -436,7 +469,7 @@ class ResidencyManager:
                     f"{self.load_retry_backoff_s:.0f}s: {rec.last_error}"
                 )
         await self._refresh_unloading()
-        plan = plan_residency(self.table, names, self.views(), eviction=self.eviction)
+        plan = plan_residency(self.table, names, self.views(), eviction=self.eviction, keep=self.wanted - names)
         if not plan.feasible:
             raise ResidencyError(f"cannot make {sorted(names)} resident: {plan.reason}")
         mine = [n for n in plan.evict if self._held_by(n, asyncio.current_task())]
@@ -446,6 +479,7 @@ class ResidencyManager:
             log.info("making room for %s: evicting %s", sorted(names), list(plan.evict))
         for name in plan.evict:
             await self._unload_locked(name, self.drain_timeout_s)
+            self._displaced.add(name)
         await self._check_gpu_room(names, plan.load)
         for name in plan.load:
             await self._load_locked(name)
@@ -580,6 +614,7 @@ class ResidencyManager:
         if before is not None and after is not None:
             rec.measured_gb = max(0.0, after.used_gb - before.used_gb)
         rec.state = "ready"
+        self._displaced.discard(name)
         rec.last_used = self._clock()
         rec.loads += 1
         rec.last_load_s = seconds

@@ -118,7 +118,18 @@ class Settings(BaseSettings):
         description='Overrides of the model table, JSON: {"wan": {"vram_gb": 20, "policy": "on_demand"}}.',
     )
     swap_aging_s: float = Field(
-        900.0, ge=0, description="A job waiting this long goes first (oldest first), model switch or not."
+        900.0,
+        ge=0,
+        description="Hard bound: a job waiting this long goes first (oldest first), model switch or not. "
+        "Below it a job's priority already grows with its wait in proportion to its expected length.",
+    )
+    gpu_lanes: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Generations that may hold the GPU at once. With one running, another starts only when "
+        "its model is resident and it is short compared with what runs (an image beside a video); "
+        "1: strictly one at a time. Chat runs beside them either way.",
     )
     drain_timeout_s: float | None = Field(
         None, gt=0, description="Before an unload, wait this long for requests in flight, then cancel them."

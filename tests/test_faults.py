@@ -174,7 +174,7 @@ def test_restart_under_the_same_worker_id_while_another_pod_waits(tiny_models_di
     # pod-b's heartbeat outlives its restart (15 s, the production default): nobody reaps it.
     restarted = spawn("restarted", bridge_env(output_dir=tmp_path / "b", worker_id="pod-b", heartbeat_ttl_s=15,
                                               **common)).start().wait_ready()
-    jobs = [sdxl_job(seed=1, num_inference_steps=40), sdxl_job(seed=2, num_inference_steps=40)]
+    jobs = [sdxl_job(seed=1, num_inference_steps=150), sdxl_job(seed=2, num_inference_steps=150)]
     for job in jobs:
         push(client, job)
     wait_until(lambda: len(client.lrange("processing:pod-b:sdxl_queue", 0, -1)) == 2, 120)
@@ -207,7 +207,7 @@ def test_sigkill_tritonserver_and_a_model_stub_mid_job(tiny_models_dir, redis_se
                    for body in stub.callbacks(job_id, outcome=None))
 
     # 1. tritonserver itself dies mid-job: the bridge restarts it and retries the job.
-    first = sdxl_job(num_inference_steps=40)
+    first = sdxl_job(num_inference_steps=150)
     push(client, first)
     wait_until(lambda: generating(first["id"]), 180, message=lambda: f"never generating:\n{bridge.tail()}")
     old_server = bridge.tritonserver_pid()
@@ -221,7 +221,7 @@ def test_sigkill_tritonserver_and_a_model_stub_mid_job(tiny_models_dir, redis_se
     warm = small_wan()
     push(client, warm)
     wait_terminals(stub, [warm["id"]], timeout=240)  # wan resident before the sdxl stub dies
-    second = sdxl_job(num_inference_steps=40)
+    second = sdxl_job(num_inference_steps=150)
     push(client, second)
     wait_until(lambda: generating(second["id"]), 180, message=lambda: f"never generating:\n{bridge.tail()}")
     stubs = [pid for pid in children_of(new_server)

@@ -76,6 +76,12 @@ def test_video_is_an_mp4_of_the_requested_frames_size_and_fps(url: str) -> None:
     assert final["seeds"].tolist() == [42]
 
 
+def test_the_longest_video_the_job_table_allows(url: str) -> None:
+    """161 frames (41 latent frames): the most WAN_VIDEO_LIMITS accepts must also run."""
+    final = outputs(generate(url, num_frames=161, width=32, height=32, steps=1), steps=1)
+    assert len(frames(final)) == 161 and final["num_frames"].tolist() == [161]
+
+
 def test_image_output_is_one_png(url: str) -> None:
     final = outputs(generate(url, output="image", width=48, height=32), steps=2)
     assert set(final) == {"images", "seeds", "num_frames", "fps"}

@@ -362,6 +362,52 @@ async def test_finished_marks(queue: Queue, raw: aioredis.Redis) -> None:
     assert await raw.ttl("finished:j1") > 86_400
 
 
+async def test_begin_checks_finished_claim_and_cancel_in_one_step(redis_server: RedisServer, raw: aioredis.Redis) -> None:
+    one, two = make_queue(redis_server, "w1"), make_queue(redis_server, "w2")
+    try:
+        await one.heartbeat()
+        await two.heartbeat()
+        await raw.rpush("sdxl_queue", job("j1"), job("j1", other=True))
+        held = await one.take("sdxl_queue", count=False)
+        assert held.attempt == 0
+        first = await one.begin("j1", held)
+        assert (first.finished, first.owner, first.cancelled, first.attempt) == (None, None, False, 1)
+        assert await raw.get("job_claim:j1") == b"w1"
+        assert (await one.begin("j1", held)).attempt == 1  # the same delivery counts once
+        duplicate = await two.begin("j1", held)
+        assert duplicate.owner == "w1" and duplicate.finished is None  # w1 holds it: w2 must not run it
+        assert duplicate.attempt == 0  # a duplicate is not counted
+        # A claim whose owner no longer holds the payload does not count (issue 7).
+        other = await two.take("sdxl_queue")
+        assert (await two.begin("j1", other)).owner is None
+
+        await raw.set("cancel:j2", "1")
+        assert (await one.begin("j2")).cancelled is True
+        await one.mark_finished("j3", "failed")
+        finished = await one.begin("j3")
+        assert finished.finished == "failed" and await raw.get("job_claim:j3") is None  # not claimed
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_settle_marks_acks_and_releases_in_one_step(queue: Queue, raw: aioredis.Redis) -> None:
+    await raw.rpush("sdxl_queue", job("j1"))
+    delivery = await queue.take("sdxl_queue")
+    assert (await queue.begin("j1", delivery)).owner is None
+    assert await queue.settle(delivery, "completed") is True
+    assert await where(raw, delivery.raw) == {"queue": 0, "processing": 0, "dead": 0}
+    assert await queue.finished_status("j1") == "completed"
+    assert await raw.exists("job_claim:j1", delivery.attempts_key) == 0
+    assert await queue.settle(delivery, "completed") is False  # settled once only
+    # Another worker's claim is left alone.
+    await raw.rpush("sdxl_queue", job("j2"))
+    other = await queue.take("sdxl_queue")
+    await raw.set("job_claim:j2", "w9")
+    assert await queue.settle(other, "failed") is True
+    assert await raw.get("job_claim:j2") == b"w9" and await queue.finished_status("j2") == "failed"
+
+
 async def test_state_round_trip(queue: Queue, raw: aioredis.Redis) -> None:
     assert await queue.get_state("nope") is None
     assets = [{"type": "image", "url": "u1/j1/0.png"}]

@@ -425,6 +425,33 @@ def test_spool_entry_without_manifest_is_not_an_entry(spool):
     assert spool.load("half-written") is None and spool.pending() == []
 
 
+def test_spool_save_without_fsync_then_sync(spool, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    job = _job_id()
+    entry = spool.save(job, _image_outputs(count=2), durable=False)
+    assert synced == [] and spool.has(job) and spool.load(job) == entry  # whole already, not yet synced
+    spool.sync(job)
+    names = {Path(path).name for path in synced}
+    assert {"0.png", "1.png", "manifest.json", job, spool.directory.name} <= names
+    spool.remove(job)
+    spool.sync(job)  # removed meanwhile: nothing to do
+    assert not spool.has(job)
+
+
+def test_spool_entry_that_is_not_whole_is_discarded(spool, caplog):
+    truncated, garbled = _job_id(), _job_id()
+    entry = spool.save(truncated, _image_outputs(count=2))
+    entry.assets[1].path.write_bytes(entry.assets[1].path.read_bytes()[:10])  # a power cut before sync
+    spool.save(garbled, _image_outputs(count=1))
+    (spool.directory / garbled / "manifest.json").write_bytes(b'{"version": 1, "job_')
+    with caplog.at_level("WARNING"):
+        assert spool.load(truncated) is None and spool.load(garbled) is None
+    assert "1.png has 10 bytes" in caplog.text and "unreadable manifest" in caplog.text
+    assert spool.pending() == [] and not spool.has(truncated) and not spool.has(garbled)
+
+
 def test_spool_unwritable_directory_raises_spool_error(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the spool folder should be")

@@ -3,6 +3,7 @@ plus the benchmark's simulation running the real residency manager under a virtu
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 from dataclasses import dataclass
@@ -12,25 +13,32 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.jobs import JOB_TYPES
 from bridge.model_table import (
     DEFAULT_SPECS,
     ModelSpec,
     ModelTable,
+    Stage,
     build_table,
     effective_budget,
+    is_interactive,
     job_models,
+    job_stages,
     job_steps,
     parse_overrides,
     table_from_settings,
 )
 from bridge.scheduler import (
     ModelView,
+    Running,
     Scheduler,
     WaitingGroup,
     occupied_gb,
     plan_residency,
+    wanted_next,
 )
 from bridge.settings import SettingsError, load_settings
+from bridge.worker import Dispatcher, Waiting
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import schedule as bench
@@ -101,20 +109,37 @@ def test_parse_overrides_accepts_a_new_model() -> None:
 
 
 def test_job_needs() -> None:
-    table = build_table()
     assert job_steps("sdxl_image_fast") == (frozenset({"sdxl"}),)
     assert job_steps("video_high") == (frozenset({"wan"}),)
     assert job_steps("wan_video_fast") == (frozenset({"wan"}),)
-    assert job_steps("video7b_fast_enhanced", table) == (frozenset({"qwen_base", "wan"}),)
-    # Both do not fit together in a small budget: enhancement first, then WAN.
-    assert job_steps("image7b_high_enhanced", table.with_budget(20)) == (frozenset({"qwen_base"}), frozenset({"wan"}))
+    # CONTRACT §3 "qwen_base, then wan": never both at once (beside SDXL and chat that is 55 GB).
+    assert job_steps("video7b_fast_enhanced") == (frozenset({"qwen_base"}), frozenset({"wan"}))
     assert job_steps("chat") == (frozenset({"qwen_instruct"}),)
     assert job_steps("chat", model="qwen_base") == (frozenset({"qwen_base"}),)
+    assert job_steps("chat_conversation") == (frozenset({"qwen_instruct"}),)
     assert job_models("image7b_fast_enhanced") == {"qwen_base", "wan"}
     with pytest.raises(ValueError, match="unknown job type"):
         job_steps("gif_fast")
     with pytest.raises(ValueError, match="model must be"):
         job_steps("chat", model="wan")
+
+
+def test_job_stages_key_and_cost_each_grant() -> None:
+    enhance, render = job_stages("video7b_high_enhanced")
+    assert (enhance.key, enhance.models, enhance.est_s) == ("video7b_high_enhanced:enhance", {"qwen_base"}, 2.0)
+    assert enhance.then == {"wan"} and render.then == frozenset()
+    assert (render.key, render.models, render.est_s) == ("video7b_high_enhanced", {"wan"}, 240.0)
+    assert job_stages("sdxl_image_fast") == (Stage("sdxl_image_fast", frozenset({"sdxl"}), 4.0),)
+    assert is_interactive("chat_conversation") and is_interactive("chat") and not is_interactive("video_fast")
+
+
+def test_every_generation_job_type_has_stages_ending_on_its_model() -> None:
+    """bridge/worker.py asks job_stages for every image/video job: the two tables must agree."""
+    for name, job_type in JOB_TYPES.items():
+        stages = job_stages(job_type.name)
+        assert stages[-1].models == {job_type.model}, name
+        assert frozenset().union(*(s.models for s in stages)) == set(job_type.models), name
+        assert all(s.est_s > 0 for s in stages), name
 
 
 def test_effective_budget_is_capped_by_the_gpu() -> None:
@@ -251,9 +276,15 @@ def test_nothing_to_do() -> None:
 def test_prefetch_pinned_then_preferred_when_they_fit() -> None:
     sched = Scheduler(_table(budget=2.0), clock=Clock(0))
     assert sched.prefetch({}) == ("sdxl", "qwen_instruct")
-    assert sched.prefetch({"wan": ModelView("ready")}) == ("sdxl",)
     assert sched.prefetch({"sdxl": ModelView("failed")}) == ("qwen_instruct",)
-    assert sched.prefetch({"wan": ModelView("ready"), "qwen_base": ModelView("ready")}) == ()
+    # Room held by idle on-demand models that no known work needs can be taken back...
+    assert sched.prefetch({"wan": ModelView("ready")}) == ("sdxl", "qwen_instruct")
+    assert sched.prefetch({"wan": ModelView("ready"), "qwen_base": ModelView("ready")}) == ("sdxl", "qwen_instruct")
+    # ...but not from a model that is busy or that waiting work (or a next stage) needs.
+    assert sched.prefetch({"wan": ModelView("ready")}, keep={"wan"}) == ("sdxl",)
+    assert sched.prefetch({"wan": ModelView("ready", in_flight=1)}) == ("sdxl",)
+    assert sched.prefetch({"wan": ModelView("ready", in_flight=1), "qwen_base": ModelView("ready")},
+                          keep={"qwen_base"}) == ()
 
 
 # ------------------------------------------------------------------------------ properties
@@ -386,6 +417,247 @@ def test_decisions_are_deterministic() -> None:
     assert first.key == "a" and first.reason == "aged"  # both aged at 90 s: key breaks the tie
 
 
+# ------------------------------------------------------------------------------ response ratio
+
+
+def test_a_long_job_passed_by_short_ones_gets_its_turn_in_proportion_to_its_length() -> None:
+    clock = Clock(0)
+    sched = Scheduler(_table(budget=4.0), aging_s=10_000, clock=clock)
+    views = {"wan": ModelView("ready")}
+    # Fresh work goes cheapest first...
+    assert sched.decide([_group("video", {"wan"}, 0, est=240), _group("image", {"wan"}, 0, est=25)], views).key == "image"
+    video = _group("video", {"wan"}, 0, est=240)
+    # ...but a job's priority grows with its wait over its own length: the video, waiting
+    # 240 s (one length), goes before an image that waited 20 s (almost one length of its own)...
+    clock.now = 240
+    assert sched.decide([video, _group("image", {"wan"}, 220, est=25)], views).key == "video"
+    # ...and after an image that waited 30 s (more than its length) it does not.
+    assert sched.decide([video, _group("image", {"wan"}, 210, est=25)], views).key == "image"
+
+
+# ------------------------------------------------------------------------------ lanes
+
+
+def _running(key: str, models: set[str], since: float, est: float, **kw) -> Running:
+    return Running(key, frozenset(models), since, est, **kw)
+
+
+def test_a_short_resident_job_starts_beside_a_long_one() -> None:
+    clock = Clock(100)
+    sched = Scheduler(_table(budget=4.0), clock=clock, lanes=2)
+    views = {"sdxl": ModelView("ready"), "wan": ModelView("ready", in_flight=1)}
+    video = _running("video", {"wan"}, 90, 240)
+    decision = sched.decide([_group("image", {"sdxl"}, 99, est=5)], views, running=[video])
+    assert decision is not None and decision.key == "image" and decision.reason == "beside"
+    # Not when lanes are full, nor with one lane...
+    image = _running("image", {"sdxl"}, 100, 5)
+    assert sched.decide([_group("image2", {"sdxl"}, 99, est=5)], views, running=[video, image]) is None
+    one = Scheduler(_table(budget=4.0), clock=clock, lanes=1)
+    assert one.decide([_group("image", {"sdxl"}, 99, est=5)], views, running=[video]) is None
+    # ...nor a long job beside a short one, nor one for the same model (one request at a time).
+    short = _running("image", {"sdxl"}, 99, 5)
+    assert sched.decide([_group("video", {"wan"}, 50, est=240)], {"sdxl": ModelView("ready"), "wan": ModelView("ready")},
+                        running=[short]) is None
+    assert sched.decide([_group("image", {"wan"}, 99, est=5)], views, running=[video]) is None
+    # Not when the running work is nearly done (it would not save the short job much).
+    clock.now = 90 + 235
+    assert sched.decide([_group("image", {"sdxl"}, 99, est=5)], views, running=[video]) is None
+
+
+def test_chat_goes_first_and_nothing_passes_an_aged_job_beside() -> None:
+    clock = Clock(1000)
+    sched = Scheduler(_table(budget=4.0), aging_s=900, clock=clock, lanes=2)
+    views = {m: ModelView("ready") for m in ("sdxl", "wan", "qwen_instruct")}
+    video = _running("video", {"wan"}, 990, 240)
+    image = _group("image", {"sdxl"}, 999, est=5)
+    chat = _running("chat", {"qwen_instruct"}, 995, 10, interactive=True)
+    assert sched.decide([image], views, running=[video, chat]) is None
+    # Beside a chat alone a generation waits for it (it ends no later than sharing the card
+    # would make it, and the chat ends sooner)...
+    assert sched.decide([image], views, running=[chat]) is None
+    # ...unless the chat outran its estimate, or the job aged, or its load would outlast the chat.
+    clock.now = 1006
+    assert sched.decide([image], views, running=[chat]).key == "image"
+    clock.now = 1000
+    assert sched.decide([_group("old", {"sdxl"}, 99, est=5)], views, running=[chat]).key == "old"
+    unloaded = {"sdxl": ModelView("ready"), "qwen_instruct": ModelView("ready", in_flight=1)}
+    assert sched.decide([_group("video", {"wan"}, 999, est=240)], unloaded,
+                        running=[_running("chat", {"qwen_instruct"}, 999, 3, interactive=True)]).load == ("wan",)
+    # An aged job (here one that needs WAN, busy) blocks younger work from starting beside.
+    aged = _group("video2", {"wan"}, 50, est=240)
+    assert sched.decide([aged, image], views, running=[video]) is None
+    older = _group("image0", {"sdxl"}, 40, est=5)
+    assert sched.decide([aged, older], views, running=[video]).key == "image0"
+
+
+def test_a_load_starts_beside_work_that_ends_before_it() -> None:
+    clock = Clock(100)
+    sched = Scheduler(_table(budget=3.0), clock=clock, lanes=2)
+    views = {"sdxl": ModelView("ready", in_flight=1), "qwen_base": ModelView("ready")}
+    image = _running("image", {"sdxl"}, 98, 5)  # 3 s to go; WAN loads in 5
+    decision = sched.decide([_group("video", {"wan"}, 90, est=240)], views, running=[image])
+    assert decision is not None and decision.load == ("wan",) and decision.reason == "beside"
+    long_image = _running("image", {"sdxl"}, 98, 60)
+    assert sched.decide([_group("video", {"wan"}, 90, est=240)], views, running=[long_image]) is None
+    # Never by evicting what the running work holds.
+    full = {"sdxl": ModelView("ready", in_flight=1), "qwen_base": ModelView("ready"), "qwen_instruct": ModelView("ready")}
+    assert sched.decide([_group("video", {"wan"}, 90, est=240)], full,
+                        running=[image, _running("chat", {"qwen_base"}, 99, 5, interactive=True)]) is None
+
+
+# ------------------------------------------------------------------------------ eviction spares what comes next
+
+
+def test_eviction_spares_the_model_the_next_stage_needs() -> None:
+    table = build_table()
+    views = {"sdxl": ModelView("ready"), "qwen_instruct": ModelView("ready"), "wan": ModelView("ready")}
+    # Policy alone evicts WAN (on demand) for the enhancement, and the render must reload it.
+    assert plan_residency(table, {"qwen_base"}, views).evict == ("wan",)
+    # Knowing the render comes next, the chat model (preferred) makes room instead...
+    assert plan_residency(table, {"qwen_base"}, views, keep={"wan"}).evict == ("qwen_instruct",)
+    # ...unless chat is waiting too: then policy decides again. SDXL (pinned) stays either way.
+    assert plan_residency(table, {"qwen_base"}, views, keep={"wan", "qwen_instruct"}).evict == ("wan",)
+    # Plain LRU (the baseline) ignores it.
+    lru = {n: ModelView("ready", last_used=i) for i, n in enumerate(("wan", "qwen_instruct", "sdxl"))}
+    assert plan_residency(table, {"qwen_base"}, lru, eviction="lru", keep={"wan"}).evict == ("wan",)
+
+
+def test_the_scheduler_plans_with_what_comes_next() -> None:
+    sched = Scheduler(build_table(), clock=Clock(10))
+    views = {"sdxl": ModelView("ready"), "qwen_instruct": ModelView("ready"), "wan": ModelView("ready")}
+    enhance = WaitingGroup("video_fast_enhanced:enhance", frozenset({"qwen_base"}), 0, 1, False, 2.0, frozenset({"wan"}))
+    decision = sched.decide([enhance], views)
+    assert decision.load == ("qwen_base",) and decision.evict == ("qwen_instruct",)
+    render = _running("video_fast", {"wan"}, 5, 120, then=frozenset())
+    assert wanted_next([enhance], [render]) == {"qwen_base", "wan"}
+    assert wanted_next([], [_running("x:enhance", {"qwen_base"}, 5, 2, then=frozenset({"wan"}))]) == {"wan"}
+
+
+# ------------------------------------------------------------------------------ the dispatcher
+
+
+class _Residency:
+    """What the dispatcher reads from the residency manager: views, budget, the wanted hint."""
+
+    def __init__(self, views: dict[str, ModelView], budget_gb: float = 4.0) -> None:
+        self._views = views
+        self.budget_gb = budget_gb
+        self.wanted: frozenset[str] = frozenset()
+        self.displaced = frozenset({"qwen_instruct", "refused"})
+        self.prefetched: list[str] = []
+
+    def views(self) -> dict[str, ModelView]:
+        return dict(self._views)
+
+    async def prefetch(self, name: str) -> bool:
+        self.prefetched.append(name)
+        if name == "refused":
+            return False
+        self._views[name] = ModelView("ready")
+        return True
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_dispatcher_grants_a_short_job_beside_a_long_one_and_takes_the_lane_back() -> None:
+    clock = Clock(100)
+    residency = _Residency({m: ModelView("ready") for m in ("sdxl", "wan", "qwen_instruct", "qwen_base")})
+    dispatcher = Dispatcher(Scheduler(_table(budget=4.0), clock=clock, lanes=2), residency)  # type: ignore[arg-type]
+    dispatcher.start()
+    try:
+        video = Waiting("video_high", frozenset({"wan"}), 90, est_s=240)
+        await asyncio.wait_for(dispatcher.acquire(video), 1)
+        image = Waiting("sdxl_image_fast", frozenset({"sdxl"}), 99, est_s=5)
+        await asyncio.wait_for(dispatcher.acquire(image), 1)  # beside the video
+        assert [r.key for r in dispatcher.running()] == ["video_high", "sdxl_image_fast"]
+        # Both lanes are taken: a third generation waits; chat does not take a lane.
+        third = Waiting("sdxl_image_high", frozenset({"sdxl"}), 99.5, est_s=7)
+        pending = asyncio.ensure_future(dispatcher.acquire(third))
+        chat = Waiting("chat", frozenset({"qwen_instruct"}), 100, interactive=True, est_s=10)
+        await asyncio.wait_for(dispatcher.acquire(chat), 1)
+        await _settle()
+        assert not pending.done() and [w.key for w in dispatcher.waiting()] == ["sdxl_image_high"]
+        dispatcher.release(chat)
+        dispatcher.release(image)
+        await asyncio.wait_for(pending, 1)  # the lane came back
+        assert {r.key for r in dispatcher.running()} == {"video_high", "sdxl_image_high"}
+    finally:
+        await dispatcher.stop()
+
+
+async def test_dispatcher_with_one_lane_runs_generations_one_at_a_time() -> None:
+    residency = _Residency({m: ModelView("ready") for m in ("sdxl", "wan")})
+    dispatcher = Dispatcher(Scheduler(_table(budget=4.0), clock=Clock(100), lanes=1), residency)  # type: ignore[arg-type]
+    dispatcher.start()
+    try:
+        video = Waiting("video_high", frozenset({"wan"}), 90, est_s=240)
+        await asyncio.wait_for(dispatcher.acquire(video), 1)
+        image = asyncio.ensure_future(dispatcher.acquire(Waiting("sdxl_image_fast", frozenset({"sdxl"}), 99, est_s=5)))
+        await _settle()
+        assert not image.done()
+        dispatcher.release(video)
+        await asyncio.wait_for(image, 1)
+    finally:
+        await dispatcher.stop()
+
+
+async def test_a_cancelled_wait_holds_no_lane_and_the_hint_names_the_next_stage() -> None:
+    residency = _Residency({m: ModelView("ready") for m in ("sdxl", "wan", "qwen_base")})
+    dispatcher = Dispatcher(Scheduler(_table(budget=4.0), clock=Clock(100), lanes=1), residency)  # type: ignore[arg-type]
+    dispatcher.start()
+    try:
+        enhance = Waiting("video_fast_enhanced:enhance", frozenset({"qwen_base"}), 90, est_s=2, then=frozenset({"wan"}))
+        await asyncio.wait_for(dispatcher.acquire(enhance), 1)
+        assert residency.wanted == {"wan"}  # eviction spares what the render will need
+        waiter = asyncio.ensure_future(dispatcher.acquire(Waiting("image", frozenset({"sdxl"}), 95, est_s=5)))
+        await _settle()
+        waiter.cancel()
+        await _settle()
+        assert dispatcher.waiting() == []
+        dispatcher.release(enhance)
+        await _settle()
+        assert dispatcher.running() == () and residency.wanted == frozenset()
+        render = Waiting("video_fast_enhanced", frozenset({"wan"}), 90, est_s=120)
+        await asyncio.wait_for(dispatcher.acquire(render), 1)
+    finally:
+        await dispatcher.stop()
+
+
+async def test_dispatcher_brings_the_chat_model_back_when_an_idle_model_can_make_room() -> None:
+    views = {"sdxl": ModelView("ready"), "wan": ModelView("ready", in_flight=1), "qwen_base": ModelView("ready")}
+    residency = _Residency(views, budget_gb=3.0)
+    dispatcher = Dispatcher(Scheduler(_table(budget=3.0), clock=Clock(100), lanes=2), residency)  # type: ignore[arg-type]
+    dispatcher.start()
+    try:
+        render = Waiting("video_fast_enhanced", frozenset({"wan"}), 90, est_s=120)
+        await asyncio.wait_for(dispatcher.acquire(render), 1)
+        await _settle()
+        assert residency.prefetched == ["qwen_instruct"]  # once: then it is resident
+    finally:
+        await dispatcher.stop()
+
+
+async def test_a_refused_prefetch_is_not_retried_in_a_loop() -> None:
+    class Refusing(Scheduler):
+        def prefetch(self, models, **kwargs):  # type: ignore[override]
+            return ("refused",)
+
+    residency = _Residency({"sdxl": ModelView("ready")})
+    dispatcher = Dispatcher(Refusing(_table(budget=4.0), clock=Clock(0)), residency)  # type: ignore[arg-type]
+    dispatcher.start()
+    try:
+        item = Waiting("sdxl_image_fast", frozenset({"sdxl"}), 0, est_s=4)
+        await asyncio.wait_for(dispatcher.acquire(item), 1)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert residency.prefetched == ["refused"]
+    finally:
+        await dispatcher.stop()
+
+
 # ------------------------------------------------------------------------------ the benchmark
 
 
@@ -423,3 +695,97 @@ def test_benchmark_counts_budget_violations_of_a_careless_control() -> None:
         assert loop.run_until_complete(careless()) == 1
     finally:
         loop.close()
+
+
+def test_simulated_gpu_shares_its_time_and_serves_one_request_per_model() -> None:
+    """Processor sharing: two requests side by side each take twice as long (no free
+    throughput); two for one model queue (one Triton instance)."""
+
+    async def run() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        gpu = bench.SimGpu(loop)
+        ends: dict[str, float] = {}
+
+        async def one(name: str, model: str, work: float, delay: float = 0.0) -> None:
+            await asyncio.sleep(delay)
+            await gpu.run(model, work)
+            ends[name] = loop.time()
+
+        await asyncio.gather(one("video", "wan", 10), one("image", "sdxl", 4, delay=2), one("image2", "sdxl", 1, delay=3))
+        ends["busy"] = gpu.busy_s
+        return ends
+
+    loop = bench.VirtualTimeLoop()
+    try:
+        ends = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    # The image (4 s of work from t=2) runs at half speed beside the video: done at 10, the video
+    # has 4 s left. image2 (arrived at 3) queued behind the image at SDXL, then 1 s of work at half
+    # speed: done at 12; the video's last 3 s run alone: done at 15.
+    assert ends["image"] == pytest.approx(10.0)
+    assert ends["image2"] == pytest.approx(12.0)
+    assert ends["video"] == pytest.approx(15.0)
+    assert ends["busy"] == pytest.approx(15.0)  # 10 + 4 + 1 s of work, never idle
+
+
+def test_benchmark_lanes_let_short_jobs_pass_long_ones_without_breaking_the_budget() -> None:
+    table = build_table()
+    trace = bench.make_trace(3, 300, 0.7, {"sdxl": 0.6, "chat": 0.25, "wan": 0.15}, 0.5)
+    two = bench.simulate(trace, table, "scheduler", lanes=2)
+    one = bench.simulate(trace, table, "scheduler", lanes=1)
+    for outcome in (one, two):
+        assert outcome.violations == 0
+        # Never an enhancement's Qwen Base and WAN at once: SDXL, Qwen Instruct and one of them.
+        assert outcome.peak_gb <= 40
+        assert all(j.finished is not None and j.rejected is None for j in outcome.jobs)
+    s_two, s_one = bench.summarize(two), bench.summarize(one)
+    assert s_two["beside"] > 0 and s_one["beside"] == 0
+    assert s_two["sdxl_mean"] < s_one["sdxl_mean"] / 2
+    # The same work was done: sharing moves finishing times, it adds no throughput.
+    assert s_two["makespan"] == pytest.approx(s_one["makespan"], rel=0.05)
+
+
+def test_residency_spares_wanted_models_and_brings_the_chat_model_back() -> None:
+    from bridge.residency import ResidencyManager  # noqa: PLC0415
+
+    table = build_table()
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        control = bench.SimControl(table, table.budget_gb)
+        manager = ResidencyManager(control, table, clock=loop.time, gpu=None)
+        for name in ("sdxl", "qwen_instruct", "wan"):
+            await manager.ensure({name})
+        manager.wanted = frozenset({"wan"})  # an enhancement's render comes next
+        await manager.ensure({"qwen_base"})
+        assert manager.state("wan") == "ready" and manager.state("qwen_instruct") == "unloaded"
+        assert manager.displaced == {"qwen_instruct"}  # made room: may come back
+        # Qwen Base is still wanted (more enhancements wait): the chat model is not brought back.
+        manager.wanted = frozenset({"wan", "qwen_base"})
+        assert not await manager.prefetch("qwen_instruct")
+        async with manager.use("wan"):  # the render runs; the enhancements are done
+            manager.wanted = frozenset()
+            assert await manager.prefetch("qwen_instruct")
+            assert manager.state("qwen_base") == "unloaded" and manager.state("wan") == "ready"
+        assert manager.state("qwen_instruct") == "ready" and not await manager.prefetch("qwen_instruct")
+        assert manager.displaced == {"qwen_base"}
+        # An explicit unload is not undone.
+        await manager.unload("sdxl")
+        assert "sdxl" not in manager.displaced and not await manager.prefetch("sdxl")
+        assert control.violations == 0
+
+    loop = bench.VirtualTimeLoop()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+
+def test_gpu_lanes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().gpu_lanes == 2
+    monkeypatch.setenv("GPU_LANES", "1")
+    assert load_settings().gpu_lanes == 1
+    monkeypatch.setenv("GPU_LANES", "0")
+    with pytest.raises(SettingsError, match="GPU_LANES"):
+        load_settings()

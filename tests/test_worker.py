@@ -189,8 +189,8 @@ async def test_duplicate_delivery_of_a_finished_job_is_not_run_again(bridge: Run
 async def test_time_limit_stops_the_generation(bridge: Runtime, supabase: SupabaseStub, monkeypatch) -> None:
     from dataclasses import replace
 
-    monkeypatch.setitem(JOB_TYPES, "video_high", replace(JOB_TYPES["video_high"], time_limit_s=1.0))
-    job = wan_job("video_high", num_inference_steps=100, frame_num=21)
+    monkeypatch.setitem(JOB_TYPES, "video_high", replace(JOB_TYPES["video_high"], time_limit_s=0.5))
+    job = wan_job("video_high", num_inference_steps=100, frame_num=81)  # seconds on tiny WAN
     await push(bridge, job)
     callback = await wait_terminal(supabase, job["id"])
     assert callback["status"] == "failed" and "time limit" in callback["error_message"]

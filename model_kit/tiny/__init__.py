@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 BUILDERS = {"sdxl": "model_kit.tiny.sdxl", "wan": "model_kit.tiny.wan", "qwen": "model_kit.tiny.qwen"}
-VERSION = 1
+VERSION = 2  # 2: WAN rope length for 161 frames
 
 
 def build(name: str, root: Path, force: bool = False) -> None:

@@ -66,7 +66,7 @@ def _transformer():
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        rope_max_seq_len=64,  # 41 latent frames: the 161 frames the job table allows
     )
 
 
