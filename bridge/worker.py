@@ -244,7 +244,8 @@ class Worker:
         self._progress_sends: dict[str, asyncio.Task] = {}  # job id -> its progress callback in flight
         self._spool_syncs: dict[str, asyncio.Task] = {}  # job id -> its spool entry's fsync
         self._stopping = False
-        self._prefetched = {name: asyncio.Event() for name in QUEUES}
+        self._prefetched = {name: asyncio.Event() for name in QUEUES}  # set: the queue may take its next job
+        self._intake: dict[str, asyncio.Task] = {}  # queue -> the job taken last, while it keeps the next out
 
     # ------------------------------------------------------------------ lifecycle
     async def start_jobs(self) -> None:
@@ -294,8 +295,19 @@ class Worker:
                 continue
             ready.clear()
             task = asyncio.create_task(self.run_job(delivery), name=f"job:{delivery.job_id}")
-            task.add_done_callback(lambda _t, ev=ready: ev.set())
-            # The next job of this queue may be taken once this one holds the GPU (see run_job).
+            self._intake[queue_name] = task
+            task.add_done_callback(lambda done, name=queue_name: self._free_intake(name, done))
+            # The next job of this queue is taken once this one holds the GPU or ends (_free_intake).
+
+    def _free_intake(self, queue_name: str, task: asyncio.Task | None = None) -> None:
+        """``task`` (default: the current one) no longer keeps ``queue_name`` from taking its next
+        job: it holds the GPU, needs none, or ended. Only the job taken last counts: a job that
+        ends after the next one was taken must not let a third in, or the worker would take the
+        whole queue into its processing list, away from other workers."""
+        task = task or asyncio.current_task()
+        if self._intake.get(queue_name) is task:
+            del self._intake[queue_name]
+            self._prefetched[queue_name].set()
 
     # ------------------------------------------------------------------ one job
     async def run_job(self, delivery: Delivery) -> None:
@@ -365,7 +377,7 @@ class Worker:
             # Generated (or settled as failed/cancelled) before a crash: report that same result
             # again, whatever the attempt count, never a different one.
             log.info("job %s: result found in the spool; reporting it again without generating", job.id)
-            self._prefetched[delivery.queue].set()  # no GPU needed: the queue may move on
+            self._free_intake(delivery.queue)  # no GPU needed: the queue may move on
             await self._finish_from_spool(delivery, job, entry)
             return
         if self.queue.past_max_attempts(delivery):
@@ -451,7 +463,7 @@ class Worker:
                           then=stage.then if stage is not None else frozenset())
         await self.dispatcher.acquire(waiting)
         self._granted.add(job.id)
-        self._prefetched[delivery.queue].set()  # this job holds the GPU: the next one may be taken
+        self._free_intake(delivery.queue)  # this job holds the GPU: the next one may be taken
         try:
             yield throttle
         finally:
@@ -608,7 +620,7 @@ class Worker:
                 return await send()
             except ReportingDeadline as exc:
                 log.warning("job %s: reporting deadline passed (%s); trying again in %.0fs", job_id, exc, pause)
-                self._prefetched[delivery.queue].set()  # nothing of this job needs the GPU now
+                self._free_intake(delivery.queue)  # nothing of this job needs the GPU now
                 await asyncio.sleep(pause * (0.5 + random.random()))
                 pause = min(pause * 2, REPORT_RETRY_MAX_PAUSE_S)
 

@@ -130,6 +130,29 @@ async def test_double_encoded_payload_and_fifo_order(bridge: Runtime, supabase: 
     assert started == sorted(started), "jobs must start oldest first"
 
 
+async def test_a_worker_takes_only_the_next_job_not_the_whole_queue(bridge: Runtime, supabase: SupabaseStub) -> None:
+    """While one job generates, one more is taken (parsed, checked, waiting for the GPU); the rest
+    stay in the queue for any worker. (A finished job used to let one more in each time, so a
+    busy worker drained the whole queue into its processing list.)"""
+    from bridge.queue import processing_key
+
+    jobs = [sdxl_job(seed=i, num_inference_steps=6) for i in range(10)]
+    for job in jobs:
+        await push(bridge, job)
+    held, queued, waiting = [], [], []
+    terminal = asyncio.gather(*(wait_terminal(supabase, job["id"]) for job in jobs))
+    key = processing_key(bridge.settings.worker_id, "sdxl_queue")
+    while not terminal.done():
+        held.append(await bridge.queue._client.llen(key))
+        queued.append(await bridge.queue._client.llen("sdxl_queue"))
+        waiting.append(len(bridge.worker.dispatcher.waiting()))
+        await asyncio.sleep(0.005)
+    assert all(body["status"] == "completed" for body in await terminal)
+    assert max(waiting) <= 1, waiting  # one job of the queue waits for the GPU at most
+    # Held besides: the running job, and finished ones until their callback is accepted.
+    assert max(queued) >= 5 and min(held) <= 2, (queued, held)  # the rest stayed in Redis
+
+
 @pytest.mark.parametrize(
     "mutate, field",
     [
