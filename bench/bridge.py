@@ -32,7 +32,9 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -56,26 +58,93 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def _wait(runtime: Runtime, job_id: str, status: str = "completed", timeout: float = 300) -> dict:
-    last, deadline = "0", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for last, event in await runtime.queue.events(job_id, last, block_ms=1000):
-            if event.get("status") == status or event.get("status") in ("failed", "cancelled"):
-                return event
-    raise TimeoutError(job_id)
+class _App:
+    """The app's side, in a process of its own as in production: it pushes jobs (RPUSH) and follows
+    their events on its own Redis connection, so none of that work runs on the bridge's event loop
+    (an in-process client made the bridge's loop also parse the bench's replies). It answers each
+    batch with the ``updated_at`` of every job's first ``processing`` and its ``completed`` event."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> "_App":
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--app", self.redis_url,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._process is not None and self._process.stdin is not None
+        self._process.stdin.close()
+        await self._process.wait()
+
+    async def run(self, jobs: list[dict]) -> dict:
+        """Push ``jobs`` at once; when all completed: {"pushed": t, "processing": {id: t}, "completed": {id: t}}."""
+        return await self._ask(jobs)
+
+    async def push_stamp(self, key: str) -> None:
+        """RPUSH the current time (``time.time()``) to list ``key``."""
+        await self._ask({"stamp": key})
+
+    async def _ask(self, message: Any) -> dict:
+        assert self._process is not None and self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.write((json.dumps(message) + "\n").encode())
+        await self._process.stdin.drain()
+        line = await self._process.stdout.readline()
+        if not line:
+            raise RuntimeError("the app process ended")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
 
 
-async def _pickup(runtime: Runtime, jobs: int) -> list[float]:
+def _app_process(redis_url: str) -> None:
+    """``bench/bridge.py --app REDIS_URL``: the app side of :class:`_App` (stdin/stdout, one JSON line each)."""
+    import redis
+
+    from bridge.queue import events_key
+
+    client = redis.Redis.from_url(redis_url)
+    for line in sys.stdin:
+        jobs = json.loads(line)
+        if isinstance(jobs, dict):  # push_stamp
+            client.rpush(jobs["stamp"], repr(time.time()))
+            print("{}", flush=True)
+            continue
+        pushed = time.time()
+        client.rpush("sdxl_queue", *(json.dumps(job) for job in jobs))
+        times: dict[str, dict[str, float]] = {"processing": {}, "completed": {}}
+        cursors = {events_key(job["id"]): "0" for job in jobs}
+        deadline = time.monotonic() + 600
+        error = None
+        while len(times["completed"]) < len(jobs) and error is None and time.monotonic() < deadline:
+            open_streams = {key: last for key, last in cursors.items()
+                            if key.split(":", 1)[1] not in times["completed"]}
+            for stream, entries in client.xread(open_streams, block=1000) or []:
+                key = stream.decode()
+                job_id = key.split(":", 1)[1]
+                for event_id, fields in entries:
+                    cursors[key] = event_id.decode()
+                    event = json.loads(fields[b"data"])
+                    if event.get("status") in ("failed", "cancelled"):
+                        error = f"job {job_id} {event['status']}: {event.get('error')}"
+                    elif event.get("status") in times:
+                        times[event["status"]].setdefault(job_id, event["updated_at"])
+        if error is None and len(times["completed"]) < len(jobs):
+            error = "jobs did not complete within 600 s"
+        print(json.dumps({"error": error} if error else {"pushed": pushed, **times}), flush=True)
+
+
+async def _pickup(app: _App, jobs: int) -> list[float]:
     """ms from RPUSH to the recorded ``processing`` state, one job at a time (idle worker)."""
     latencies = []
     for i in range(jobs):
         job = _job(i)
         await asyncio.sleep(0.05)  # the worker is idle, blocked in BLMOVE
-        pushed = time.time()
-        await runtime.queue.push("sdxl_queue", json.dumps(job))
-        first = await _wait(runtime, job["id"], "processing")
-        latencies.append((first["updated_at"] - pushed) * 1000)
-        await _wait(runtime, job["id"])
+        times = await app.run([job])
+        latencies.append((times["processing"][job["id"]] - times["pushed"]) * 1000)
     return latencies
 
 
@@ -89,19 +158,80 @@ async def _direct(runtime: Runtime, job: dict) -> float:
     return time.perf_counter() - started
 
 
-async def _overhead(runtime: Runtime, jobs: int) -> tuple[list[float], list[float]]:
-    """(s through the bridge, s of the same request direct) per job, one job at a time."""
-    bridge_s, direct_s = [], []
+@dataclass
+class _Latency:
+    """One job on an idle worker: seconds end to end (push → ``completed`` recorded), of its own
+    Triton request inside the bridge, and of the same request sent directly afterwards."""
+
+    total: float
+    request: float
+    direct: float
+
+    @property
+    def outside(self) -> float:
+        """What the bridge adds around the request: push → request start, request end → completed."""
+        return self.total - self.request
+
+
+async def _latencies(runtime: Runtime, app: _App, requests: "_RequestTimes", jobs: int) -> list[_Latency]:
+    latencies = []
     for i in range(jobs):
         job = _job(1000 + i)
         await asyncio.sleep(0.05)  # idle worker
-        pushed = time.time()
-        await runtime.queue.push("sdxl_queue", json.dumps(job))
-        done = await _wait(runtime, job["id"])
-        bridge_s.append(done["updated_at"] - pushed)
+        since = len(requests.spans)
+        times = await app.run([job])
+        started, ended = requests.spans[since]  # the bridge's request for this job
         await asyncio.sleep(0.05)  # the direct request starts from an idle machine too (a fair pair)
-        direct_s.append(await _direct(runtime, job))
-    return bridge_s, direct_s
+        latencies.append(_Latency(times["completed"][job["id"]] - times["pushed"], ended - started,
+                                  await _direct(runtime, job)))
+    return latencies
+
+
+async def _queue_hop(app: _App, redis_url: str, count: int) -> list[float]:
+    """ms from the app's RPUSH to a bare redis-py BLMOVE in this process returning it: what the
+    queue itself costs a job, before any code of the bridge runs."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    hops = []
+    try:
+        for _ in range(count):
+            taken = asyncio.create_task(client.blmove("bench:hop", "bench:hop:taken", 10, "LEFT", "RIGHT"))
+            await asyncio.sleep(0.05)  # blocked, as an idle worker is
+            await app.push_stamp("bench:hop")
+            raw = await taken
+            hops.append((time.time() - float(raw)) * 1000)
+    finally:
+        await client.aclose()
+    return hops
+
+
+class _StoreTimes:
+    """How long the worker spends storing each job's results: the spool (files, thumbnail, asset
+    metadata: in a thread) and the reporter placing them (local mode: hard links)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.per_job: list[float] = []
+        worker = runtime.worker
+        save, upload = worker.spool.save, worker.reporter.upload_assets
+        pending: dict[str, float] = {}
+
+        def timed_save(job_id: str, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return save(job_id, *args, **kwargs)
+            finally:
+                pending[job_id] = time.perf_counter() - started
+
+        async def timed_upload(entry, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return await upload(entry, *args, **kwargs)
+            finally:
+                self.per_job.append(pending.pop(entry.job_id, 0.0) + time.perf_counter() - started)
+
+        worker.spool.save = timed_save  # type: ignore[method-assign]
+        worker.reporter.upload_assets = timed_upload  # type: ignore[method-assign]
 
 
 class _RequestTimes:
@@ -127,18 +257,11 @@ class _RequestTimes:
         return [max(0.0, later[0] - earlier[1]) for earlier, later in zip(spans, spans[1:])]
 
 
-async def _full_queue(runtime: Runtime, jobs: int, first_seed: int) -> tuple[float, float]:
+async def _full_queue(runtime: Runtime, app: _App, jobs: int, first_seed: int) -> tuple[float, float]:
     """(wall s for ``jobs`` queued at once through the bridge, wall s for them direct back to back)."""
     batch = [_job(first_seed + i) for i in range(jobs)]
-    pushed = time.time()
-    for job in batch:
-        await runtime.queue.push("sdxl_queue", json.dumps(job))
-    await _wait(runtime, batch[-1]["id"])  # FIFO: the last one ends last (one reader: the bench adds no load)
-    await asyncio.sleep(0.2)
-    states = [await runtime.queue.get_state(job["id"]) for job in batch]
-    if any((state or {}).get("status") != "completed" for state in states):
-        raise RuntimeError(f"not all jobs completed: {[(state or {}).get('status') for state in states]}")
-    bridge_wall = max(state["updated_at"] for state in states) - pushed
+    times = await app.run(batch)
+    bridge_wall = max(times["completed"].values()) - times["pushed"]
     started = time.perf_counter()
     for job in batch:
         await _direct(runtime, job)
@@ -156,46 +279,64 @@ async def main(args: argparse.Namespace) -> None:
                         triton_exit_timeout_s=3, device="cpu")
     triton = TritonServer(settings, startup_models=["sdxl"]).start()
     try:
-        async with Runtime(settings.model_copy(update={"triton_url": triton.grpc_url}), api=False) as runtime:
-            await _overhead(runtime, 3)  # warm-up
-            pickup = await _pickup(runtime, args.jobs)
-            bridge_s, direct_s = await _overhead(runtime, args.jobs)
-            # Rounds alternate bridge and direct batches: the machine's drift hits both alike.
+        async with Runtime(settings.model_copy(update={"triton_url": triton.grpc_url}), api=False) as runtime, \
+                _App(redis.url) as app:
             requests = _RequestTimes(runtime)
+            await _latencies(runtime, app, requests, 3)  # warm-up
+            pickup = await _pickup(app, args.jobs)
+            stores = _StoreTimes(runtime)
+            latencies = await _latencies(runtime, app, requests, args.jobs)
+            hops = await _queue_hop(app, redis.url, args.jobs)
+            # Rounds alternate bridge and direct batches: the machine's drift hits both alike.
             rounds, gaps = [], []
             for r in range(args.rounds):
                 since = len(requests.spans)
-                rounds.append(await _full_queue(runtime, args.jobs, 2000 + 1000 * r))
-                gaps += requests.gaps(since, args.jobs)  # the round's first requests are the bridge's
+                rounds.append(await _full_queue(runtime, app, args.batch, 2000 + 1000 * r))
+                gaps += requests.gaps(since, args.batch)  # the round's first requests are the bridge's
     finally:
         triton.stop()
         redis.stop()
-    paired = [b - d for b, d in zip(bridge_s, direct_s)]
     table = Table(title=f"bridge on tiny SDXL (64x64, 2 steps), local mode, {args.jobs} jobs per figure")
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")
     table.add_row("pickup latency p50", f"{_pct(pickup, 0.5):.2f} ms", "≤ 5 ms")
     table.add_row("pickup latency p99", f"{_pct(pickup, 0.99):.2f} ms", "")
-    table.add_row("one job through the bridge (mean, idle worker)", f"{statistics.mean(bridge_s) * 1000:.1f} ms", "")
-    table.add_row("same request direct to Triton (mean)", f"{statistics.mean(direct_s) * 1000:.1f} ms", "")
-    table.add_row("latency overhead per job (mean)", f"{(statistics.mean(bridge_s) - statistics.mean(direct_s)) * 1000:.2f} ms", "")
-    table.add_row("latency overhead per job (median of pairs)", f"{statistics.median(paired) * 1000:.2f} ms", "")
-    per_job = sorted((bridge - direct) / args.jobs * 1000 for bridge, direct in rounds)
+
+    def median_ms(values) -> float:
+        return statistics.median(values) * 1000
+
+    outside, hop, store = (median_ms([x.outside for x in latencies]), statistics.median(hops),
+                           median_ms(stores.per_job))
+    table.add_row("one job through the bridge, idle worker (median)", f"{median_ms([x.total for x in latencies]):.1f} ms", "")
+    table.add_row("  its Triton request in the bridge / the same direct (median)",
+                  f"{median_ms([x.request for x in latencies]):.1f} / {median_ms([x.direct for x in latencies]):.1f} ms", "")
+    table.add_row("latency overhead per job: all but its Triton request (median)", f"{outside:.2f} ms", "")
+    table.add_row("  of it: the queue's own hop (RPUSH → a bare BLMOVE wakes)", f"{hop:.2f} ms", "")
+    table.add_row("  of it: storing results (spool with thumbnail, files placed)", f"{store:.2f} ms", "")
+    table.add_row("  the rest: claims, gate, scheduling, states, hand-offs", f"{outside - hop - store:.2f} ms", "")
+    table.add_row("  p90 of the overhead", f"{_pct([x.outside for x in latencies], 0.9) * 1000:.2f} ms", "")
+    per_job = sorted((bridge - direct) / args.batch * 1000 for bridge, direct in rounds)
     table.add_row(f"per-job overhead, full queue (median of {args.rounds} rounds)", f"{statistics.median(per_job):.2f} ms",
                   "≤ 2 ms")
-    table.add_row("  rounds (ms per job)", " ".join(f"{value:.2f}" for value in per_job), "")
+    table.add_row("  rounds' quartiles (ms per job: 25 % / 75 %)", f"{_pct(per_job, 0.25):.2f} / {_pct(per_job, 0.75):.2f}", "")
     table.add_row("idle gap between two jobs' Triton requests (mean / p99)",
                   f"{statistics.mean(gaps) * 1000:.2f} / {_pct(gaps, 0.99) * 1000:.2f} ms", "")
     bridge_wall, direct_wall = (sum(walls) for walls in zip(*rounds))
-    table.add_row("throughput through the bridge", f"{args.jobs * args.rounds / bridge_wall:.2f} jobs/s", "")
-    table.add_row("throughput direct to Triton", f"{args.jobs * args.rounds / direct_wall:.2f} jobs/s", "")
+    table.add_row("throughput through the bridge", f"{args.batch * args.rounds / bridge_wall:.2f} jobs/s", "")
+    table.add_row("throughput direct to Triton", f"{args.batch * args.rounds / direct_wall:.2f} jobs/s", "")
     Console(width=120).print(table)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=9, help="full-queue rounds (bridge batch, then direct batch)")
+    parser.add_argument("--rounds", type=int, default=25, help="full-queue rounds (bridge batch, then direct batch)")
+    parser.add_argument("--batch", type=int, default=10, help="jobs queued at once in each full-queue round")
+    parser.add_argument("--app", metavar="REDIS_URL", help=argparse.SUPPRESS)  # the app process (_App)
     parser.add_argument("--models-dir", default=str(Path(__file__).resolve().parent.parent / ".cache" / "tiny-models"))
-    asyncio.run(main(parser.parse_args()))
+    arguments = parser.parse_args()
+    if arguments.app:
+        _app_process(arguments.app)
+    else:
+        asyncio.run(main(arguments))

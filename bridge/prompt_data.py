@@ -16,6 +16,7 @@ logged and the last good copy kept.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -288,23 +289,34 @@ _cache: dict[Path, tuple[tuple, PromptData]] = {}
 _lock = threading.Lock()
 
 
-def _stamp(data_dir: Path) -> tuple:
+def _stamp(data_dir: str) -> tuple:
+    """(file, mtime, size) of each file :func:`load_data` reads from ``data_dir``: one stat a file,
+    as every prompt's safety check asks (issue 3: per-job overhead)."""
     stamp = []
-    for path in _paths(data_dir).values():
-        try:
-            stat = path.stat()
-            stamp.append((str(path), stat.st_mtime_ns, stat.st_size))
-        except OSError:
-            stamp.append((str(path), None, None))
+    for name in FILES:
+        for path in (os.path.join(data_dir, name), os.path.join(PACKAGED_DATA_DIR, name)):
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            stamp.append((path, stat.st_mtime_ns, stat.st_size))
+            break
+        else:
+            stamp.append((name, None, None))
     return tuple(stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(data_dir: str) -> Path:
+    return Path(data_dir).resolve()
 
 
 def get_data(data_dir: Path | str | None = None) -> PromptData:
     """Cached :func:`load_data`, re-read when a file changes. A bad edit after a good load is
     logged and the last good copy is kept; with no good copy yet, :class:`DataFileError` is raised."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    key = data_dir.resolve()
-    stamp = _stamp(data_dir)
+    key = _resolved(str(data_dir))
+    stamp = _stamp(str(data_dir))
     with _lock:
         cached = _cache.get(key)
         if cached and cached[0] == stamp:

@@ -19,9 +19,10 @@ from bridge import metrics
 from bridge.launcher import TritonServer
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
-from bridge.reporting import Spool, make_reporter
+from bridge.reporting import make_reporter
 from bridge.residency import ResidencyManager, TritonModelControl, metrics_observer
 from bridge.settings import Settings
+from bridge.spool import Spool
 from bridge.textgen import Enhancer, TextService
 from bridge.triton_client import TritonClient
 from bridge.worker import RecordingReporter, Worker, record_state

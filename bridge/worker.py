@@ -26,21 +26,12 @@ from bridge.fetch import FetchError, fetch_reference_image
 from bridge.jobs import JOB_TYPES, DeadLetter, InvalidJob, Job, parse_job
 from bridge.model_table import Stage, is_interactive, job_cost_s, job_stages
 from bridge.queue import Begin, Delivery, Queue
-from bridge.reporting import (
-    JobOutputs,
-    OutputAsset,
-    ProgressThrottle,
-    Reporter,
-    ReportingDeadline,
-    ReportingError,
-    Spool,
-    SpoolEntry,
-    SpoolError,
-)
+from bridge.reporting import ProgressThrottle, Reporter, ReportingDeadline, ReportingError
 from bridge.residency import ResidencyError, ResidencyManager
 from bridge.safety import check_prompt
 from bridge.scheduler import Running, Scheduler, WaitingGroup, wanted_next
 from bridge.settings import Settings
+from bridge.spool import JobOutputs, OutputAsset, Spool, SpoolEntry, SpoolError
 from bridge.textgen import Enhancer
 from bridge.triton_client import InferenceFailed, TritonClient
 
@@ -137,8 +128,13 @@ class Dispatcher:
             raise
 
     def release(self, item: Waiting) -> None:
+        """``item`` no longer holds the GPU. What waits next is granted now, not a loop turn later
+        in the dispatcher task: its request should reach the server before the releasing job goes
+        on to store its results (issue 3: the idle gap between two jobs' requests)."""
         self._running = [(w, r) for w, r in self._running if w is not item]
         self._changed.set()
+        if self._waiting:
+            self._grant_all()
 
     async def _run(self) -> None:
         while True:
@@ -445,6 +441,7 @@ class Worker:
 
             outputs = await self._infer(job, inputs, on_response)
             elapsed = time.monotonic() - started
+        await asyncio.sleep(0)  # a job granted the GPU by the release sends its request first
         return await asyncio.to_thread(self._spool, job, prompt, enhancement, outputs, elapsed)
 
     @asynccontextmanager

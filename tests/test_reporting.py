@@ -1,100 +1,39 @@
 """bridge.reporting against the local Supabase stand-in (tests/supabase_stub.py): uploads, thumbnails,
-the signed callback, retries and their deadline, rejections, the progress throttle, the spool, local
-mode, and that secrets never leak."""
+the signed callback, retries and their deadline, rejections, the progress throttle, resending from
+the spool, local mode, and that secrets never leak."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import io
 import json
 import logging
 import os
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
 
 
 from bridge.reporting import (
-    JobOutputs,
     LocalReporter,
-    OutputAsset,
     ProgressThrottle,
     ReportingDeadline,
+    ReportingError,
     ReportingRejected,
-    Spool,
-    SpoolError,
     SupabaseReporter,
     make_reporter,
 )
 from bridge.settings import Settings
-from model_kit.media import encode_mp4, encode_png
+from bridge.spool import Spool
+from job_outputs import USER, VIDEO_FRAMES, VIDEO_FPS, image_outputs, new_job_id, video_outputs, webp_size
 from supabase_stub import SupabaseStub
 
-USER = "4c1d7a52-9a43-4f0e-8d0e-2f7a7e5b1c01"
 FAST = {"request_timeout_s": 0.5, "backoff_base_s": 0.02, "backoff_max_s": 0.1}
-
-
-def _job_id() -> str:
-    return str(uuid.uuid4())
-
-
-def _png(width: int, height: int, shade: int = 0) -> bytes:
-    y, x = np.mgrid[0:height, 0:width]
-    frame = np.stack([(x * 255 // width), (y * 255 // height), np.full_like(x, shade)], axis=-1).astype(np.uint8)
-    return encode_png(frame)
-
-
-VIDEO_FRAMES = 9
-VIDEO_FPS = 8
-
-
-def _mp4(width: int = 320, height: int = 192) -> bytes:
-    """Frame i is a flat grey of level 25 * i, so the middle frame (4) is grey 100."""
-    frames = [np.full((height, width, 3), 25 * i, dtype=np.uint8) for i in range(VIDEO_FRAMES)]
-    try:
-        return encode_mp4(frames, fps=VIDEO_FPS)
-    except av.error.FileNotFoundError:
-        # model_kit.media.encode_mp4 with PyAV 18 fails on BytesIO + movflags=+faststart (the
-        # second faststart pass reopens the output); reported. Same encoding through a real file.
-        return _mp4_via_file(frames, VIDEO_FPS)
-
-
-def _mp4_via_file(frames: list[np.ndarray], fps: int) -> bytes:
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "clip.mp4")
-        with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.height, stream.width = frames[0].shape[:2]
-            stream.pix_fmt = "yuv420p"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        with open(path, "rb") as handle:
-            return handle.read()
-
-
-def _image_outputs(count: int = 3, width: int = 640, height: int = 360) -> JobOutputs:
-    assets = [
-        OutputAsset("image", _png(width, height, shade=40 * i),
-                    {"seed": 1000 + i, "steps": 15, "guidance_scale": 6.0, "negative_prompt_used": "blurry"})
-        for i in range(count)
-    ]
-    metadata = {"job_type": "sdxl_image_fast", "generation_time": 1.25, "seed": 1000, "num_images": count,
-                "prompt": "a café at dusk, 🌸 blossoms"}
-    return JobOutputs(user_id=USER, job_type="sdxl_image_fast", assets=assets, metadata=metadata)
-
-
-def _video_outputs() -> JobOutputs:
-    asset = OutputAsset("video", _mp4(), {"seed": 7, "fps": VIDEO_FPS, "frame_num": VIDEO_FRAMES})
-    return JobOutputs(user_id=USER, job_type="video_fast", assets=[asset],
-                      metadata={"job_type": "video_fast", "seed": 7, "frame_num": VIDEO_FRAMES})
 
 
 @pytest.fixture(scope="module")
@@ -129,18 +68,12 @@ def spool(tmp_path) -> Spool:
     return Spool(tmp_path / "spool")
 
 
-def _webp_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as image:
-        assert image.format == "WEBP"
-        return image.size
-
-
 # --- uploads and asset objects -------------------------------------------------------------------
 
 
 async def test_image_uploads_paths_types_thumbnails_and_assets(supabase, reporter, spool):
-    job = _job_id()
-    outputs = _image_outputs(count=3)
+    job = new_job_id()
+    outputs = image_outputs(count=3)
     assets = await reporter.upload_assets(spool.save(job, outputs))
 
     expected = []
@@ -155,7 +88,7 @@ async def test_image_uploads_paths_types_thumbnails_and_assets(supabase, reporte
         assert asset["url"] == f"{USER}/{job}/{i}.png"  # inside the bucket, no bucket prefix
         assert asset["thumbnail_url"] == f"{USER}/{job}/{i}.thumb.webp"
         assert supabase.object(asset["url"]).data == outputs.assets[i].data
-        assert _webp_size(supabase.object(asset["thumbnail_url"]).data) == (256, 144)
+        assert webp_size(supabase.object(asset["thumbnail_url"]).data) == (256, 144)
         assert asset["metadata"] == {
             "width": 640, "height": 360, "format": "png", "batch_size": 3, "steps": 15, "guidance_scale": 6.0,
             "seed": 1000 + i, "file_size_bytes": len(outputs.assets[i].data), "asset_index": i,
@@ -170,15 +103,15 @@ async def test_image_uploads_paths_types_thumbnails_and_assets(supabase, reporte
 
 
 async def test_video_upload_thumbnail_is_middle_frame(supabase, reporter, spool):
-    job = _job_id()
-    outputs = _video_outputs()
+    job = new_job_id()
+    outputs = video_outputs()
     [asset] = await reporter.upload_assets(spool.save(job, outputs))
 
     assert [r.headers["content-type"] for r in supabase.uploads()] == ["video/mp4", "image/webp"]
     assert asset["url"] == f"{USER}/{job}/0.mp4" and asset["thumbnail_url"] == f"{USER}/{job}/0.thumb.webp"
     assert supabase.object(asset["url"]).data == outputs.assets[0].data
     thumb = supabase.object(asset["thumbnail_url"]).data
-    assert _webp_size(thumb) == (256, 154)
+    assert webp_size(thumb) == (256, 154)
     grey = np.asarray(Image.open(io.BytesIO(thumb)).convert("L"), dtype=float).mean()
     assert abs(grey - 25 * (VIDEO_FRAMES // 2)) < 8, grey  # frame 4 (grey 100), not 3 (75) or 5 (125)
     assert asset["metadata"] == {
@@ -192,7 +125,7 @@ async def test_video_upload_thumbnail_is_middle_frame(supabase, reporter, spool)
 
 async def test_upload_refuses_octet_stream_before_sending(supabase, reporter):
     with pytest.raises(ValueError, match="real content type"):
-        await reporter.upload(f"{USER}/{_job_id()}/0.png", b"\x89PNG\r\n\x1a\n", "application/octet-stream")
+        await reporter.upload(f"{USER}/{new_job_id()}/0.png", b"\x89PNG\r\n\x1a\n", "application/octet-stream")
     assert supabase.requests == []
 
 
@@ -200,7 +133,7 @@ async def test_upload_refuses_octet_stream_before_sending(supabase, reporter):
 
 
 async def test_signature_verifies_over_exact_body_bytes(supabase, reporter):
-    job = _job_id()
+    job = new_job_id()
     metadata = {"progress": 0, "prompt": "naïve 🌸 \"quoted\" prompt"}
     await reporter.send_callback(job, "processing", metadata=metadata)
     [request] = supabase.requests_for("job-callback")
@@ -217,7 +150,7 @@ async def test_wrong_callback_secret_gets_401_rejected(supabase, tmp_path):
     settings = _settings(supabase, tmp_path, job_callback_secret="not-the-secret-42")
     async with SupabaseReporter.from_settings(settings, **FAST) as client:
         with pytest.raises(ReportingRejected) as info:
-            await client.send_callback(_job_id(), "processing", metadata={"progress": 0})
+            await client.send_callback(new_job_id(), "processing", metadata={"progress": 0})
     assert info.value.status_code == 401
     assert "not-the-secret-42" not in str(info.value)
     assert [r.status for r in supabase.requests] == [401]  # not retried
@@ -226,7 +159,7 @@ async def test_wrong_callback_secret_gets_401_rejected(supabase, tmp_path):
 
 
 async def test_callbacks_after_completion_are_ignored_and_unknown_jobs_skipped(supabase, reporter):
-    job = _job_id()
+    job = new_job_id()
     await reporter.send_callback(job, "failed", error_message="out of memory: lower the resolution",
                                  metadata={"error_type": "oom", "job_type": "sdxl_image_fast"})
     supabase.set_job(job, "completed")
@@ -235,13 +168,13 @@ async def test_callbacks_after_completion_are_ignored_and_unknown_jobs_skipped(s
     assert supabase.job_status(job) == "completed"
 
     supabase.unknown_jobs = "skip"
-    answer = await reporter.send_callback(_job_id(), "processing", metadata={"progress": 5})
+    answer = await reporter.send_callback(new_job_id(), "processing", metadata={"progress": 5})
     assert answer == {"success": True, "skipped": True, "reason": "job not found"}
 
 
 async def test_invalid_status_refused_locally(supabase, reporter):
     with pytest.raises(ValueError, match="status 'done'"):
-        await reporter.send_callback(_job_id(), "done")
+        await reporter.send_callback(new_job_id(), "done")
     assert supabase.requests == []
 
 
@@ -249,7 +182,7 @@ async def test_invalid_status_refused_locally(supabase, reporter):
 
 
 async def test_500_then_200_is_retried(supabase, reporter):
-    job = _job_id()
+    job = new_job_id()
     supabase.fail_next("job-callback", 2, status=500)
     answer = await reporter.send_callback(job, "processing", metadata={"progress": 0})
     assert answer["success"] is True
@@ -261,8 +194,8 @@ async def test_500_then_200_is_retried(supabase, reporter):
 async def test_storage_503_and_429_are_retried(supabase, reporter, spool):
     supabase.fail_next("storage", 1, status=503)
     supabase.fail_next("storage", 1, status=429)
-    job = _job_id()
-    assets = await reporter.upload_assets(spool.save(job, _image_outputs(count=1)))
+    job = new_job_id()
+    assets = await reporter.upload_assets(spool.save(job, image_outputs(count=1)))
     assert [r.status for r in supabase.requests_for("storage")] == [503, 429, 200, 200]
     assert reporter.retries == 2 and reporter.retries_by_route == {"storage": 2, "job-callback": 0}
     assert supabase.object(assets[0]["url"]) is not None and supabase.object(assets[0]["thumbnail_url"]) is not None
@@ -270,7 +203,7 @@ async def test_storage_503_and_429_are_retried(supabase, reporter, spool):
 
 @pytest.mark.parametrize("mode", ["hang", "close"])
 async def test_hang_and_dropped_connection_are_retried(supabase, reporter, mode):
-    job = _job_id()
+    job = new_job_id()
     supabase.fail_next("job-callback", 1, mode=mode, hang_s=3.0)
     retried: list[tuple[str, str]] = []
     reporter.on_retry = lambda route, reason: retried.append((route, reason))
@@ -285,8 +218,8 @@ async def test_hang_and_dropped_connection_are_retried(supabase, reporter, mode)
 
 
 async def test_deadline_raises_and_nothing_is_dropped(supabase, spool, tmp_path):
-    job = _job_id()
-    entry = spool.save(job, _image_outputs(count=1))
+    job = new_job_id()
+    entry = spool.save(job, image_outputs(count=1))
     supabase.fail_next("storage", 10_000, status=500)
     supabase.fail_next("job-callback", 10_000, status=502)
     settings = _settings(supabase, tmp_path, report_deadline_s=0.6)
@@ -309,7 +242,7 @@ async def test_deadline_raises_and_nothing_is_dropped(supabase, spool, tmp_path)
 async def test_4xx_is_rejected_without_retry(supabase, reporter, status):
     supabase.fail_next("job-callback", 1, status=status)
     with pytest.raises(ReportingRejected) as info:
-        await reporter.send_callback(_job_id(), "processing", metadata={"progress": 1})
+        await reporter.send_callback(new_job_id(), "processing", metadata={"progress": 1})
     assert info.value.status_code == status
     assert "injected failure" in info.value.body_excerpt
     assert f"HTTP {status}" in str(info.value)
@@ -324,8 +257,8 @@ async def test_secrets_never_in_logs_reprs_or_errors(supabase, tmp_path, caplog,
     async with make_reporter(settings, record=_unused_record, **FAST) as client:
         supabase.fail_next("storage", 1, mode="close")
         supabase.fail_next("job-callback", 1, status=500)
-        job = _job_id()
-        assets = await client.upload_assets(spool.save(job, _image_outputs(count=1)))
+        job = new_job_id()
+        assets = await client.upload_assets(spool.save(job, image_outputs(count=1)))
         await client.send_callback(job, "completed", assets=assets, metadata={"job_type": "sdxl_image_fast"})
         supabase.fail_next("job-callback", 1000, status=503)
         with pytest.raises(ReportingDeadline) as deadline:
@@ -379,7 +312,7 @@ async def test_progress_throttle_rate_and_monotonic(tmp_path):
 
 async def test_progress_first_update_always_sent_and_failures_do_not_raise(supabase, reporter):
     clock = _Clock()
-    job = _job_id()
+    job = new_job_id()
     throttle = ProgressThrottle(reporter, job, clock=clock, deadline_s=0.3)
     supabase.fail_next("job-callback", 1, status=400)
     assert await throttle.update(42) is False  # refused: logged, not raised
@@ -389,7 +322,7 @@ async def test_progress_first_update_always_sent_and_failures_do_not_raise(supab
     assert await throttle.update(44) is True
     assert [b["metadata"]["progress"] for b in supabase.callbacks(job)] == [44]
 
-    fresh = ProgressThrottle(reporter, _job_id(), clock=clock)
+    fresh = ProgressThrottle(reporter, new_job_id(), clock=clock)
     assert await fresh.update(73.9) is True  # first one goes out whatever the value
     assert supabase.callbacks(fresh.job_id)[0]["metadata"] == {"progress": 73}
 
@@ -397,101 +330,10 @@ async def test_progress_first_update_always_sent_and_failures_do_not_raise(supab
 # --- spool ---------------------------------------------------------------------------------------
 
 
-def test_spool_save_load_remove(spool):
-    job = _job_id()
-    outputs = _image_outputs(count=2)
-    entry = spool.save(job, outputs)
-    assert sorted(p.name for p in entry.directory.iterdir()) == ["0.png", "1.png", "manifest.json"]
-    loaded = Spool(spool.directory).load(job)
-    assert loaded == entry
-    assert [a.read_bytes() for a in loaded.assets] == [a.data for a in outputs.assets]
-    assert loaded.metadata == outputs.metadata and loaded.user_id == USER and loaded.job_type == "sdxl_image_fast"
-    assert loaded.assets[1].metadata["seed"] == 1001
-    assert spool.pending() == [job]
-    assert [p.name for p in spool.directory.iterdir()] == [job]  # no temporary folders left
-
-    spool.save(job, _video_outputs())  # replaces the entry
-    assert [a.filename for a in spool.load(job).assets] == ["0.mp4"]
-    assert sorted(p.name for p in (spool.directory / job).iterdir()) == ["0.mp4", "manifest.json"]
-
-    spool.remove(job)
-    assert spool.load(job) is None and spool.pending() == [] and list(spool.directory.iterdir()) == []
-    spool.remove(job)  # idempotent
-
-
-def test_spool_entry_without_manifest_is_not_an_entry(spool):
-    (spool.directory / "half-written").mkdir(parents=True)
-    (spool.directory / "half-written" / "0.png").write_bytes(b"x")
-    assert spool.load("half-written") is None and spool.pending() == []
-
-
-def test_spool_save_without_fsync_then_sync(spool, monkeypatch):
-    synced: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
-    job = _job_id()
-    entry = spool.save(job, _image_outputs(count=2), durable=False)
-    assert synced == [] and spool.has(job) and spool.load(job) == entry  # whole already, not yet synced
-    spool.sync(job)
-    names = {Path(path).name for path in synced}
-    assert {"0.png", "1.png", "manifest.json", job, spool.directory.name} <= names
-    spool.remove(job)
-    spool.sync(job)  # removed meanwhile: nothing to do
-    assert not spool.has(job)
-
-
-def test_spool_entry_that_is_not_whole_is_discarded(spool, caplog):
-    truncated, garbled = _job_id(), _job_id()
-    entry = spool.save(truncated, _image_outputs(count=2))
-    entry.assets[1].path.write_bytes(entry.assets[1].path.read_bytes()[:10])  # a power cut before sync
-    spool.save(garbled, _image_outputs(count=1))
-    (spool.directory / garbled / "manifest.json").write_bytes(b'{"version": 1, "job_')
-    with caplog.at_level("WARNING"):
-        assert spool.load(truncated) is None and spool.load(garbled) is None
-    assert "1.png has 10 bytes" in caplog.text and "unreadable manifest" in caplog.text
-    assert spool.pending() == [] and not spool.has(truncated) and not spool.has(garbled)
-
-
-def test_spool_unwritable_directory_raises_spool_error(tmp_path):
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("a file where the spool folder should be")
-    spool = Spool(blocker / "spool")
-    with pytest.raises(SpoolError) as info:
-        spool.save(_job_id(), _image_outputs(count=1))
-    assert str(blocker / "spool") in str(info.value) and "Not a directory" in str(info.value)
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_spool_read_only_directory_raises_spool_error(tmp_path):
-    directory = tmp_path / "ro"
-    directory.mkdir()
-    directory.chmod(0o500)
-    try:
-        with pytest.raises(SpoolError, match="Permission denied"):
-            Spool(directory).save(_job_id(), _image_outputs(count=1))
-    finally:
-        directory.chmod(0o700)
-
-
-def test_spool_refuses_bad_ids_and_outputs(spool):
-    with pytest.raises(ValueError, match="job_id '../escape'"):
-        spool.save("../escape", _image_outputs(count=1))
-    bad_user = JobOutputs(user_id="a/b", job_type="x", assets=_image_outputs(1).assets)
-    with pytest.raises(ValueError, match="user_id 'a/b'"):
-        spool.save(_job_id(), bad_user)
-    no_seed = JobOutputs(USER, "x", [OutputAsset("image", _png(8, 8), {"steps": 1})])
-    with pytest.raises(ValueError, match="lacks"):
-        spool.save(_job_id(), no_seed)
-    not_png = JobOutputs(USER, "x", [OutputAsset("image", b"GIF89a", _image_outputs(1).assets[0].metadata)])
-    with pytest.raises(ValueError, match="not a PNG"):
-        spool.save(_job_id(), not_png)
-    assert not spool.directory.exists() or list(spool.directory.iterdir()) == []
-
-
 async def test_restart_resends_from_spool(supabase, reporter, tmp_path):
     """After a restart, a new Spool over the same folder finishes the job without regenerating."""
-    job = _job_id()
-    outputs = _image_outputs(count=1)
+    job = new_job_id()
+    outputs = image_outputs(count=1)
     Spool(tmp_path / "spool").save(job, outputs)
 
     spool = Spool(tmp_path / "spool")  # the "restarted" process
@@ -506,8 +348,8 @@ async def test_restart_resends_from_spool(supabase, reporter, tmp_path):
 
 
 async def test_reupload_is_an_upsert(supabase, reporter, spool):
-    job = _job_id()
-    entry = spool.save(job, _image_outputs(count=1))
+    job = new_job_id()
+    entry = spool.save(job, image_outputs(count=1))
     await reporter.upload_assets(entry)
     await reporter.upload_assets(entry)
     assert supabase.object(f"{USER}/{job}/0.png").writes == 2
@@ -527,23 +369,53 @@ async def test_local_reporter_layout_and_record(tmp_path, spool):
     reporter = make_reporter(settings, record)
     assert isinstance(reporter, LocalReporter)
 
-    job = _job_id()
-    outputs = _image_outputs(count=2, width=300, height=600)
+    job = new_job_id()
+    outputs = image_outputs(count=2, width=300, height=600)
     assets = await reporter.upload_assets(spool.save(job, outputs))
     folder = tmp_path / "outputs" / USER / job
     assert sorted(p.name for p in folder.iterdir()) == ["0.png", "0.thumb.webp", "1.png", "1.thumb.webp"]
     assert (folder / "1.png").read_bytes() == outputs.assets[1].data
-    assert _webp_size((folder / "0.thumb.webp").read_bytes()) == (128, 256)
+    assert webp_size((folder / "0.thumb.webp").read_bytes()) == (128, 256)
     assert assets[1]["url"] == f"{USER}/{job}/1.png" and assets[1]["metadata"]["seed"] == 1001
 
     await reporter.send_callback(job, "completed", assets=assets, metadata=outputs.metadata)
     assert recorded == [(job, "completed", assets, None, outputs.metadata)]
 
-    video_job = _job_id()
-    [video] = await reporter.upload_assets(spool.save(video_job, _video_outputs()))
+    video_job = new_job_id()
+    [video] = await reporter.upload_assets(spool.save(video_job, video_outputs()))
     video_folder = tmp_path / "outputs" / USER / video_job
     assert sorted(p.name for p in video_folder.iterdir()) == ["0.mp4", "0.thumb.webp"]
     assert video["metadata"]["duration_seconds"] == VIDEO_FRAMES / VIDEO_FPS
+
+
+async def test_local_reporter_links_spooled_files_else_copies_them(tmp_path, spool, monkeypatch):
+    """Local mode stores by hard-linking the spool's files (no bytes copied); where links are
+    refused (another device) it copies them; a file it cannot write is a ReportingError."""
+    reporter = LocalReporter(tmp_path / "outputs", _unused_record)
+    linked, copied = new_job_id(), new_job_id()
+    entry = spool.save(linked, image_outputs(count=1))
+    await reporter.upload_assets(entry)
+    stored = tmp_path / "outputs" / USER / linked
+    assert os.stat(stored / "0.png").st_ino == os.stat(entry.assets[0].path).st_ino
+    assert os.stat(stored / "0.thumb.webp").st_ino == os.stat(entry.assets[0].thumbnail_path).st_ino
+    spool.remove(linked)  # the job is settled: the stored files stay
+    assert (stored / "0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def cross_device(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(source))
+
+    monkeypatch.setattr(os, "link", cross_device)
+    entry = spool.save(copied, image_outputs(count=2))
+    assets = await reporter.upload_assets(entry)
+    stored = tmp_path / "outputs" / USER / copied
+    assert sorted(p.name for p in stored.iterdir()) == ["0.png", "0.thumb.webp", "1.png", "1.thumb.webp"]
+    assert (stored / "1.png").read_bytes() == entry.assets[1].read_bytes()
+    assert os.stat(stored / "1.png").st_ino != os.stat(entry.assets[1].path).st_ino
+    assert [asset["url"] for asset in assets] == [f"{USER}/{copied}/0.png", f"{USER}/{copied}/1.png"]
+
+    (tmp_path / "outputs" / USER / "blocked").write_text("a file where the job's folder should be")
+    with pytest.raises(ReportingError, match="cannot write: Not a directory"):
+        await reporter.upload_assets(spool.save("blocked", image_outputs(count=1)))
 
 
 def test_make_reporter_picks_supabase_when_configured(supabase, tmp_path):

@@ -349,7 +349,7 @@ async def test_a_result_in_the_spool_is_reported_again_even_past_max_attempts(
     """A worker settled the job as cancelled (spooled, reported) and died before acknowledging it,
     three times over: the redelivery re-sends that same result, never a different one."""
     from bridge.queue import Queue
-    from bridge.reporting import JobOutputs, Spool
+    from bridge.spool import JobOutputs, Spool
 
     job = sdxl_job()
     settings = stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out", max_attempts=3,
