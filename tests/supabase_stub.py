@@ -106,6 +106,7 @@ class SupabaseStub:
         self.objects: dict[str, StoredObject] = {}
         self.jobs: dict[str, str] = {}
         self._failures: dict[str, list[_Failure]] = {}
+        self._holds: dict[str, threading.Barrier] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -165,6 +166,13 @@ class SupabaseStub:
         with self._lock:
             self._failures.setdefault(route, []).append(_Failure(mode, count, status, hang_s))
 
+    def hold(self, route: Route, count: int, timeout_s: float = 5.0) -> None:
+        """Hold each request of ``route`` until ``count`` of them wait at once, then answer them
+        all: only a client that sends them concurrently gets through. Held longer than
+        ``timeout_s``, they (and every later one) get 503 with outcome ``held-alone``."""
+        with self._lock:
+            self._holds[route] = threading.Barrier(count, timeout=timeout_s)
+
     def clear_failures(self) -> None:
         """Forget failures still pending from :meth:`fail_next`."""
         with self._lock:
@@ -181,6 +189,7 @@ class SupabaseStub:
             self.objects.clear()
             self.jobs.clear()
             self._failures.clear()
+            self._holds.clear()
 
     # --- reading what happened --------------------------------------------------------------
 
@@ -429,6 +438,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30  # an idle keep-alive connection frees its thread eventually
 
+    def setup(self) -> None:
+        super().setup()
+        # An answer is written as headers, then body: without TCP_NODELAY, Nagle's algorithm holds
+        # the body until the client's delayed ACK of the headers (~40 ms a request). Real servers
+        # answer at once; so must the stand-in, or it hides the bridge's own costs (bench/bridge.py).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base signature)
         return None
 
@@ -467,6 +483,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.stub._stopping.wait(failure.hang_s)
             self._drop_connection()
             return
+        hold = self.stub._holds.get(route)
+        if hold is not None:
+            try:
+                hold.wait()
+            except threading.BrokenBarrierError:
+                request.outcome, request.status = "held-alone", 503
+                self._answer(503, {"error": "held: the requests expected beside this one never came"})
+                return
         status, answer = self.stub.handle(request)
         request.status = status
         self._answer(status, answer)

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -80,7 +81,7 @@ async def test_image_uploads_paths_types_thumbnails_and_assets(supabase, reporte
     for i in range(3):
         expected += [(f"{USER}/{job}/{i}.png", "image/png"), (f"{USER}/{job}/{i}.thumb.webp", "image/webp")]
     got = [(r.path.split("/workspace-temp/", 1)[1], r.headers["content-type"]) for r in supabase.uploads()]
-    assert got == expected
+    assert sorted(got) == sorted(expected)  # uploaded concurrently: in any order
     assert all(r.headers["x-upsert"] == "true" for r in supabase.uploads())
 
     for i, asset in enumerate(assets):
@@ -102,12 +103,28 @@ async def test_image_uploads_paths_types_thumbnails_and_assets(supabase, reporte
     assert supabase.job_status(job) == "completed"
 
 
+async def test_a_jobs_files_are_uploaded_concurrently(supabase, reporter, spool):
+    """The stub answers only once all four files of a two-image job are in flight at once: one
+    round trip for the job's files, not four (issue 3)."""
+    job = new_job_id()
+    supabase.hold("storage", 4)
+    assets = await reporter.upload_assets(spool.save(job, image_outputs(count=2)))
+    assert len(supabase.uploads()) == 4 and [r for r in supabase.requests if r.outcome == "held-alone"] == []
+    assert all(supabase.object(asset[key]) is not None for asset in assets for key in ("url", "thumbnail_url"))
+
+
+async def test_one_failed_upload_stops_the_others_and_is_raised_as_itself(supabase, reporter, spool):
+    supabase.fail_next("storage", 1, status=403)
+    with pytest.raises(ReportingRejected, match="HTTP 403"):
+        await reporter.upload_assets(spool.save(new_job_id(), image_outputs(count=2)))
+
+
 async def test_video_upload_thumbnail_is_middle_frame(supabase, reporter, spool):
     job = new_job_id()
     outputs = video_outputs()
     [asset] = await reporter.upload_assets(spool.save(job, outputs))
 
-    assert [r.headers["content-type"] for r in supabase.uploads()] == ["video/mp4", "image/webp"]
+    assert sorted(r.headers["content-type"] for r in supabase.uploads()) == ["image/webp", "video/mp4"]
     assert asset["url"] == f"{USER}/{job}/0.mp4" and asset["thumbnail_url"] == f"{USER}/{job}/0.thumb.webp"
     assert supabase.object(asset["url"]).data == outputs.assets[0].data
     thumb = supabase.object(asset["thumbnail_url"]).data
@@ -229,7 +246,7 @@ async def test_deadline_raises_and_nothing_is_dropped(supabase, spool, tmp_path)
             await client.upload_assets(entry)
         assert time.monotonic() - started < 1.5
         assert info.value.attempts >= 3 and "HTTP 500" in str(info.value)
-        assert str(info.value).startswith(f"storage upload of {USER}/{job}/0.png: no success after")
+        assert re.match(rf"storage upload of {USER}/{job}/0\.(png|thumb\.webp): no success after", str(info.value))
         with pytest.raises(ReportingDeadline, match=r"job-callback \(completed\): .*HTTP 502"):
             await client.send_callback(job, "completed", assets=[], metadata={})
         assert client.retries > 4
