@@ -345,9 +345,17 @@ class Worker:
             await self._refuse(delivery, exc)
             return
         # One round trip: finished? claimed by a live worker? cancel requested? (issue 7) The raw
-        # payload lets the claim check that its owner still holds the job.
-        begin = Begin(None, self.settings.worker_id, False) if job.id in self._running \
-            else await self.queue.begin(job.id, delivery)
+        # payload lets the claim check that its owner still holds the job. The local checks (the
+        # spool stat, the safety gate) run while it is in flight (issue 3: per-job overhead).
+        if job.id in self._running:
+            begin, spooled, refusal = Begin(None, self.settings.worker_id, False), False, None
+        else:
+            began = asyncio.ensure_future(self.queue.begin(job.id, delivery))
+            await asyncio.sleep(0)  # the script is sent before the checks below take the loop
+            try:
+                spooled, refusal = self.spool.has(job.id), _safety_refusal(job, job.prompt) if _gated(job) else None
+            finally:
+                begin = await began
         if begin.finished:
             log.info("job %s already finished; duplicate delivery acknowledged", job.id)
             await self.queue.ack(delivery)
@@ -365,7 +373,7 @@ class Worker:
         try:
             # (issue 7) An unreadable spool is requeued like an unwritable one, not counted as an
             # attempt by the catch-all. (A stat first: most jobs have no entry, no thread needed.)
-            entry = await asyncio.to_thread(self.spool.load, job.id) if self.spool.has(job.id) else None
+            entry = await asyncio.to_thread(self.spool.load, job.id) if spooled else None
         except SpoolError as exc:
             await self._spool_trouble(delivery, job, exc)
             return
@@ -386,6 +394,8 @@ class Worker:
             await self._finish_cancelled(delivery, job)
             return
         try:
+            if refusal is not None:
+                raise refusal
             generate = self._generate_text if job.type.output == "text" else self._generate
             entry = await generate(delivery, job)
         except asyncio.CancelledError:
@@ -419,8 +429,7 @@ class Worker:
         the enhancement, released, then WAN for the render. Holding both at once put 55 GB of
         models on a 47 GB card beside SDXL and chat, so the chat model was evicted for the render.
         """
-        _check_safety(job, job.prompt)
-        *enhance_stage, render = job_stages(job.type.name)
+        *enhance_stage, render = job_stages(job.type.name)  # (the gate passed job.prompt before)
         prompt, enhancement, enhance_s, throttle = job.prompt, None, 0.0, None
         if enhance_stage:
             async with self._holding_gpu(delivery, job, enhance_stage[0].models, enhance_stage[0]) as throttle:
@@ -495,9 +504,7 @@ class Worker:
         """A chat-queue job on a Qwen model; the reply goes to the callback's metadata.response."""
         request = job.chat
         model = request.model
-        enhance = job.type.template is not None and job.type.template.endswith("_enhance")
-        if enhance:
-            _check_safety(job, job.prompt)
+        enhance = _gated(job)  # (and the gate passed job.prompt before)
         async with self._holding_gpu(delivery, job, {model}):
             started = time.monotonic()
             async with self._triton_errors(job, model):
@@ -631,6 +638,8 @@ class Worker:
 
     async def _fail(self, delivery: Delivery, job: Job, exc: JobFailed, dead_letter: bool = False) -> None:
         log.warning("job %s failed: %s", job.id, exc.message)
+        if exc.error_type == "content_refused":
+            metrics.inc_safety_refusal(job.type.name)
         metadata = {"error_type": exc.error_type, "job_type": job.requested_type, "timestamp": _now_iso()}
         await self._settle_terminal(delivery, job, "failed", exc.message, metadata, dead_letter)
 
@@ -767,12 +776,25 @@ class RecordingReporter:
         await self.inner.aclose()
 
 
-def _check_safety(job: Job, prompt: str) -> None:
-    """The content-safety gate; a refusal fails the job with a clear, non-graphic reason."""
+def _gated(job: Job) -> bool:
+    """Whether the job's own prompt passes the safety gate before it goes to a model: every
+    generation, and a chat-queue prompt enhancement."""
+    template = job.type.template
+    return job.type.output != "text" or (template is not None and template.endswith("_enhance"))
+
+
+def _safety_refusal(job: Job, prompt: str) -> JobFailed | None:
+    """The content-safety gate's refusal of ``prompt`` (a clear, non-graphic reason), or None."""
     verdict = check_prompt(prompt)
-    if not verdict.allowed:
-        metrics.inc_safety_refusal(job.type.name)
-        raise JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
+    if verdict.allowed:
+        return None
+    return JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
+
+
+def _check_safety(job: Job, prompt: str) -> None:
+    refusal = _safety_refusal(job, prompt)
+    if refusal is not None:
+        raise refusal
 
 
 def _monotonic_since(wall_time: float) -> float:

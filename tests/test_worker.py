@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bridge import metrics
 from bridge.jobs import JOB_TYPES
 from bridge.runtime import Runtime
+from bridge.safety import REFUSAL_REASON
 from model_kit.media import decode_mp4
 from tests.bridge_stack import TERMINAL, chat_job, push, sdxl_job, stack_settings, wait_state, wan_job
 from tests.supabase_stub import SupabaseStub
@@ -173,6 +175,31 @@ async def test_invalid_jobs_fail_with_the_field_named_and_the_next_job_runs(
     failed = await wait_terminal(supabase, bad["id"])
     assert failed["status"] == "failed" and field in failed["error_message"], failed
     assert failed["metadata"]["error_type"] and failed["metadata"]["timestamp"]
+    assert (await wait_terminal(supabase, good["id"]))["status"] == "completed"
+
+
+@pytest.mark.parametrize("make", [lambda prompt: {**sdxl_job(), "prompt": prompt},
+                                  lambda prompt: chat_job("chat_enhance", prompt=prompt)], ids=["sdxl", "chat_enhance"])
+async def test_a_refused_prompt_fails_before_the_gpu_and_the_next_job_runs(
+    bridge: Runtime, supabase: SupabaseStub, make
+) -> None:
+    """The safety gate runs while the job's claim is in flight; its refusal is the job's one
+    callback (no ``processing``: no model saw the prompt), counted in the metrics."""
+    refused, good = make("nude child"), sdxl_job()  # the team's short non-graphic test phrase
+    job_type = refused["type"]
+
+    def refusals() -> float:
+        return metrics.METRICS.registry.get_sample_value("gpu_worker_safety_refusals_total",
+                                                         {"job_type": job_type}) or 0.0
+
+    before = refusals()
+    await push(bridge, refused)
+    await push(bridge, good)
+    failed = await wait_terminal(supabase, refused["id"])
+    assert failed["status"] == "failed" and failed["error_message"] == REFUSAL_REASON
+    assert failed["metadata"]["error_type"] == "content_refused"
+    assert [c["status"] for c in supabase.callbacks(refused["id"], outcome=None)] == ["failed"]
+    assert refusals() == before + 1
     assert (await wait_terminal(supabase, good["id"]))["status"] == "completed"
 
 
