@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ THUMB_EDGE = 256
 THUMB_QUALITY = 85
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 2: every asset has its thumbnail and its file-derived metadata
+_THUMBNAILERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-thumbnails")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _IMAGE_KEYS = ("seed", "steps", "guidance_scale", "negative_prompt_used")
@@ -136,35 +138,27 @@ class Spool:
         check_id("job_id", job_id)
         check_id("user_id", outputs.user_id)
         files = _asset_files(outputs.assets)
-        described = [_describe(asset, index, len(outputs.assets)) for index, asset in enumerate(outputs.assets)]
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "job_id": job_id,
-            "user_id": outputs.user_id,
-            "job_type": outputs.job_type,
-            "created_at": time.time(),
-            "assets": [
-                {"type": asset.type, "file": name, "size": len(asset.data), "thumbnail": _thumbnail_name(index),
-                 "thumbnail_size": len(thumb), "metadata": metadata}
-                for index, (asset, name, (metadata, thumb)) in enumerate(zip(outputs.assets, files, described))
-            ],
-            "metadata": outputs.metadata,
-        }
-        try:
-            manifest_bytes = json.dumps(manifest, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"job {job_id}: outputs metadata is not JSON-serialisable ({exc})") from None
+        # The thumbnails (libwebp and PIL work outside the GIL) are made in other threads while
+        # this one writes the files: a job waits for the slower of the two, not their sum (issue 3).
+        described = [_THUMBNAILERS.submit(_describe, asset, index, len(outputs.assets))
+                     for index, asset in enumerate(outputs.assets)]
         temp = self.directory / f".tmp-{job_id}-{uuid.uuid4().hex[:8]}"
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            temp.mkdir()
-            for index, (asset, name, (_, thumb)) in enumerate(zip(outputs.assets, files, described)):
-                _write_file(temp / name, asset.data, durable)
-                _write_file(temp / _thumbnail_name(index), thumb, durable)
-            _write_file(temp / MANIFEST, manifest_bytes, durable)
-            self._replace_entry(job_id, temp, durable)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                temp.mkdir()
+                for asset, name in zip(outputs.assets, files):
+                    _write_file(temp / name, asset.data, durable)
+                results = [future.result() for future in described]  # ValueError: a file that does not decode
+                for index, (_, thumb) in enumerate(results):
+                    _write_file(temp / _thumbnail_name(index), thumb, durable)
+                manifest = _manifest(job_id, outputs, files, results)
+                _write_file(temp / MANIFEST, _manifest_bytes(job_id, manifest), durable)
+                self._replace_entry(job_id, temp, durable)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
         except OSError as exc:
-            shutil.rmtree(temp, ignore_errors=True)
             raise SpoolError(
                 f"spool directory {self.directory}: cannot save job {job_id}: {exc.strerror or exc}"
                 f"{f' ({exc.filename})' if exc.filename else ''}"
@@ -311,6 +305,30 @@ def _incomplete(entry: SpoolEntry, manifest: dict[str, Any]) -> str | None:
             if size != item.get(size_key, size):
                 return f"{path.name} has {size} bytes, not {item[size_key]}"
     return None
+
+
+def _manifest(job_id: str, outputs: JobOutputs, files: list[str],
+              described: list[tuple[dict[str, Any], bytes]]) -> dict[str, Any]:
+    return {
+        "version": MANIFEST_VERSION,
+        "job_id": job_id,
+        "user_id": outputs.user_id,
+        "job_type": outputs.job_type,
+        "created_at": time.time(),
+        "assets": [
+            {"type": asset.type, "file": name, "size": len(asset.data), "thumbnail": _thumbnail_name(index),
+             "thumbnail_size": len(thumb), "metadata": metadata}
+            for index, (asset, name, (metadata, thumb)) in enumerate(zip(outputs.assets, files, described))
+        ],
+        "metadata": outputs.metadata,
+    }
+
+
+def _manifest_bytes(job_id: str, manifest: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(manifest, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"job {job_id}: outputs metadata is not JSON-serialisable ({exc})") from None
 
 
 def _thumbnail_name(index: int) -> str:

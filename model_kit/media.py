@@ -64,10 +64,25 @@ def decode_mp4(data: bytes) -> list[np.ndarray]:
 
 
 def video_middle_frame(data: bytes) -> Image.Image:
-    frames = decode_mp4(data)
-    if not frames:
-        raise ValueError("video has no frames")
-    return Image.fromarray(frames[len(frames) // 2])
+    """The middle frame of an MP4 (a video's thumbnail). Frames are decoded only up to it and only
+    it is converted to RGB (all frames, converted, took ~0.5 s for a WAN clip)."""
+    import av  # noqa: PLC0415
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        middle = stream.frames // 2 if stream.frames > 0 else None  # the header's count, if any
+        kept, last = [], None
+        for index, frame in enumerate(container.decode(stream)):
+            if index == middle:
+                return frame.to_image()
+            if middle is None:
+                kept.append(frame)
+            last = frame
+        if middle is not None and last is not None:  # fewer frames than the header said
+            return last.to_image()
+        if not kept:
+            raise ValueError("video has no frames")
+        return kept[len(kept) // 2].to_image()
 
 
 def thumbnail_webp(image: Image.Image | bytes, longest_edge: int = 256, quality: int = 85, method: int = 0) -> bytes:
@@ -75,14 +90,16 @@ def thumbnail_webp(image: Image.Image | bytes, longest_edge: int = 256, quality:
 
     ``method`` is libwebp's effort (0 fastest, 6 smallest). At the same ``quality`` 0 takes about
     60 % of the default 4's time for a file a few per cent larger: thumbnails are made on every
-    job's critical path (issue 3), so the default is 0."""
+    job's critical path (issue 3), so the default is 0. The resize first reduces by a whole factor,
+    then resamples with Lanczos (``reducing_gap=2``, as Pillow's own ``Image.thumbnail`` does):
+    1024 px to 256 px in less than half the time of Lanczos all the way."""
     if isinstance(image, bytes):
         image = Image.open(io.BytesIO(image))
     image = image.convert("RGB")
     scale = min(1.0, longest_edge / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     if scale < 1.0:
-        image = image.resize(size, Image.LANCZOS)
+        image = image.resize(size, Image.LANCZOS, reducing_gap=2.0)
     buffer = io.BytesIO()
     image.save(buffer, format="WEBP", quality=quality, method=method)
     return buffer.getvalue()
