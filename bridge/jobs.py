@@ -42,6 +42,11 @@ SDXL_NEGATIVE_PROMPT = (
 IMAGE_CONTENT_TYPE = "image/png"
 VIDEO_CONTENT_TYPE = "video/mp4"
 THUMBNAIL_CONTENT_TYPE = "image/webp"
+THUMBNAIL_EDGE = 256  # CONTRACT §4: thumbnails are WEBP, longest edge 256 px, quality 85
+THUMBNAIL_QUALITY = 85
+# Asked of the diffusion models with every request: they make the thumbnails from the pixels they
+# hold, so the bridge need not decode the PNG or MP4 again (issue 3: per-job overhead).
+_PREVIEWS = {"preview_edge": THUMBNAIL_EDGE, "preview_quality": THUMBNAIL_QUALITY}
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _RESOLUTION = re.compile(r"\s*(\d{1,5})\s*[xX×*]\s*(\d{1,5})\s*")
@@ -324,7 +329,7 @@ class Job:
                 params["strength"] = self.strength
             if self.compel_weights:
                 params["compel_weights"] = self.compel_weights
-            return params
+            return {**params, **_PREVIEWS}
         if self.type.model == "wan":
             video = self.type.output == "video"
             return {
@@ -336,6 +341,7 @@ class Job:
                 "height": self.height,
                 "seed": self.seed,
                 "output": self.type.output,
+                **_PREVIEWS,
             }
         raise ValueError(f"no Triton parameters for model {self.type.model!r}")
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from bridge.jobs import THUMBNAIL_EDGE, THUMBNAIL_QUALITY
+
 log = logging.getLogger(__name__)
 
 AssetType = Literal["image", "video"]
-THUMB_EDGE = 256
-THUMB_QUALITY = 85
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 2: every asset has its thumbnail and its file-derived metadata
 _THUMBNAILERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-thumbnails")
@@ -50,12 +50,14 @@ class OutputAsset:
     Image metadata needs ``seed`` (this image's), ``steps``, ``guidance_scale`` and
     ``negative_prompt_used``; ``batch_size`` defaults to the number of images. Video metadata needs
     ``seed``, ``fps`` and ``frame_num``. Width, height, format, file size, asset index and (video)
-    duration are filled in from the file itself. Other keys are passed through.
+    duration are filled in from the file itself. Other keys are passed through. ``thumbnail``: the
+    model's WEBP preview when it made one (then the file is not decoded), else it is made here.
     """
 
     type: AssetType
     data: bytes
     metadata: dict[str, Any] = field(default_factory=dict)
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -337,22 +339,31 @@ def _thumbnail_name(index: int) -> str:
 
 def _describe(asset: OutputAsset, index: int, count: int) -> tuple[dict[str, Any], bytes]:
     """The asset object's metadata (CONTRACT §4: the generation parameters plus width, height,
-    format, file size, index; a video's duration) and its thumbnail (a video's middle frame)."""
-    from model_kit.media import thumbnail_webp, video_middle_frame  # noqa: PLC0415 (heavy imports)
+    format, file size, index; a video's duration) and its thumbnail: the model's preview when it
+    sent one (the file's size is read from its header, nothing is decoded), else made from the
+    file (a video's middle frame)."""
+    from model_kit.media import thumbnail_webp, video_middle_frame, video_size  # noqa: PLC0415 (heavy imports)
     from PIL import Image  # noqa: PLC0415
 
     meta = dict(asset.metadata)
+    thumb = asset.thumbnail
+    if thumb is not None and not (thumb[:4] == b"RIFF" and thumb[8:12] == b"WEBP"):
+        raise ValueError(f"{asset.type} asset {index}: its preview is not a WEBP")
     try:
         if asset.type == "image":
-            with Image.open(io.BytesIO(asset.data)) as image:
+            with Image.open(io.BytesIO(asset.data)) as image:  # reads the header; decodes on demand
                 width, height = image.size
-                thumb = thumbnail_webp(image, longest_edge=THUMB_EDGE, quality=THUMB_QUALITY)
+                if thumb is None:
+                    thumb = thumbnail_webp(image, longest_edge=THUMBNAIL_EDGE, quality=THUMBNAIL_QUALITY)
             meta.setdefault("batch_size", count)
             meta.update(format="png")
         else:
-            frame = video_middle_frame(asset.data)
-            width, height = frame.size
-            thumb = thumbnail_webp(frame, longest_edge=THUMB_EDGE, quality=THUMB_QUALITY)
+            if thumb is None:
+                frame = video_middle_frame(asset.data)
+                width, height = frame.size
+                thumb = thumbnail_webp(frame, longest_edge=THUMBNAIL_EDGE, quality=THUMBNAIL_QUALITY)
+            else:
+                width, height = video_size(asset.data)
             meta.update(format="mp4", duration_seconds=meta["frame_num"] / meta["fps"])
     except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"{asset.type} asset {index} cannot be decoded: {exc}") from None

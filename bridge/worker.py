@@ -552,17 +552,21 @@ class Worker:
     def _spool(self, job: Job, prompt: str, enhancement, outputs: dict, elapsed: float) -> SpoolEntry:
         seeds = [int(s) for s in outputs.get("seeds", [])]
         common = {"steps": job.steps, "guidance_scale": job.guidance_scale}
+        previews = [bytes(b) for b in outputs.get("previews", [])]  # the thumbnails, when the model made them
         assets: list[OutputAsset] = []
         if job.type.output == "video":
             fps, frames = int(outputs["fps"][0]), int(outputs["num_frames"][0])
             assets.append(OutputAsset("video", bytes(outputs["video"][0]),
-                                      {**common, "seed": seeds[0], "fps": fps, "frame_num": frames}))
+                                      {**common, "seed": seeds[0], "fps": fps, "frame_num": frames},
+                                      previews[0] if len(previews) == 1 else None))
         else:
             images = [bytes(b) for b in outputs["images"]]
-            for i, data in enumerate(images):
+            if len(previews) != len(images):
+                previews = [None] * len(images)
+            for i, (data, preview) in enumerate(zip(images, previews)):
                 assets.append(OutputAsset("image", data, {
                     **common, "seed": seeds[i], "batch_size": len(images),
-                    "negative_prompt_used": job.negative_prompt}))
+                    "negative_prompt_used": job.negative_prompt}, preview))
         metadata: dict[str, Any] = {
             "job_type": job.requested_type, "generation_time": round(elapsed, 3),
             "seed": seeds[0] if seeds else None, "prompt": prompt,

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model_kit.common import Cancelled, Request, progress_callback
+from model_kit.common import Cancelled, Request, progress_callback, strings
+from model_kit.media import thumbnail_webp
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ class DiffusionParams(BaseModel):
     steps: int = Field(25, ge=1, le=150)
     guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # > 0: the response also has ``previews``, a WEBP of each image (of a video: its middle frame)
+    # whose longest edge is this many pixels; made from the pixels in memory, so a caller that
+    # wants thumbnails need not decode the PNG or MP4 again.
+    preview_edge: int = Field(0, ge=0, le=1024)
+    preview_quality: int = Field(85, ge=1, le=100)
 
     @field_validator("width", "height", check_fields=False)
     @classmethod
@@ -38,6 +44,15 @@ class DiffusionParams(BaseModel):
         if value % cls.size_multiple:
             raise ValueError(f"must be a multiple of {cls.size_multiple}, got {value}")
         return value
+
+
+def previews(images: list[Any], params: DiffusionParams) -> dict[str, Any]:
+    """``{"previews": [WEBP, ...]}`` of ``images`` (PIL images or HxWx3 arrays) as ``params`` ask;
+    ``{}`` when they ask for none."""
+    if not params.preview_edge:
+        return {}
+    return {"previews": strings([thumbnail_webp(image, params.preview_edge, params.preview_quality)
+                                 for image in images])}
 
 
 def seeds_for(base: int | None, count: int) -> list[int]:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
@@ -29,6 +30,16 @@ def png(data: bytes) -> Image.Image:
     assert image.format == "PNG"
     image.load()
     return image
+
+
+def preview_distance(preview: bytes, image: Image.Image, edge: int) -> float:
+    """Mean absolute difference (0-255) between a model's WEBP ``preview`` and ``image`` scaled to
+    the same size, after checking the preview is a WEBP whose longest edge is ``edge``."""
+    with Image.open(io.BytesIO(preview)) as decoded:
+        assert decoded.format == "WEBP"
+        assert max(decoded.size) == min(edge, max(image.size)), (decoded.size, image.size)
+        scaled = image.convert("RGB").resize(decoded.size, Image.LANCZOS)
+        return float(np.abs(np.asarray(decoded.convert("RGB"), dtype=float) - np.asarray(scaled, dtype=float)).mean())
 
 
 def outputs(result: Streamed, steps: int | None = None) -> dict:

@@ -197,11 +197,12 @@ def test_triton_parameters() -> None:
     sdxl = parse(config={"num_images": 3, "seed": 5, "resolution": "1024x576"})
     assert sdxl.triton_parameters() == {
         "num_images": 3, "steps": 15, "guidance_scale": 6.0, "width": 1024, "height": 576, "seed": 5,
+        "preview_edge": 256, "preview_quality": 85,
     }
     video = parse("video_high", config={"seed": 9})
     assert video.triton_parameters() == {
         "num_frames": 81, "fps": 16, "steps": 50, "guidance_scale": 7.5, "width": 480, "height": 832,
-        "seed": 9, "output": "video",
+        "seed": 9, "output": "video", "preview_edge": 256, "preview_quality": 85,
     }
     image = parse("image_fast")
     assert image.triton_parameters()["output"] == "image" and image.triton_parameters()["num_frames"] == 1

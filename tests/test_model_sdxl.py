@@ -26,6 +26,7 @@ from tests.diffusion_checks import (
     load_error,
     outputs,
     png,
+    preview_distance,
 )
 from tests.triton_helpers import Streamed, load_model, stream, unload_model
 
@@ -146,6 +147,16 @@ def test_batch_gives_pngs_of_the_requested_size_with_consecutive_seeds(url: str)
     assert [im.size for im in images] == [(64, 80)] * 3
     assert final["seeds"].tolist() == [1234, 1235, 1236]
     assert len({im.tobytes() for im in images}) == 3
+
+
+def test_previews_are_webp_thumbnails_of_each_image_only_when_asked(url: str) -> None:
+    final = outputs(generate(url, num_images=2, seed=3, width=64, height=128, preview_edge=32))
+    images = [png(bytes(b)) for b in final["images"]]
+    previews = [bytes(b) for b in final["previews"]]
+    distances = [[preview_distance(preview, image, 32) for image in images] for preview in previews]
+    assert distances[0][0] < 12 and distances[1][1] < 12, distances  # each is its own image, scaled
+    assert distances[0][0] < distances[0][1] and distances[1][1] < distances[1][0], distances
+    assert "previews" not in outputs(generate(url, seed=3))
 
 
 def test_same_seed_same_bytes_other_seed_other_image(url: str) -> None:

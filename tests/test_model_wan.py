@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from model_kit import layout
 from model_kit.media import decode_mp4
@@ -23,6 +24,7 @@ from tests.diffusion_checks import (
     load_error,
     outputs,
     png,
+    preview_distance,
 )
 from tests.triton_helpers import Streamed, load_model, stream, unload_model
 
@@ -74,6 +76,15 @@ def test_video_is_an_mp4_of_the_requested_frames_size_and_fps(url: str) -> None:
     assert final["num_frames"].tolist() == [9]
     assert final["fps"].tolist() == [12]
     assert final["seeds"].tolist() == [42]
+
+
+def test_previews_are_the_middle_frame_or_the_image_as_webp(url: str) -> None:
+    video = outputs(generate(url, num_frames=9, width=48, height=32, preview_edge=24))
+    [preview] = [bytes(b) for b in video["previews"]]
+    middle = Image.fromarray(frames(video)[4])
+    assert preview_distance(preview, middle, 24) < 12
+    image = outputs(generate(url, output="image", width=48, height=32, preview_edge=64))
+    assert preview_distance(bytes(image["previews"][0]), png(bytes(image["images"][0])), 64) < 12  # never upscaled
 
 
 def test_the_longest_video_the_job_table_allows(url: str) -> None:

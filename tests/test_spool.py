@@ -156,3 +156,31 @@ def test_an_image_that_does_not_decode_is_refused_with_its_index(spool):
     with pytest.raises(ValueError, match="image asset 1 cannot be decoded"):
         spool.save(new_job_id(), broken)
     assert not spool.directory.exists() or list(spool.directory.iterdir()) == []
+
+
+def test_a_models_preview_is_the_thumbnail_and_the_file_is_not_decoded(spool, monkeypatch):
+    """With the model's preview, the spool reads only the file's header (width, height)."""
+    import model_kit.media
+    from PIL import ImageFile
+
+    preview = model_kit.media.thumbnail_webp(Image.new("RGB", (48, 27), (200, 10, 10)))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the file was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    monkeypatch.setattr(model_kit.media, "video_middle_frame", no_decoding)
+    image = image_outputs(count=1, width=640, height=360).assets[0]
+    video = video_outputs().assets[0]
+    for asset, size in ((image, (640, 360)), (video, (320, 192))):
+        entry = spool.save(new_job_id(), JobOutputs(USER, "x", [OutputAsset(asset.type, asset.data, asset.metadata,
+                                                                             preview)]))
+        [spooled] = entry.assets
+        assert spooled.read_thumbnail() == preview
+        assert (spooled.metadata["width"], spooled.metadata["height"]) == size
+
+
+def test_a_preview_that_is_not_a_webp_is_refused(spool):
+    asset = image_outputs(count=1).assets[0]
+    with pytest.raises(ValueError, match="image asset 0: its preview is not a WEBP"):
+        spool.save(new_job_id(), JobOutputs(USER, "x", [OutputAsset("image", asset.data, asset.metadata, png(8, 8))]))

@@ -81,7 +81,8 @@ class TritonPythonModel(StreamingModel):
                 image=init_image, strength=params.strength, num_inference_steps=steps, **common,
             )  # fmt: skip
         pngs = strings([encode_png(image) for image in result.images])
-        request.send({"images": pngs, "seeds": np.array(seeds, dtype=np.int64)}, final=True)
+        request.send({"images": pngs, "seeds": np.array(seeds, dtype=np.int64),
+                      **diffusion.previews(result.images, params)}, final=True)
 
 
 def _reference_image(data: bytes, width: int, height: int):

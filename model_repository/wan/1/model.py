@@ -85,9 +85,10 @@ class TritonPythonModel(StreamingModel):
         )
         frames = result.frames[0]  # (frames, height, width, 3) floats in [0, 1]
         if params.output == "image":
-            media = {"images": strings([encode_png(frames[0])])}
+            media = {"images": strings([encode_png(frames[0])]), **diffusion.previews([frames[0]], params)}
         else:
-            media = {"video": strings([encode_mp4(frames, fps=params.fps)])}
+            media = {"video": strings([encode_mp4(frames, fps=params.fps)]),
+                     **diffusion.previews([frames[len(frames) // 2]], params)}
         request.send(
             {
                 **media,
