@@ -1,24 +1,31 @@
 """Bridge benchmark on the tiny models (CPU): pickup latency, per-job overhead, throughput.
 
-    python bench/bridge.py [--jobs 40] [--models-dir .cache/tiny-models]
+    python bench/bridge.py [--jobs 40] [--rounds 25] [--batch 10] [--models-dir .cache/tiny-models]
 
-Local mode (no Supabase): results go to OUTPUT_DIR, statuses to Redis. Figures:
+The app's side (RPUSH, then following the job's events) runs in a process of its own, as in
+production, so none of its work runs on the bridge's event loop. Local mode (no Supabase) unless
+said: results go to OUTPUT_DIR, statuses to Redis. Figures:
 
 - pickup: RPUSH → the job's first ``processing`` state recorded, with an idle worker (p50/p99).
   The old worker polled every 2–5 s; the target is p50 ≤ 5 ms.
-- latency overhead (idle worker, one job at a time): push → ``completed`` recorded (PNG and WEBP
-  thumbnail written, state in Redis), minus the same Triton request made directly right after it.
-  Both the mean difference and the median of the paired differences are printed: it is
-  everything the bridge adds to one job (queue, claims, safety gate, spool, thumbnail, files,
-  state), i.e. the time a user waits beyond the GPU.
-- per-job overhead with a full queue (target ≤ 2 ms): N jobs queued at once, wall time until all
-  completed, minus N of the same requests sent directly back to back, divided by N: the GPU time
-  the bridge costs per job (the median of ``--rounds`` alternating rounds). On this CPU-only
-  machine the model computes on the same two cores as the bridge, so the bridge's work for one
-  job (thumbnail, files, Redis) slows the next job's generation a little; on a GPU it would not.
-  Beside it: the idle gap between one job's Triton request ending and the next one's starting
-  (the bench times the bridge's requests), the time the server has nothing of ours to do. While one job's results are stored and reported the next one already
-  runs, so this is the gap between two generations.
+- latency overhead (idle worker, one job at a time): push → ``completed`` recorded, minus the
+  job's own Triton request inside the bridge (timed around the client's ``run``): everything the
+  bridge adds to one job, without the request's run-to-run noise. Split into the queue's own hop
+  (the app's RPUSH waking a bare ``BLMOVE`` in this process: Redis and two process wake-ups, before
+  any bridge code), storing the results (the spool: files, thumbnail, asset metadata; then the
+  files placed: hard links in local mode) and the rest (claims, safety gate, scheduling, states,
+  hand-offs between tasks and threads). Beside it, the job's request in the bridge against the
+  same request sent directly right after: the bridge does not slow the request itself.
+- the same overhead on the production path, Supabase mode, against the tests' local stand-in
+  (``tests/supabase_stub.py``, checking the contract): uploads and the signed callback, without
+  the network's latency; the stand-in runs in this process, so its own work is counted too.
+- per-job overhead with a full queue (target ≤ 2 ms): ``--batch`` jobs queued at once, wall time
+  until all completed, minus the same requests sent directly back to back, per job (the median
+  of ``--rounds`` alternating rounds, and its quartiles). On this CPU-only machine the model
+  computes on the same two cores as the bridge, so the bridge's work for one job (files, Redis,
+  the app's events) slows the next job's generation; on a GPU it would not. Beside it, the idle
+  gap between one job's Triton request ending and the next one's starting: the time the server
+  has nothing of ours to do, i.e. what a full queue costs the GPU per job.
 - throughput: jobs per second through the bridge and directly.
 """
 

@@ -1,10 +1,11 @@
 """The upload spool: a job's generated files on local disk until they are reported.
 
 ``{SPOOL_DIR}/{job_id}/`` holds the asset files (``{i}.png`` or ``0.mp4``), their thumbnails
-(``{i}.thumb.webp``, 256 px WEBP, a video's middle frame) and ``manifest.json`` with each asset's
-CONTRACT §4 metadata (width, height, format, file size, ...). Everything the report needs is made
-once, here, in the same thread that writes the files, from the bytes still in memory: the reporter
-only moves files (a restart after generation re-sends them instead of generating again).
+(``{i}.thumb.webp``: the model's 256 px WEBP preview, or made here from the file, a video's middle
+frame) and ``manifest.json`` with each asset's CONTRACT §4 metadata (width, height, format, file
+size, ...). Everything the report needs is made once, when the entry is saved, from the bytes still
+in memory: the reporter only moves files, and a restart after generation re-sends them instead of
+generating again.
 """
 
 from __future__ import annotations

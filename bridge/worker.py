@@ -351,11 +351,11 @@ class Worker:
             begin, spooled, refusal = Begin(None, self.settings.worker_id, False), False, None
         else:
             began = asyncio.ensure_future(self.queue.begin(job.id, delivery))
-            await asyncio.sleep(0)  # the script is sent before the checks below take the loop
             try:
+                await asyncio.sleep(0)  # the script is sent before the checks below take the loop
                 spooled, refusal = self.spool.has(job.id), _safety_refusal(job, job.prompt) if _gated(job) else None
             finally:
-                begin = await began
+                begin = await began  # (also when cancelled meanwhile: the claim is known, then released)
         if begin.finished:
             log.info("job %s already finished; duplicate delivery acknowledged", job.id)
             await self.queue.ack(delivery)
