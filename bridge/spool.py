@@ -10,6 +10,7 @@ generating again.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -141,10 +142,18 @@ class Spool:
         check_id("job_id", job_id)
         check_id("user_id", outputs.user_id)
         files = _asset_files(outputs.assets)
-        # The thumbnails (libwebp and PIL work outside the GIL) are made in other threads while
-        # this one writes the files: a job waits for the slower of the two, not their sum (issue 3).
-        described = [_THUMBNAILERS.submit(_describe, asset, index, len(outputs.assets))
-                     for index, asset in enumerate(outputs.assets)]
+        describe = [functools.partial(_describe, asset, index, len(outputs.assets))
+                    for index, asset in enumerate(outputs.assets)]
+        if all(asset.thumbnail is not None for asset in outputs.assets):
+            def described() -> list[tuple[dict[str, Any], bytes]]:  # the models' previews: headers only
+                return [call() for call in describe]
+        else:
+            # Thumbnails to make (libwebp and PIL work outside the GIL): in other threads while this
+            # one writes the files, so a job waits for the slower of the two, not their sum (issue 3).
+            futures = [_THUMBNAILERS.submit(call) for call in describe]
+
+            def described() -> list[tuple[dict[str, Any], bytes]]:
+                return [future.result() for future in futures]
         temp = self.directory / f".tmp-{job_id}-{uuid.uuid4().hex[:8]}"
         try:
             try:
@@ -152,7 +161,7 @@ class Spool:
                 temp.mkdir()
                 for asset, name in zip(outputs.assets, files):
                     _write_file(temp / name, asset.data, durable)
-                results = [future.result() for future in described]  # ValueError: a file that does not decode
+                results = described()  # ValueError: a file that does not decode
                 for index, (_, thumb) in enumerate(results):
                     _write_file(temp / _thumbnail_name(index), thumb, durable)
                 manifest = _manifest(job_id, outputs, files, results)
