@@ -63,12 +63,18 @@ def decode_mp4(data: bytes) -> list[np.ndarray]:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
+def _video_stream(container):
+    if not container.streams.video:
+        raise ValueError("the file has no video stream")
+    return container.streams.video[0]
+
+
 def video_size(data: bytes) -> tuple[int, int]:
     """(width, height) of an MP4's video, from its header (nothing is decoded)."""
     import av  # noqa: PLC0415
 
     with av.open(io.BytesIO(data), mode="r") as container:
-        context = container.streams.video[0].codec_context
+        context = _video_stream(container).codec_context
         return context.width, context.height
 
 
@@ -78,7 +84,7 @@ def video_middle_frame(data: bytes) -> Image.Image:
     import av  # noqa: PLC0415
 
     with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         middle = stream.frames // 2 if stream.frames > 0 else None  # the header's count, if any
         kept, last = [], None
         for index, frame in enumerate(container.decode(stream)):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from job_outputs import mp4
-from model_kit.media import thumbnail_webp, video_middle_frame
+from model_kit.media import thumbnail_webp, video_middle_frame, video_size
 
 
 def _grey(image: Image.Image) -> float:
@@ -43,9 +43,19 @@ def test_middle_frame_without_a_frame_count_in_the_header() -> None:
     assert abs(_grey(video_middle_frame(data)) - 60) < 6
 
 
-def test_a_video_without_frames_is_an_error() -> None:
+def test_a_video_without_frames_or_a_video_stream_is_an_error() -> None:
     with pytest.raises(ValueError):  # FFmpeg's InvalidDataError is one
         video_middle_frame(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    audio = io.BytesIO()
+    with av.open(audio, mode="w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for read in (video_middle_frame, video_size):
+        with pytest.raises(ValueError, match="no video stream"):
+            read(audio.getvalue())
 
 
 @pytest.mark.parametrize(("size", "expected"), [((1024, 768), (256, 192)), ((300, 600), (128, 256)),
