@@ -256,13 +256,26 @@ def load_file(path: Path, model: type[BaseModel]) -> BaseModel:
         raise DataFileError(f"{path}: " + "; ".join(problems)) from None
 
 
+def _locate(data_dir: Path | str) -> dict[str, tuple[str, os.stat_result | None]]:
+    """Where each file is read from (``data_dir`` when it holds it, else the packaged copy) and
+    its stat, None when neither is there: one stat a file, as every prompt's safety check asks
+    (:func:`get_data`; issue 3: per-job overhead)."""
+    located = {}
+    for name in FILES:
+        packaged = os.path.join(PACKAGED_DATA_DIR, name)
+        located[name] = (packaged, None)
+        for path in (os.path.join(data_dir, name), packaged):
+            try:
+                located[name] = (path, os.stat(path))
+                break
+            except OSError:
+                continue
+    return located
+
+
 def _paths(data_dir: Path) -> dict[str, Path]:
     """Where each file is read from: ``data_dir`` when it holds it, else the packaged copy."""
-    paths = {}
-    for name in FILES:
-        candidate = data_dir / name
-        paths[name] = candidate if candidate.exists() else PACKAGED_DATA_DIR / name
-    return paths
+    return {name: Path(path) for name, (path, _) in _locate(data_dir).items()}
 
 
 def load_data(data_dir: Path | str | None = None) -> PromptData:
@@ -290,20 +303,9 @@ _lock = threading.Lock()
 
 
 def _stamp(data_dir: str) -> tuple:
-    """(file, mtime, size) of each file :func:`load_data` reads from ``data_dir``: one stat a file,
-    as every prompt's safety check asks (issue 3: per-job overhead)."""
-    stamp = []
-    for name in FILES:
-        for path in (os.path.join(data_dir, name), os.path.join(PACKAGED_DATA_DIR, name)):
-            try:
-                stat = os.stat(path)
-            except OSError:
-                continue
-            stamp.append((path, stat.st_mtime_ns, stat.st_size))
-            break
-        else:
-            stamp.append((name, None, None))
-    return tuple(stamp)
+    """(file, mtime, size) of each file :func:`load_data` reads from ``data_dir``."""
+    return tuple((path, stat.st_mtime_ns, stat.st_size) if stat else (path, None, None)
+                 for path, stat in _locate(data_dir).values())
 
 
 @functools.lru_cache(maxsize=16)

@@ -353,7 +353,7 @@ class Worker:
             began = asyncio.ensure_future(self.queue.begin(job.id, delivery))
             try:
                 await asyncio.sleep(0)  # the script is sent before the checks below take the loop
-                spooled, refusal = self.spool.has(job.id), _safety_refusal(job, job.prompt) if _gated(job) else None
+                spooled, refusal = self.spool.has(job.id), _safety_refusal(job.prompt) if _gated(job) else None
             finally:
                 begin = await began  # (also when cancelled meanwhile: the claim is known, then released)
         if begin.finished:
@@ -437,7 +437,7 @@ class Worker:
                 enhancement = await self.enhancer.enhance(job.prompt, kind="wan")  # falls back, never fails
                 enhance_s = time.monotonic() - started
             prompt = enhancement.prompt
-            _check_safety(job, prompt)
+            _check_safety(prompt)
         async with self._holding_gpu(delivery, job, render.models, render, throttle) as throttle:
             started = time.monotonic() - enhance_s  # generation_time: the enhancement and the render
             reference = await self._reference_image(job)
@@ -552,18 +552,15 @@ class Worker:
     def _spool(self, job: Job, prompt: str, enhancement, outputs: dict, elapsed: float) -> SpoolEntry:
         seeds = [int(s) for s in outputs.get("seeds", [])]
         common = {"steps": job.steps, "guidance_scale": job.guidance_scale}
-        previews = [bytes(b) for b in outputs.get("previews", [])]  # the thumbnails, when the model made them
         assets: list[OutputAsset] = []
         if job.type.output == "video":
             fps, frames = int(outputs["fps"][0]), int(outputs["num_frames"][0])
             assets.append(OutputAsset("video", bytes(outputs["video"][0]),
                                       {**common, "seed": seeds[0], "fps": fps, "frame_num": frames},
-                                      previews[0] if len(previews) == 1 else None))
+                                      _previews(outputs, 1)[0]))
         else:
             images = [bytes(b) for b in outputs["images"]]
-            if len(previews) != len(images):
-                previews = [None] * len(images)
-            for i, (data, preview) in enumerate(zip(images, previews)):
+            for i, (data, preview) in enumerate(zip(images, _previews(outputs, len(images)))):
                 assets.append(OutputAsset("image", data, {
                     **common, "seed": seeds[i], "batch_size": len(images),
                     "negative_prompt_used": job.negative_prompt}, preview))
@@ -780,6 +777,13 @@ class RecordingReporter:
         await self.inner.aclose()
 
 
+def _previews(outputs: dict, count: int) -> list[bytes | None]:
+    """The model's WEBP previews, one per asset (the thumbnails), or Nones when it sent none (then
+    the spool makes the thumbnails from the files)."""
+    previews = [bytes(b) for b in outputs.get("previews", [])]
+    return previews if len(previews) == count else [None] * count
+
+
 def _gated(job: Job) -> bool:
     """Whether the job's own prompt passes the safety gate before it goes to a model: every
     generation, and a chat-queue prompt enhancement."""
@@ -787,7 +791,7 @@ def _gated(job: Job) -> bool:
     return job.type.output != "text" or (template is not None and template.endswith("_enhance"))
 
 
-def _safety_refusal(job: Job, prompt: str) -> JobFailed | None:
+def _safety_refusal(prompt: str) -> JobFailed | None:
     """The content-safety gate's refusal of ``prompt`` (a clear, non-graphic reason), or None."""
     verdict = check_prompt(prompt)
     if verdict.allowed:
@@ -795,8 +799,8 @@ def _safety_refusal(job: Job, prompt: str) -> JobFailed | None:
     return JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
 
 
-def _check_safety(job: Job, prompt: str) -> None:
-    refusal = _safety_refusal(job, prompt)
+def _check_safety(prompt: str) -> None:
+    refusal = _safety_refusal(prompt)
     if refusal is not None:
         raise refusal
 
