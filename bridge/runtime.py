@@ -8,10 +8,13 @@ SIGTERM/SIGINT. The tests, the demo and ``python -m bridge serve`` all use it.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import io
 import logging
 import signal
 import time
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import Any
 
@@ -154,32 +157,81 @@ class Runtime:
 
     # ------------------------------------------------------------------ stop
     async def stop(self) -> None:
+        """Stop every part, in reverse order of start. Each step is logged with its duration (at
+        DEBUG; WARNING when it took over :data:`SLOW_STEP_S`), so a shutdown that hangs shows
+        which step it hangs in."""
         if self.api_server is not None:
             self.api_server.should_exit = True
             if self._api_task is not None:
-                with suppress(Exception):
-                    await self._api_task
+                async with _step("HTTP API"):
+                    with suppress(Exception):
+                        await self._api_task
         if hasattr(self, "worker"):
             if self.with_jobs:
-                await self.worker.stop()
-            await self.worker.reporter.aclose()
+                async with _step("worker"):
+                    await self.worker.stop()
+            async with _step("reporter"):
+                await self.worker.reporter.aclose()
         for closer in ("triton", "queue"):
             part = getattr(self, closer, None)
             if part is not None:
-                with suppress(Exception):
-                    await part.close()
-        with suppress(Exception):
-            await self.residency.control.close()  # type: ignore[attr-defined]
+                async with _step(f"{closer} client"):
+                    with suppress(Exception):
+                        await part.close()
+        async with _step("model control client"):
+            with suppress(Exception):
+                await self.residency.control.close()  # type: ignore[attr-defined]
         if self.triton_server is not None:
-            await asyncio.to_thread(self.triton_server.stop)
+            async with _step("tritonserver"):
+                await asyncio.to_thread(self.triton_server.stop)
         if self.redis_server is not None:
-            await asyncio.to_thread(self.redis_server.stop)
+            async with _step("redis-server"):
+                await asyncio.to_thread(self.redis_server.stop)
 
     async def __aenter__(self) -> "Runtime":
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+SLOW_STEP_S = 5.0
+"""A shutdown step that takes longer than this is logged as a warning."""
+
+SHUTDOWN_SLACK_S = 15.0
+"""How much longer than its known waits (jobs' grace period, tritonserver's exit timeout) a
+shutdown may take before :func:`serve` gives up on it (see :func:`_arm_shutdown_watchdog`)."""
+
+
+@asynccontextmanager
+async def _step(name: str) -> AsyncIterator[None]:
+    started = time.monotonic()
+    log.debug("shutdown: stopping %s", name)
+    try:
+        yield
+    finally:
+        took = time.monotonic() - started
+        log.log(logging.WARNING if took > SLOW_STEP_S else logging.DEBUG,
+                "shutdown: %s stopped in %.2f s", name, took)
+
+
+def _arm_shutdown_watchdog(settings: Settings) -> None:
+    """A shutdown must end. Past the longest its waits allow (plus :data:`SHUTDOWN_SLACK_S`),
+    log what every asyncio task is awaiting, then dump every thread's stack and exit with status 1
+    (``faulthandler``, so a hang after the event loop, in interpreter exit, is covered too). Jobs
+    this worker still held are recovered by the reaper, as after a SIGKILL. Stacks name code
+    locations only, never values, so no secret can be in them."""
+    limit = settings.shutdown_grace_s + settings.triton_exit_timeout_s + SHUTDOWN_SLACK_S
+    faulthandler.dump_traceback_later(limit, exit=True)
+    asyncio.get_running_loop().call_later(max(limit - 1.0, 0.0), _log_stuck_tasks, limit)
+
+
+def _log_stuck_tasks(limit: float) -> None:
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=8, file=stacks)
+    log.error("shutdown has not finished after %.0f s; pending asyncio tasks:\n%s"
+              "exiting after the threads' stacks are dumped", limit - 1.0, stacks.getvalue())
 
 
 def _count_retry(route: str, _reason: str) -> None:
@@ -207,4 +259,5 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
+        _arm_shutdown_watchdog(settings)
         await runtime.stop()
