@@ -271,6 +271,11 @@ class Begin:
     cancelled: bool
     attempt: int = 0  # the delivery's attempt number once counted (0: not counted)
 
+    @property
+    def ours(self) -> bool:
+        """Claimed for this worker, not finished, not cancelled: it may run here (attempts allowing)."""
+        return self.finished is None and self.owner is None and not self.cancelled
+
 
 class _Link:
     """Whether Redis is reachable, so an outage is logged once when it starts and once at its end.

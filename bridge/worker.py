@@ -127,6 +127,18 @@ class Dispatcher:
                 self.release(item)  # granted just as we were cancelled: give the slot back
             raise
 
+    def try_acquire(self, item: Waiting) -> bool:
+        """Grant ``item`` now if nothing waits and the scheduler grants it at once; else leave no
+        trace and return False (a later :meth:`acquire` gets the scheduler's real answer)."""
+        if self._waiting:
+            return False
+        self._waiting.append(item)
+        self._grant_all()
+        if item.granted.done():
+            return item.granted.exception() is None  # a rejection is retrieved here, raised by acquire
+        self._waiting.remove(item)
+        return False
+
     def release(self, item: Waiting) -> None:
         """``item`` no longer holds the GPU. What waits next is granted now, not a loop turn later
         in the dispatcher task: its request should reach the server before the releasing job goes
@@ -344,18 +356,70 @@ class Worker:
         except InvalidJob as exc:
             await self._refuse(delivery, exc)
             return
-        # One round trip: finished? claimed by a live worker? cancel requested? (issue 7) The raw
-        # payload lets the claim check that its owner still holds the job. The local checks (the
-        # spool stat, the safety gate) run while it is in flight (issue 3: per-job overhead).
         if job.id in self._running:
-            begin, spooled, refusal = Begin(None, self.settings.worker_id, False), False, None
+            begin, spooled, refusal, head = Begin(None, self.settings.worker_id, False), False, None, None
         else:
-            began = asyncio.ensure_future(self.queue.begin(job.id, delivery))
+            begin, spooled, refusal, head = await self._claim(delivery, job)
+        try:
+            await self._run_claimed(delivery, job, begin, spooled, refusal, head)
+        finally:
+            if head is not None:
+                await self._abandon(head)  # nothing when the generation took it (its request ended)
+
+    async def _claim(self, delivery: Delivery, job: Job) -> tuple[Begin, bool, JobFailed | None, _HeadStart | None]:
+        """One round trip: finished? claimed by a live worker? cancel requested? (issue 7) The raw
+        payload lets the claim check that its owner still holds the job. While it is in flight
+        (issue 3: per-job overhead) the local checks run (the spool stat, the safety gate) and,
+        when the GPU is free at once, the job's request starts (:meth:`_start_early`)."""
+        began = asyncio.ensure_future(self.queue.begin(job.id, delivery))
+        head = None
+        try:
+            await asyncio.sleep(0)  # the script is sent before the checks below take the loop
+            spooled, refusal = self.spool.has(job.id), _safety_refusal(job.prompt) if _gated(job) else None
+            if not spooled and refusal is None:
+                head = self._start_early(delivery, job)
+        finally:
             try:
-                await asyncio.sleep(0)  # the script is sent before the checks below take the loop
-                spooled, refusal = self.spool.has(job.id), _safety_refusal(job.prompt) if _gated(job) else None
-            finally:
                 begin = await began  # (also when cancelled meanwhile: the claim is known, then released)
+            except BaseException:
+                if head is not None:
+                    await self._abandon(head)
+                raise
+        if head is not None and (not begin.ours or self.queue.past_max_attempts(
+                dataclasses.replace(delivery, attempt=begin.attempt or delivery.attempt))):
+            await self._abandon(head)  # not this worker's to run now: stop the request before anything else
+            head = None
+        return begin, spooled, refusal, head
+
+    def _start_early(self, delivery: Delivery, job: Job) -> _HeadStart | None:
+        """Start the job's request before its claim is known, when that costs nothing if the claim
+        says no: a one-stage generation with no reference image to fetch, its model resident, the
+        GPU granted at once. Its progress is reported only once the job is ours; nothing else of
+        it is (no callback, state or spool entry), so a duplicate only has its request cancelled."""
+        stages = job_stages(job.type.name)
+        if (job.type.output == "text" or len(stages) != 1 or job.reference_image_url
+                or self.residency.state(job.model) != "ready"):
+            return None
+        waiting = self._waiting_for(delivery, job, stages[0].models, stages[0])
+        if not self.dispatcher.try_acquire(waiting):
+            return None
+        head = _HeadStart(waiting, time.monotonic())
+        head.request = asyncio.create_task(
+            self._infer(job, _render_inputs(job, job.prompt, None), self._on_progress(job, lambda: head.throttle)),
+            name=f"request:{job.id}")
+        return head
+
+    async def _abandon(self, head: _HeadStart) -> None:
+        """Cancel a head start's request (if it still runs) and give its GPU grant back."""
+        if not head.request.done():
+            head.request.cancel()
+            await asyncio.wait([head.request])
+        if not head.request.cancelled():
+            head.request.exception()  # its outcome does not matter any more (and is not "never retrieved")
+        self.dispatcher.release(head.waiting)
+
+    async def _run_claimed(self, delivery: Delivery, job: Job, begin: Begin, spooled: bool,
+                           refusal: JobFailed | None, head: _HeadStart | None) -> None:
         if begin.finished:
             log.info("job %s already finished; duplicate delivery acknowledged", job.id)
             await self.queue.ack(delivery)
@@ -396,8 +460,8 @@ class Worker:
         try:
             if refusal is not None:
                 raise refusal
-            generate = self._generate_text if job.type.output == "text" else self._generate
-            entry = await generate(delivery, job)
+            entry = await (self._generate_text(delivery, job) if job.type.output == "text"
+                           else self._generate(delivery, job, head))
         except asyncio.CancelledError:
             if job.id not in self._cancelled:
                 raise
@@ -422,8 +486,9 @@ class Worker:
         await asyncio.sleep(1.0)  # (issue 7) pause while the job is still ours, then put it back
         await self._requeue(delivery, count_attempt=False)
 
-    async def _generate(self, delivery: Delivery, job: Job) -> SpoolEntry:
-        """Safety gate, enhancement, reference image, the Triton run; outputs into the spool.
+    async def _generate(self, delivery: Delivery, job: Job, head: _HeadStart | None = None) -> SpoolEntry:
+        """Safety gate, enhancement, reference image, the Triton run (``head``: already started
+        while the job was claimed); outputs into the spool.
 
         An enhanced job holds the GPU twice (CONTRACT §3: "qwen_base, then wan"): Qwen Base for
         the enhancement, released, then WAN for the render. Holding both at once put 55 GB of
@@ -438,42 +503,57 @@ class Worker:
                 enhance_s = time.monotonic() - started
             prompt = enhancement.prompt
             _check_safety(prompt)
-        async with self._holding_gpu(delivery, job, render.models, render, throttle) as throttle:
-            started = time.monotonic() - enhance_s  # generation_time: the enhancement and the render
-            reference = await self._reference_image(job)
-            inputs = {"prompt": prompt, "negative_prompt": job.negative_prompt,
-                      "reference_image": reference, "parameters": job.triton_parameters()}
-
-            async def on_response(outputs: dict) -> None:
-                if "progress" in outputs:
-                    await self._progress(job, throttle, float(outputs["progress"][0]))
-
-            outputs = await self._infer(job, inputs, on_response)
+        held = head.waiting if head is not None else None
+        async with self._holding_gpu(delivery, job, render.models, render, throttle, held) as throttle:
+            if head is not None:
+                started = head.started
+                head.throttle = throttle  # its progress is reported from now on
+                outputs = await head.request
+            else:
+                started = time.monotonic() - enhance_s  # generation_time: the enhancement and the render
+                reference = await self._reference_image(job)
+                outputs = await self._infer(job, _render_inputs(job, prompt, reference),
+                                            self._on_progress(job, lambda: throttle))
             elapsed = time.monotonic() - started
         await asyncio.sleep(0)  # a job granted the GPU by the release sends its request first
         return await asyncio.to_thread(self._spool, job, prompt, enhancement, outputs, elapsed)
 
     @asynccontextmanager
     async def _holding_gpu(self, delivery: Delivery, job: Job, models: Any, stage: Stage | None = None,
-                           throttle: ProgressThrottle | None = None) -> AsyncIterator[ProgressThrottle]:
+                           throttle: ProgressThrottle | None = None,
+                           held: Waiting | None = None) -> AsyncIterator[ProgressThrottle]:
         """Report ``processing`` (once per job: pass the first grant's ``throttle`` to a later
-        one), wait for the dispatcher's grant, hold it for the block. ``stage`` gives the grant's
-        key and expected time when the job holds the GPU more than once; every grant of a job
-        keeps the job's age, so a later stage is not sent to the back."""
+        one), wait for the dispatcher's grant (``held``: granted already), hold it for the block.
+        ``stage`` gives the grant's key and expected time when the job holds the GPU more than
+        once; every grant of a job keeps the job's age, so a later stage is not sent to the back."""
         if throttle is None:
             throttle = ProgressThrottle(self.reporter, job.id, metadata={"job_type": job.requested_type})
             await self._progress(job, throttle, 0.0)
-        key, est_s = (stage.key, stage.est_s) if stage is not None else (job.type.name, job_cost_s(job.type.name))
-        waiting = Waiting(key, frozenset(models), _monotonic_since(delivery.taken_at),
-                          interactive=is_interactive(job.type.name), est_s=est_s,
-                          then=stage.then if stage is not None else frozenset())
-        await self.dispatcher.acquire(waiting)
+        waiting = held or self._waiting_for(delivery, job, models, stage)
+        if held is None:
+            await self.dispatcher.acquire(waiting)
         self._granted.add(job.id)
         self._free_intake(delivery.queue)  # this job holds the GPU: the next one may be taken
         try:
             yield throttle
         finally:
             self.dispatcher.release(waiting)
+
+    @staticmethod
+    def _waiting_for(delivery: Delivery, job: Job, models: Any, stage: Stage | None) -> Waiting:
+        key, est_s = (stage.key, stage.est_s) if stage is not None else (job.type.name, job_cost_s(job.type.name))
+        return Waiting(key, frozenset(models), _monotonic_since(delivery.taken_at),
+                       interactive=is_interactive(job.type.name), est_s=est_s,
+                       then=stage.then if stage is not None else frozenset())
+
+    def _on_progress(self, job: Job, throttle: Callable[[], ProgressThrottle | None]):
+        """The request's response handler: its progress to ``throttle()`` (None: not reported)."""
+        async def on_response(outputs: dict) -> None:
+            current = throttle()
+            if current is not None and "progress" in outputs:
+                await self._progress(job, current, float(outputs["progress"][0]))
+
+        return on_response
 
     async def _infer(self, job: Job, inputs: dict, on_response) -> dict:
         """One Triton request under the job's time limit; OOM evicts and retries once."""
@@ -775,6 +855,21 @@ class RecordingReporter:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+@dataclass
+class _HeadStart:
+    """A job's request started while its claim was on its way (:meth:`Worker._start_early`)."""
+
+    waiting: Waiting  # its GPU grant
+    started: float  # time.monotonic() when the request started
+    request: asyncio.Task = field(init=False)
+    throttle: ProgressThrottle | None = None  # set once the job is ours: its progress goes there
+
+
+def _render_inputs(job: Job, prompt: str, reference: bytes | None) -> dict[str, Any]:
+    return {"prompt": prompt, "negative_prompt": job.negative_prompt, "reference_image": reference,
+            "parameters": job.triton_parameters()}
 
 
 def _previews(outputs: dict, count: int) -> list[bytes | None]:

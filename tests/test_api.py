@@ -373,8 +373,9 @@ async def test_an_sdxl_job_completes_with_assets_and_its_events_stream_until_ter
 
 
 async def test_cancelling_a_running_wan_job_ends_it_cancelled(http: httpx.AsyncClient) -> None:
-    # 81 frames make each of the 100 steps slow enough (tens of seconds in all) to cancel mid-way
-    job = _job("video_fast", width=64, height=64, num_inference_steps=100, frame_num=81)
+    # Slow enough to cancel mid-way even with WAN already resident (about 10 s here; 64x64 at 81
+    # frames took 2 s, all steps within the first progress callback's 1 s throttle)
+    job = _job("video_fast", width=96, height=96, num_inference_steps=100, frame_num=161)
     submitted = await http.post("/jobs", json=job)
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["id"]

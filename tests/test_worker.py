@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,81 @@ async def test_duplicate_delivery_of_a_finished_job_is_not_run_again(bridge: Run
     statuses = [c["status"] for c in supabase.callbacks(job["id"], outcome=None)]
     assert statuses.count("completed") == 1 and statuses.count("processing") >= 1
     assert sum(1 for s in statuses if s == "processing") == len(statuses) - 1
+
+
+class _SlowClaim:
+    """Observes a worker (issue 3: the claim's round trip): its claim (``Queue.begin``) answers
+    ``delay_s`` late, as from a distant Redis, and each Triton request is recorded with when it
+    started and how it ended ("completed", "cancelled" or the exception's name)."""
+
+    def __init__(self, runtime: Runtime, delay_s: float) -> None:
+        self.claimed: list[float] = []  # time.monotonic() when each claim answered
+        self.requests: list[tuple[float, str]] = []
+        queue, triton = runtime.worker.queue, runtime.worker.triton
+        begin, run = queue.begin, triton.run
+
+        async def slow_begin(*args, **kwargs):
+            answer = await begin(*args, **kwargs)
+            await asyncio.sleep(delay_s)
+            self.claimed.append(time.monotonic())
+            return answer
+
+        async def observed_run(*args, **kwargs):
+            started = time.monotonic()
+            try:
+                result = await run(*args, **kwargs)
+            except BaseException as exc:
+                self.requests.append((started, "cancelled" if isinstance(exc, asyncio.CancelledError)
+                                      else type(exc).__name__))
+                raise
+            self.requests.append((started, "completed"))
+            return result
+
+        queue.begin, triton.run = slow_begin, observed_run  # type: ignore[method-assign]
+
+
+def callback_times(stub: SupabaseStub, job_id: str) -> list[float]:
+    return [r.at for r in stub.requests_for("job-callback") if r.json().get("job_id") == job_id]
+
+
+async def test_an_idle_worker_starts_the_request_while_the_claim_is_on_its_way(
+        bridge: Runtime, supabase: SupabaseStub) -> None:
+    warm_up = sdxl_job()  # the model is resident afterwards: a head start needs no load
+    await push(bridge, warm_up)
+    await wait_terminal(supabase, warm_up["id"])
+    slow = _SlowClaim(bridge, delay_s=0.5)
+    job = sdxl_job(seed=11)
+    await push(bridge, job)
+    assert (await wait_terminal(supabase, job["id"]))["status"] == "completed"
+    (claimed,), ((started, outcome),) = slow.claimed, slow.requests
+    assert outcome == "completed" and started < claimed - 0.4, (started, claimed)  # not after the claim
+    # Nothing of the job was reported before it was known to be this worker's.
+    assert min(callback_times(supabase, job["id"])) >= claimed
+    assert_callback_sequence(supabase, job["id"], "completed")
+
+
+async def test_a_head_start_is_cancelled_when_the_claim_says_no(bridge: Runtime, supabase: SupabaseStub) -> None:
+    """A duplicate of a finished job, and a job cancelled before it started: each one's request
+    started while its claim was on its way, and was cancelled; neither ran to the end or reported
+    anything new. The next job runs."""
+    finished = sdxl_job()
+    await push(bridge, finished)
+    await wait_terminal(supabase, finished["id"])
+    before = len(supabase.callbacks(finished["id"], outcome=None))
+    slow = _SlowClaim(bridge, delay_s=0.5)
+    # Long requests (100 steps), so each is still running when its claim answers.
+    duplicate = {**finished, "config": {**finished["config"], "num_inference_steps": 100}}
+    cancelled = sdxl_job(seed=12, num_inference_steps=100)
+    await bridge.queue.request_cancel(cancelled["id"])
+    for job in (duplicate, cancelled):
+        await push(bridge, job)
+    follow_up = sdxl_job(seed=13)
+    await push(bridge, follow_up)
+    assert (await wait_terminal(supabase, follow_up["id"]))["status"] == "completed"
+    assert [outcome for _, outcome in slow.requests] == ["cancelled", "cancelled", "completed"], slow.requests
+    assert len(supabase.callbacks(finished["id"], outcome=None)) == before  # the duplicate: nothing
+    assert [c["status"] for c in supabase.callbacks(cancelled["id"], outcome=None)] == ["cancelled"]
+    assert bridge.worker.dispatcher.running() == ()  # every grant given back
 
 
 async def test_time_limit_stops_the_generation(bridge: Runtime, supabase: SupabaseStub, monkeypatch) -> None:
