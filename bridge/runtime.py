@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import io
 import logging
 import signal
@@ -234,6 +235,17 @@ def _log_stuck_tasks(limit: float) -> None:
               "exiting after the threads' stacks are dumped", limit - 1.0, stacks.getvalue())
 
 
+def freeze_startup_heap() -> None:
+    """Collect, then move every object alive after start-up (modules, settings, clients: about
+    100,000) to the collector's permanent generation. A full collection then looks only at what was
+    made since: it paused the event loop for 45 ms before (measured here), which a job that arrived
+    meanwhile waited out (issue 3: pickup and idle-gap outliers). Start-up objects live as long as
+    the process, so nothing that could be freed is kept. For the one process ``serve`` runs, not
+    for a process that starts runtimes again and again (the tests)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _count_retry(route: str, _reason: str) -> None:
     """Reporter retries into the metrics (uploads and callbacks counted apart)."""
     if route == "storage":
@@ -251,6 +263,7 @@ async def serve(settings: Settings) -> None:
     runtime = Runtime(settings)
     try:
         await runtime.start()
+        freeze_startup_heap()
         log.info("bridge %s serving", settings.worker_id)
         if not settings.local_mode and settings.register_worker:
             from bridge.registration import register_worker  # noqa: PLC0415

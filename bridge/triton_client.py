@@ -98,8 +98,10 @@ class TritonClient:
         except InferenceServerException:
             return False
 
-    async def responses(self, model: str, inputs: dict[str, Any], request_id: str = "") -> AsyncIterator[Outputs]:
+    async def responses(self, model: str, inputs: dict[str, Any], request_id: str = "",
+                        on_sent: Callable[[], None] | None = None) -> AsyncIterator[Outputs]:
         """Yield each response's outputs; raise :class:`InferenceFailed` on an error response.
+        ``on_sent`` is called once the request is written to the stream.
 
         Leaving the iteration early cancels the request on the server.
         """
@@ -107,6 +109,8 @@ class TritonClient:
 
         async def _requests():
             yield {"model_name": model, "inputs": tensors, "request_id": request_id}
+            if on_sent is not None:  # asked for the next request: this one is written
+                on_sent()
 
         stream = self._client.stream_infer(_requests())
         finished = False
@@ -134,13 +138,15 @@ class TritonClient:
         on_response: OnResponse | None = None,
         timeout: float | None = None,
         request_id: str = "",
+        on_sent: Callable[[], None] | None = None,
     ) -> Outputs:
         """Run one request to completion; every response goes to ``on_response``; return the
-        outputs of all responses merged (later responses win), i.e. the final results."""
+        outputs of all responses merged (later responses win), i.e. the final results.
+        ``on_sent`` is called once the request is on its way to the server."""
         merged: Outputs = {}
 
         async def _consume() -> None:
-            async with aclosing(self.responses(model, inputs, request_id)) as responses:
+            async with aclosing(self.responses(model, inputs, request_id, on_sent)) as responses:
                 async for outputs in responses:
                     merged.update(outputs)
                     if on_response is not None:

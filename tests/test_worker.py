@@ -312,6 +312,37 @@ async def test_a_head_start_is_cancelled_when_the_claim_says_no(bridge: Runtime,
     assert bridge.worker.dispatcher.running() == ()  # every grant given back
 
 
+async def test_the_next_request_goes_out_before_the_finished_job_stores_its_results(
+        bridge: Runtime, supabase: SupabaseStub) -> None:
+    """(issue 3) With jobs queued, the job the release grants the GPU to has its request written
+    to Triton before the finished job starts storing (CPU work that delayed the next request and
+    left the GPU idle)."""
+    events: list[tuple[str, str]] = []
+    worker = bridge.worker
+    run, save = worker.triton.run, worker.spool.save
+
+    async def observed_run(model, inputs, *, on_sent=None, request_id="", **kwargs):
+        def sent() -> None:
+            events.append(("sent", request_id))
+            if on_sent is not None:
+                on_sent()
+        return await run(model, inputs, on_sent=sent, request_id=request_id, **kwargs)
+
+    def observed_save(job_id, *args, **kwargs):
+        events.append(("store", job_id))
+        return save(job_id, *args, **kwargs)
+
+    worker.triton.run, worker.spool.save = observed_run, observed_save  # type: ignore[method-assign]
+    jobs = [sdxl_job(seed=20 + i) for i in range(4)]
+    for job in jobs:
+        await push(bridge, job)
+    for job in jobs:
+        assert (await wait_terminal(supabase, job["id"]))["status"] == "completed"
+    order = {event: index for index, event in enumerate(events)}
+    for finished, following in zip(jobs, jobs[1:]):
+        assert order[("sent", following["id"])] < order[("store", finished["id"])], events
+
+
 async def test_time_limit_stops_the_generation(bridge: Runtime, supabase: SupabaseStub, monkeypatch) -> None:
     from dataclasses import replace
 
