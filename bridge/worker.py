@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import io
 import logging
 import random
 import time
@@ -44,6 +45,7 @@ TERMINAL_KEY = "terminal_status"  # a spooled failed/cancelled result (no assets
 REPORT_RETRY_PAUSE_S = 5.0  # after a reporting round's deadline passed: pause before the next round
 REPORT_RETRY_MAX_PAUSE_S = 120.0
 SEND_FIRST_S = 0.005  # a finished job waits at most this long for the next job's request to go out
+ABANDON_WAIT_S = 10.0  # how long a cancelled head start's request may take to end
 T = TypeVar("T")
 
 
@@ -412,12 +414,19 @@ class Worker:
         return head
 
     async def _abandon(self, head: _HeadStart) -> None:
-        """Cancel a head start's request (if it still runs) and give its GPU grant back."""
-        if not head.request.done():
-            head.request.cancel()
-            await asyncio.wait([head.request])
-        if not head.request.cancelled():
-            head.request.exception()  # its outcome does not matter any more (and is not "never retrieved")
+        """Cancel a head start's request (if it still runs) and give its GPU grant back. A request
+        that has not ended :data:`ABANDON_WAIT_S` after its cancel is logged with where it waits
+        and left to end on its own: the job goes on (to its duplicate ack or failed callback)."""
+        request = head.request
+        if not request.done():
+            request.cancel()
+            await asyncio.wait([request], timeout=ABANDON_WAIT_S)
+        if not request.done():
+            stack = io.StringIO()
+            request.print_stack(file=stack)
+            log.warning("request %s did not end %.0fs after its cancel; going on without it:\n%s",
+                        request.get_name(), ABANDON_WAIT_S, stack.getvalue())
+        request.add_done_callback(_retrieve)  # its outcome does not matter any more
         self.dispatcher.release(head.waiting)
 
     async def _run_claimed(self, delivery: Delivery, job: Job, begin: Begin, spooled: bool,
@@ -892,6 +901,12 @@ class _HeadStart:
     started: float  # time.monotonic() when the request started
     request: asyncio.Task = field(init=False)
     throttle: ProgressThrottle | None = None  # set once the job is ours: its progress goes there
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Done callback: take a task's outcome so that it is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _render_inputs(job: Job, prompt: str, reference: bytes | None) -> dict[str, Any]:
