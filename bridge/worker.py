@@ -251,7 +251,9 @@ class Worker:
         self._tasks: list[asyncio.Task] = []
         self._running: dict[str, asyncio.Task] = {}  # job id -> its task
         self._cancelled: set[str] = set()  # job ids the app asked to cancel
-        self._granted: set[str] = set()  # job ids holding the GPU
+        # Job ids past the point of no return: holding the GPU, or reporting their end. Shutdown
+        # lets these finish within the grace period; the others go straight back to their queue.
+        self._started: set[str] = set()
         self._progress_sends: dict[str, asyncio.Task] = {}  # job id -> its progress callback in flight
         self._spool_syncs: dict[str, asyncio.Task] = {}  # job id -> its spool entry's fsync
         self._unsent: set[asyncio.Event] = set()  # requests not yet written to Triton: set once they are
@@ -279,9 +281,9 @@ class Worker:
             if task.get_name().startswith("take:"):
                 task.cancel()
         for job_id, task in list(self._running.items()):
-            if job_id not in self._granted:  # taken but not started: straight back to the queue
+            if job_id not in self._started:  # taken but not started: straight back to the queue
                 task.cancel()
-        running = [task for job_id, task in self._running.items() if job_id in self._granted]
+        running = [task for job_id, task in self._running.items() if job_id in self._started]
         if running:
             log.info("waiting up to %.0fs for %d running job(s)", grace, len(running))
             _, pending = await asyncio.wait(running, timeout=grace)
@@ -345,7 +347,7 @@ class Worker:
             if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
                 del self._running[delivery.job_id]
                 self._cancelled.discard(delivery.job_id)
-                self._granted.discard(delivery.job_id)
+                self._started.discard(delivery.job_id)
                 self._progress_sends.pop(delivery.job_id, None)
                 self._spool_syncs.pop(delivery.job_id, None)
 
@@ -367,8 +369,8 @@ class Worker:
         try:
             await self._run_claimed(delivery, job, begin, spooled, refusal, head)
         finally:
-            if head is not None:
-                await self._abandon(head)  # nothing when the generation took it (its request ended)
+            if head is not None and not head.adopted:
+                await self._abandon(head)  # the job ended before its generation took the request over
 
     async def _claim(self, delivery: Delivery, job: Job) -> tuple[Begin, bool, JobFailed | None, _HeadStart | None]:
         """One round trip: finished? claimed by a live worker? cancel requested? (issue 7) The raw
@@ -517,6 +519,7 @@ class Worker:
         held = head.waiting if head is not None else None
         async with self._holding_gpu(delivery, job, render.models, render, throttle, held) as throttle:
             if head is not None:
+                head.adopted = True  # the grant is released with this block, the request ends in it
                 started = head.started
                 head.throttle = throttle  # its progress is reported from now on
                 outputs = await head.request
@@ -543,7 +546,7 @@ class Worker:
         waiting = held or self._waiting_for(delivery, job, models, stage)
         if held is None:
             await self.dispatcher.acquire(waiting)
-        self._granted.add(job.id)
+        self._started.add(job.id)
         self._free_intake(delivery.queue)  # this job holds the GPU: the next one may be taken
         try:
             yield throttle
@@ -710,6 +713,7 @@ class Worker:
     # ------------------------------------------------------------------ terminal states
     async def finish_job(self, delivery: Delivery, job: Job, entry: SpoolEntry) -> None:
         """Upload, send the terminal callback, then (only then) ack and forget the spool."""
+        self._started.add(job.id)  # a shutdown now waits for it: its end may already be reported
         await self._quiet_progress(job.id)
         self._sync_spool(job.id)
         try:
@@ -767,7 +771,9 @@ class Worker:
     async def _settle_terminal(self, delivery: Delivery, job: Job, status: str, message: str, metadata: dict,
                                dead_letter: bool = False, remember: bool = True) -> None:
         """A failed or cancelled end: remembered in the spool first (a crash after the app took
-        it re-sends this same result), then reported, then settled."""
+        it re-sends this same result), then reported, then settled. A shutdown meanwhile waits
+        for it (cancelled halfway, the job went back to its queue after its end was reported)."""
+        self._started.add(job.id)
         if remember:
             record = {**metadata, TERMINAL_KEY: status, "error_message": message, "dead_letter": dead_letter}
             try:
@@ -832,7 +838,7 @@ class Worker:
         # was still registered as running it, the new delivery was acknowledged as a duplicate (lost).
         if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
             del self._running[delivery.job_id]
-            self._granted.discard(delivery.job_id)
+            self._started.discard(delivery.job_id)
         await self.queue.requeue(delivery, count_attempt=count_attempt)
         if delivery.job_id:
             await self.queue.release_claim(delivery.job_id)
@@ -901,6 +907,7 @@ class _HeadStart:
     started: float  # time.monotonic() when the request started
     request: asyncio.Task = field(init=False)
     throttle: ProgressThrottle | None = None  # set once the job is ours: its progress goes there
+    adopted: bool = False  # the job's generation took the request and the grant over
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -295,6 +295,8 @@ async def test_a_head_start_is_cancelled_when_the_claim_says_no(bridge: Runtime,
     finished = sdxl_job()
     await push(bridge, finished)
     await wait_terminal(supabase, finished["id"])
+    while bridge.worker.spool.has(finished["id"]):  # settled: a spooled result is re-sent, not started early
+        await asyncio.sleep(0.02)
     before = len(supabase.callbacks(finished["id"], outcome=None))
     slow = _SlowClaim(bridge, delay_s=0.5)
     # Long requests (100 steps), so each is still running when its claim answers.
@@ -449,6 +451,30 @@ async def test_shutdown_requeues_a_running_job_without_counting_an_attempt(
     assert_callback_sequence(supabase, job["id"], "completed")
 
 
+async def test_a_shutdown_lets_a_job_that_is_reporting_its_end_finish(
+        tiny_models_dir, triton, redis_server, supabase: SupabaseStub, tmp_path: Path) -> None:
+    """A shutdown while a job's failed callback is on its way (it holds no GPU) waits for that
+    end to be reported and settled; cancelled halfway, the job went back to its queue after the
+    app may already have heard its end."""
+    from bridge.queue import Queue
+
+    settings = stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out", **supabase.settings_values())
+    job = {**sdxl_job(), "prompt": "nude child"}  # refused by the gate: a failed end, no GPU
+    supabase.fail_next("job-callback", 1, mode="hang", hang_s=1.5)  # the first attempt hangs, then drops
+    async with Runtime(settings, api=False) as runtime:
+        await push(runtime, job)
+        deadline = time.monotonic() + 60
+        while not any(r.json().get("job_id") == job["id"] for r in supabase.requests_for("job-callback")):
+            assert time.monotonic() < deadline, "the failed callback was never sent"
+            await asyncio.sleep(0.02)
+    # The shutdown came while the callback hung: the job was let finish.
+    assert [c["status"] for c in supabase.callbacks(job["id"], outcome=None)] == ["failed"] * 2  # hung, retried
+    assert [c["status"] for c in supabase.callbacks(job["id"])] == ["failed"]
+    async with Queue(redis_server.url, worker_id="reader") as reader:
+        assert await reader.finished_status(job["id"]) == "failed"
+        assert await reader.queue_depths(["sdxl_queue"]) == {"sdxl_queue": 0}
+
+
 async def test_a_job_whose_worker_died_each_time_fails_after_max_attempts(
     tiny_models_dir, triton, redis_server, supabase: SupabaseStub, tmp_path: Path
 ) -> None:
@@ -470,11 +496,18 @@ async def test_a_job_whose_worker_died_each_time_fails_after_max_attempts(
             assert await reaper.reap() == 1
     async with Runtime(settings, api=False) as runtime:
         callback = await wait_terminal(supabase, job["id"], timeout=60)
-        letters = await runtime.queue.dead_letters()
+        # The dead-letter entry follows the callback (the app hears first); the shutdown at the
+        # end of this block lets that end finish rather than requeue a job already reported.
+    async with Queue(redis_server.url, worker_id="reader") as reader:
+        letters = await reader.dead_letters()
+        finished = await reader.finished_status(job["id"])
     assert callback["status"] == "failed" and "gave up after 3 attempts" in callback["error_message"]
     assert callback["metadata"]["error_type"] == "attempts_exhausted"
     assert [c["status"] for c in supabase.callbacks(job["id"], outcome=None)] == ["failed"]  # never ran again
     assert any(json.loads(entry["raw"])["id"] == job["id"] for entry in letters)
+    assert finished == "failed"
+    async with Queue(redis_server.url, worker_id="reader") as reader:
+        assert await reader.queue_depths(["sdxl_queue"]) == {"sdxl_queue": 0}  # not requeued by the shutdown
 
 
 async def test_a_result_in_the_spool_is_reported_again_even_past_max_attempts(
