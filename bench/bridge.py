@@ -1,6 +1,6 @@
 """Bridge benchmark on the tiny models (CPU): pickup latency, per-job overhead, throughput.
 
-    python bench/bridge.py [--jobs 40] [--rounds 25] [--batch 10] [--models-dir .cache/tiny-models]
+    python bench/bridge.py [--jobs 40] [--rounds 25] [--batch 10] [--no-pin] [--models-dir .cache/tiny-models]
 
 The app's side (RPUSH, then following the job's events) runs in a process of its own, as in
 production, so none of its work runs on the bridge's event loop. Local mode (no Supabase) unless
