@@ -239,9 +239,10 @@ def freeze_startup_heap() -> None:
     """Collect, then move every object alive after start-up (modules, settings, clients: about
     100,000) to the collector's permanent generation. A full collection then looks only at what was
     made since: it paused the event loop for 45 ms before (measured here), which a job that arrived
-    meanwhile waited out (issue 3: pickup and idle-gap outliers). Start-up objects live as long as
-    the process, so nothing that could be freed is kept. For the one process ``serve`` runs, not
-    for a process that starts runtimes again and again (the tests)."""
+    meanwhile waited out (issue 3: pickup and idle-gap outliers). What is alive after start-up is
+    almost all modules, classes and clients that live as long as the process; the price is that
+    one of them that later becomes cyclic garbage is not reclaimed. For the one process ``serve``
+    runs, not for a process that starts runtimes again and again (the tests)."""
     gc.collect()
     gc.freeze()
 
