@@ -378,19 +378,19 @@ class Worker:
         (issue 3: per-job overhead) the local checks run (the spool stat, the safety gate) and,
         when the GPU is free at once, the job's request starts (:meth:`_start_early`)."""
         began = asyncio.ensure_future(self.queue.begin(job.id, delivery))
-        head = None
         try:
             await asyncio.sleep(0)  # the script is sent before the checks below take the loop
             spooled, refusal = self.spool.has(job.id), _safety_refusal(job.prompt) if _gated(job) else None
-            if not spooled and refusal is None:
-                head = self._start_early(delivery, job)
-        finally:
-            try:
-                begin = await began  # (also when cancelled meanwhile: the claim is known, then released)
-            except BaseException:
-                if head is not None:
-                    await self._abandon(head)
-                raise
+        except BaseException:
+            await began  # (also when cancelled meanwhile: the claim is known, then released)
+            raise
+        head = self._start_early(delivery, job) if not spooled and refusal is None else None
+        try:
+            begin = await began
+        except BaseException:
+            if head is not None:
+                await self._abandon(head)
+            raise
         if head is not None and (not begin.ours or self.queue.past_max_attempts(
                 dataclasses.replace(delivery, attempt=begin.attempt or delivery.attempt))):
             await self._abandon(head)  # not this worker's to run now: stop the request before anything else
