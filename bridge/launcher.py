@@ -148,8 +148,13 @@ class TritonServer:
         return f"{self.host}:{self.settings.triton_http_port}"
 
     @property
+    def metrics_host(self) -> str:
+        bind = self.settings.triton_metrics_host or self.settings.triton_host
+        return "127.0.0.1" if bind in ("0.0.0.0", "") else bind
+
+    @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.settings.triton_metrics_port}/metrics"
+        return f"http://{self.metrics_host}:{self.settings.triton_metrics_port}/metrics"
 
     # ------------------------------------------------------------------ start
     def command(self, install: TritonInstall, backend_dir: Path | None) -> list[str]:
@@ -163,7 +168,7 @@ class TritonServer:
             f"--http-port={s.triton_http_port}",
             f"--grpc-address={s.triton_host}",
             f"--grpc-port={s.triton_grpc_port}",
-            f"--metrics-address={s.triton_host}",
+            f"--metrics-address={s.triton_metrics_host or s.triton_host}",
             f"--metrics-port={s.triton_metrics_port}",
             f"--exit-timeout-secs={s.triton_exit_timeout_s}",
             "--log-format=ISO8601",

@@ -24,7 +24,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# No ``*_created`` series: a timestamp per labelled series doubles what is scraped and stored for
+# nothing a dashboard reads (counters and histograms reset detection does not need them).
+disable_created_metrics()
 
 NAMESPACE = "gpu_worker"
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     triton_http_port: int = Field(8000, ge=1, le=65535)
     triton_grpc_port: int = Field(8001, ge=1, le=65535)
     triton_metrics_port: int = Field(8002, ge=1, le=65535)
+    triton_metrics_host: str | None = Field(
+        None, description="Address Triton's metrics port binds to (unset: TRITON_HOST). Lets Prometheus scrape "
+        "it from outside while model control stays on loopback.",
+    )
     tritonserver_bin: Path | None = Field(None, description="tritonserver binary to use (else PATH, else pytriton).")
     triton_startup_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Models loaded when the embedded server starts (comma list)."

@@ -442,7 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         # An answer is written as headers, then body: without TCP_NODELAY, Nagle's algorithm holds
         # the body until the client's delayed ACK of the headers (~40 ms a request). Real servers
-        # answer at once; so must the stand-in, or it hides the bridge's own costs (bench/bridge.py).
+        # answer at once; so must the stand-in, or it hides the bridge's own costs (bench/overhead.py).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base signature)

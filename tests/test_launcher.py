@@ -44,6 +44,16 @@ def test_binds_localhost_and_applies_flags(tmp_path: Path) -> None:
     assert any(arg.startswith("--backend-config=python,shm-default-byte-size=") for arg in cmd)
 
 
+def test_metrics_port_binds_apart_from_model_control(tmp_path: Path) -> None:
+    # A scraper may reach the metrics port while model control stays on loopback.
+    settings = triton_settings(tmp_path, triton_metrics_host="0.0.0.0")
+    server = TritonServer(settings)
+    cmd = server.command(find_tritonserver(settings), backend_dir=tmp_path)
+    assert "--metrics-address=0.0.0.0" in cmd
+    assert "--http-address=127.0.0.1" in cmd and "--grpc-address=127.0.0.1" in cmd
+    assert server.metrics_url == f"http://127.0.0.1:{settings.triton_metrics_port}/metrics"
+
+
 def test_failed_start_reports_the_servers_own_error(tmp_path: Path) -> None:
     # A startup model whose weights are missing: the server exits, we say why.
     settings = triton_settings(tmp_path / "no-models", triton_start_timeout_s=60)

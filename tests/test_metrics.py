@@ -112,3 +112,12 @@ def test_module_helpers_use_process_metrics():
     after = _samples(metrics.METRICS)
     assert _value(after, "gpu_worker_jobs_total", job_type="test_helper", status="completed") == before + 1
     assert 'model="test_model",op="load",outcome="error"' in text
+
+
+def test_no_created_timestamps_are_exported():
+    m = Metrics()
+    m.observe_job_finished("sdxl_image_fast", "completed", queue_wait_s=0.1, run_s=1.0, upload_s=0.2, total_s=1.3)
+    m.observe_model_op("sdxl", "load", seconds=2.0, ok=True)
+    text = m.render().decode()
+    assert "gpu_worker_jobs_total" in text
+    assert "_created" not in text

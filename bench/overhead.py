@@ -1,6 +1,6 @@
 """Bridge benchmark on the tiny models (CPU): pickup latency, per-job overhead, throughput.
 
-    python bench/bridge.py [--jobs 40] [--rounds 25] [--batch 10] [--no-pin] [--models-dir .cache/tiny-models]
+    python bench/overhead.py [--jobs 40] [--rounds 25] [--batch 10] [--no-pin] [--models-dir .cache/tiny-models]
 
 The app's side (RPUSH, then following the job's events) runs in a process of its own, as in
 production, so none of its work runs on the bridge's event loop. Local mode (no Supabase) unless
@@ -134,7 +134,7 @@ class _App:
 
 
 def _app_process(redis_url: str) -> None:
-    """``bench/bridge.py --app REDIS_URL``: the app side of :class:`_App` (stdin/stdout, one JSON line each)."""
+    """``bench/overhead.py --app REDIS_URL``: the app side of :class:`_App` (stdin/stdout, one JSON line each)."""
     import redis
 
     from bridge.queue import events_key
