@@ -9,13 +9,40 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import enum
+
 import typer
 from rich.console import Console
 
+from bridge.jobs import JOB_TYPES
 from bridge.settings import SettingsError, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPU inference worker: Triton + Redis + Supabase.")
 console = Console(stderr=True)
+
+# What each command reads from the environment, shown in its --help (bridge/settings.py has them all).
+_REDIS_ENV = "Reads REDIS_URL (unset: the embedded redis-server of a local `serve`, found under OUTPUT_DIR)."
+REDIS_WAIT_S = 5.0  # a CLI call to Redis gives up after this long with a clear message
+
+# Choice lists for --help and for a clear error on a typo (Typer takes choices as an Enum).
+JobTypeName = enum.Enum("JobTypeName", {name: name for name in sorted(JOB_TYPES)}, type=str)
+ChatModel = enum.Enum("ChatModel", {name: name for name in ("qwen_instruct", "qwen_base")}, type=str)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"gpu-worker {version('gpu-worker')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """GPU inference worker: Triton + Redis + Supabase."""
 
 
 def _settings(**overrides: object):
@@ -26,7 +53,7 @@ def _settings(**overrides: object):
         raise typer.Exit(2) from None
 
 
-@app.command("tiny-models")
+@app.command("tiny-models", epilog="Reads no environment variable.")
 def tiny_models(
     directory: Path = typer.Argument(..., help="Where to write the tiny models (use it as MODELS_DIR)."),
     force: bool = typer.Option(False, help="Rebuild even if present."),
@@ -42,7 +69,8 @@ def tiny_models(
     console.print(f"tiny models in {directory} ({time.perf_counter() - started:.1f}s); run with MODELS_DIR={directory}")
 
 
-@app.command()
+@app.command(epilog="Reads MODELS_DIR, MODEL_REPOSITORY, TRITON_* (host, ports, binary, startup models, API key), "
+                     "DEVICE, MODEL_THREADS and the speed-up switches (README's settings table).")
 def triton(
     models: Optional[str] = typer.Option(None, help="Comma list of models to load at start (default: settings)."),
     models_dir: Optional[Path] = typer.Option(None, help="MODELS_DIR override."),
@@ -75,7 +103,7 @@ def main() -> None:  # pragma: no cover - console script entry
     app()
 
 
-@app.command()
+@app.command(epilog="Reads every setting in README's settings table (bridge/settings.py).")
 def serve() -> None:
     """Run the worker: Redis jobs → Triton → Supabase (or local files), and the HTTP API."""
     import asyncio
@@ -99,7 +127,8 @@ def serve() -> None:
     asyncio.run(serve_runtime(settings))
 
 
-@app.command()
+@app.command(epilog="Reads MODELS_DIR and the *_WEIGHTS overrides, REDIS_URL, SUPABASE_URL, SUPABASE_SERVICE_KEY, "
+                     "TRITONSERVER_BIN, REQUIRE_GPU, DEVICE.")
 def doctor() -> None:
     """Check weights, GPU, Redis, Supabase and tritonserver; print a table."""
     from bridge.doctor import errors, render_table, run_checks
@@ -109,8 +138,11 @@ def doctor() -> None:
     raise typer.Exit(1 if errors(checks) else 0)
 
 
-@app.command()
-def status(job_id: str = typer.Argument(..., help="The job id.")) -> None:
+@app.command(epilog=f"{_REDIS_ENV} Reads OUTPUT_DIR.")
+def status(
+    job_id: str = typer.Argument(..., help="The job id."),
+    redis_wait: float = typer.Option(REDIS_WAIT_S, help="Give up on Redis after this many seconds."),
+) -> None:
     """Print a job's state as the bridge recorded it in Redis."""
     import asyncio
     import json
@@ -121,14 +153,52 @@ def status(job_id: str = typer.Argument(..., help="The job id.")) -> None:
     url = settings.redis_url or _embedded_redis_url(settings)
 
     async def _read() -> dict | None:
+        await _reach_redis(url, redis_wait)
         async with Queue.from_settings(settings, url=url) as queue:
-            return await queue.get_state(job_id)
+            return await _bounded(queue.get_state(job_id), redis_wait, url)
 
     state = asyncio.run(_read())
     if state is None:
         console.print(f"no job {job_id} known to Redis at {settings.redis_url and 'REDIS_URL' or url}")
         raise typer.Exit(1)
     typer.echo(json.dumps(state, indent=2, default=str))
+
+
+async def _reach_redis(url, wait_s: float) -> None:
+    """One PING within ``wait_s``: the queue's own client retries an outage for ever (right for the
+    worker, whose jobs wait in Redis), which a person at a terminal must not sit through."""
+    import redis.asyncio as aioredis
+
+    raw = url.get_secret_value() if hasattr(url, "get_secret_value") else str(url)
+    client = aioredis.from_url(raw, socket_connect_timeout=wait_s, socket_timeout=wait_s)
+    try:
+        await _bounded(client.ping(), wait_s, url)
+    except (OSError, aioredis.RedisError) as exc:
+        console.print(f"[red]Redis at {_where(url)} cannot be reached ({type(exc).__name__}); "
+                      f"is `python -m bridge serve` running, and is REDIS_URL right?[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        await client.aclose()
+
+
+async def _bounded(awaitable, wait_s: float, url):
+    import asyncio
+
+    try:
+        return await asyncio.wait_for(awaitable, wait_s)
+    except asyncio.TimeoutError:
+        console.print(f"[red]Redis at {_where(url)} did not answer within {wait_s:g} s; "
+                      f"is `python -m bridge serve` running, and is REDIS_URL right?[/red]")
+        raise typer.Exit(1) from None
+
+
+def _where(url) -> str:
+    """host:port of a Redis URL, never its password."""
+    from urllib.parse import urlsplit
+
+    raw = url.get_secret_value() if hasattr(url, "get_secret_value") else str(url)
+    parts = urlsplit(raw)
+    return f"{parts.hostname}:{parts.port or 6379}"
 
 
 def _embedded_redis_url(settings) -> str:
@@ -157,19 +227,20 @@ def _copy_outputs(settings, state: dict, out: Path | None) -> list[Path]:
     return paths
 
 
-@app.command()
+@app.command(epilog=f"{_REDIS_ENV} Reads OUTPUT_DIR (local mode: where the outputs are).")
 def submit(
-    job_type: str = typer.Option(..., "--type", help="Job type, e.g. sdxl_image_fast, video_fast."),
+    job_type: JobTypeName = typer.Option(..., "--type", help="Job type (the job table, bridge/jobs.py)."),
     prompt: str = typer.Option(..., help="The prompt."),
     num_images: Optional[int] = typer.Option(None, help="SDXL: 1, 3 or 6."),
     seed: Optional[int] = typer.Option(None, help="Seed (0 is a seed)."),
-    width: Optional[int] = typer.Option(None),
-    height: Optional[int] = typer.Option(None),
+    width: Optional[int] = typer.Option(None, help="Width in pixels (default: the job type's)."),
+    height: Optional[int] = typer.Option(None, help="Height in pixels (default: the job type's)."),
     steps: Optional[int] = typer.Option(None, help="num_inference_steps."),
     frames: Optional[int] = typer.Option(None, help="WAN video: frame_num (4k+1)."),
     user_id: str = typer.Option("cli-user", help="user_id of the job (storage folder)."),
     out: Optional[Path] = typer.Option(None, help="Copy the outputs here."),
     timeout: float = typer.Option(1800, help="Give up waiting after this many seconds."),
+    redis_wait: float = typer.Option(REDIS_WAIT_S, help="Give up on reaching Redis after this many seconds."),
 ) -> None:
     """Queue a job, show its live progress, and print where its outputs are."""
     import asyncio
@@ -182,7 +253,7 @@ def submit(
     settings = _settings()
     config = {k: v for k, v in {"num_images": num_images, "seed": seed, "width": width, "height": height,
                                  "num_inference_steps": steps, "frame_num": frames}.items() if v is not None}
-    payload = job_payload(job_type, prompt, user_id, config)
+    payload = job_payload(job_type.value, prompt, user_id, config)
     try:
         parse_job(json.dumps(payload))
     except (InvalidJob, DeadLetter) as exc:
@@ -191,6 +262,7 @@ def submit(
     url = settings.redis_url or _embedded_redis_url(settings)
 
     async def _run() -> dict:
+        await _reach_redis(url, redis_wait)
         async with Queue.from_settings(settings, url=url) as queue:
             with progress_bar(console) as progress:
                 return await submit_and_follow(queue, payload, progress, timeout)
@@ -203,12 +275,12 @@ def submit(
         typer.echo(str(path))
 
 
-@app.command()
+@app.command(epilog="Reads WORKER_API_KEY (the first key, sent as the bearer token).")
 def chat(
     url: str = typer.Option("http://127.0.0.1:7861", help="The bridge's HTTP API."),
-    model: str = typer.Option("qwen_instruct", help="qwen_instruct or qwen_base."),
+    model: ChatModel = typer.Option(ChatModel.qwen_instruct, help="The chat model."),
     system: Optional[str] = typer.Option(None, help="A system prompt."),
-    max_tokens: int = typer.Option(512),
+    max_tokens: int = typer.Option(512, help="Longest answer, in tokens."),
 ) -> None:
     """Interactive terminal chat that streams tokens (needs `python -m bridge serve`)."""
     import json
@@ -229,7 +301,7 @@ def chat(
                 break
             messages.append({"role": "user", "content": text})
             reply = []
-            body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens}
+            body = {"model": model.value, "messages": messages, "stream": True, "max_tokens": max_tokens}
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     console.print(f"[red]{response.status_code}: {response.read().decode()}[/red]")
@@ -245,7 +317,8 @@ def chat(
             messages.append({"role": "assistant", "content": "".join(reply)})
 
 
-@app.command()
+@app.command(epilog="Reads nothing that changes where it runs: embedded Triton and Redis, local mode "
+                     "(TRITON_*_PORT pick the ports).")
 def demo(
     models_dir: Optional[Path] = typer.Option(None, help="Weights (default: tiny models in .cache/tiny-models)."),
     out: Path = typer.Option(Path("outputs"), help="Where the outputs go."),

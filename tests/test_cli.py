@@ -115,3 +115,25 @@ def test_tiny_models_writes_the_production_layout(tmp_path: Path) -> None:
     for folder in (layout.QWEN_INSTRUCT, layout.QWEN_BASE):
         snapshot = (tmp_path / folder / "refs" / "main").read_text().strip()
         assert (tmp_path / folder / "snapshots" / snapshot / "config.json").is_file()
+
+
+def test_version_choices_and_help_name_the_environment(tmp_path: Path) -> None:
+    env = _env()
+    version = _bridge("--version", env=env, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("gpu-worker ")
+    typo = _bridge("submit", "--type", "sdxl_image_fsat", "--prompt", "x", env=env, timeout=60)
+    assert typo.returncode == 2 and "sdxl_image_fast" in typo.stderr  # the choices are listed
+    for command in ("serve", "doctor", "status", "submit", "chat", "demo", "triton", "tiny-models"):
+        shown = _bridge(command, "--help", env={**env, "COLUMNS": "200"}, timeout=60)
+        assert shown.returncode == 0 and "Reads" in shown.stdout, command
+
+
+def test_status_against_a_stale_embedded_redis_gives_up_with_a_clear_message(tmp_path: Path) -> None:
+    # A local `serve` that died leaves its redis-server's address behind under OUTPUT_DIR.
+    (tmp_path / ".redis").mkdir()
+    (tmp_path / ".redis" / "url").write_text(f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    result = _bridge("status", "some-job", "--redis-wait", "2", env=_env(OUTPUT_DIR=tmp_path), timeout=60)
+    assert result.returncode == 1
+    assert "cannot be reached" in result.stderr or "did not answer" in result.stderr
+    assert time.monotonic() - started < 30
