@@ -35,6 +35,38 @@ def _pb():
     return pb_utils
 
 
+class ServerLogHandler(logging.Handler):
+    """Sends ``model_kit``'s log records to tritonserver's own log through ``pb_utils.Logger``.
+
+    The stub's standard streams do not reach the server log, so without this every stdlib log line
+    of the models was lost. Call sites keep the plain ``logging`` API.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            logger = _pb().Logger
+            message = f"{record.name}: {self.format(record)}"
+            if record.levelno >= logging.ERROR:
+                logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                logger.log_warn(message)
+            elif record.levelno >= logging.INFO:
+                logger.log_info(message)
+            else:
+                logger.log_verbose(message)
+        except Exception:  # noqa: BLE001 - logging must never break a request
+            self.handleError(record)
+
+
+def route_logs_to_server() -> None:
+    """Inside the stub: ``model_kit`` (and its submodules') records go to the server log, once."""
+    root = logging.getLogger("model_kit")
+    if not any(isinstance(h, ServerLogHandler) for h in root.handlers):
+        root.addHandler(ServerLogHandler())
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
 class ParamError(ValueError):
     """A request parameter is invalid; the message names the field. Answered as INVALID_ARG."""
 
@@ -218,6 +250,7 @@ class StreamingModel:
     name = "model"
 
     def initialize(self, args: dict) -> None:
+        route_logs_to_server()
         self.model_config = json.loads(args["model_config"])
         self.parameters = model_parameters(self.model_config)
         set_threads()

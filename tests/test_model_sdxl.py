@@ -258,3 +258,9 @@ def test_missing_weights_fail_the_load_naming_the_path(url: str, tmp_path: Path)
 
 def test_unload_ends_the_stub_and_load_works_again(url: str, triton) -> None:
     check_unload_ends_stub_and_reload_works(url, triton.process.pid, MODEL, lambda steps, **kw: generate(url, steps=steps, **kw))
+
+
+def test_model_log_lines_reach_the_server_log(url: str, triton) -> None:
+    # model_kit logs with the stdlib; pb_utils.Logger carries it into tritonserver's log.
+    lines = triton.log_path.read_text(errors="replace").splitlines()
+    assert any("model_kit: sdxl loaded on cpu" in line for line in lines), lines[-20:]
