@@ -277,7 +277,9 @@ class StreamingModel:
         except ParamError as exc:
             request.fail(str(exc), "INVALID_ARG")
         except Cancelled:
-            pass  # the final flag below ends the stream
+            # An explicit CANCELLED error, not a bare final flag: the server counts it as cancelled
+            # and a client still listening knows the result is not a short one.
+            request.fail("request cancelled", "CANCELLED")
         except Exception as exc:  # noqa: BLE001 - every error must end the stream
             log.error("%s request failed: %s", self.name, traceback.format_exc())
             request.fail(f"{type(exc).__name__}: {exc}", _error_code(exc))
