@@ -15,9 +15,11 @@
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
 ARG PYTHON_VERSION=3.11
-# CUDA 12.4 wheels run on the image's CUDA 12.6 user space (they bring their own CUDA libraries).
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-ARG TORCH_SPEC=torch==2.6.0
+# The torch release the tests ran (constraints.txt), as the CUDA 12.6 build: it runs on the image's
+# CUDA 12.6 user space (the wheel brings its own CUDA libraries) and covers compute capability
+# 7.0-9.0. Change TORCH_INDEX_URL, not TORCH_SPEC, if that index lacks the build.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ARG TORCH_SPEC=torch==2.13.0
 ARG PYTRITON_SPEC=nvidia-pytriton==0.7.0
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -51,9 +53,11 @@ RUN pip install --upgrade pip setuptools wheel \
 WORKDIR /app
 
 # Dependencies in their own layer: install the project with empty packages, then the real code.
-COPY pyproject.toml /app/pyproject.toml
+# constraints.txt: every version the test suite ran with, so the image runs the same diffusers,
+# transformers, tritonclient ... as CI.
+COPY pyproject.toml constraints.txt /app/
 RUN mkdir -p bridge model_kit && touch bridge/__init__.py model_kit/__init__.py \
- && pip install -c /opt/venv/constraints.txt "/app[gpu]" \
+ && pip install -c /opt/venv/constraints.txt -c /app/constraints.txt "/app[gpu]" \
  && pip install --no-deps ${PYTRITON_SPEC} \
  && rm -rf /app/bridge /app/model_kit /app/build /app/*.egg-info \
  && python -c "import pathlib, importlib.util as u; \

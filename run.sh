@@ -12,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 
 setup() {
     local stamp="$VENV/.installed" want
-    want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+    want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
         return
     fi
@@ -21,7 +21,8 @@ setup() {
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # torch pinned exactly: a looser pin can pull a multi-GB CUDA build onto a CPU machine.
     "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-    "$VENV/bin/python" -m pip install -q -e ".[cpu,test]"
+    # constraints.txt: the versions the suite ran with (the Dockerfile installs with it too).
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[cpu,test]"
     echo "$want" > "$stamp"
 }
 

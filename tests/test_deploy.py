@@ -117,9 +117,24 @@ def test_python_311_venv_with_stub_from_pytriton_wheel():
     assert "libpython${PYTHON_VERSION}" in text  # the stub links the shared libpython
     assert re.search(r"pip install --no-deps \$\{PYTRITON_SPEC\}", text)
     assert "ARG PYTRITON_SPEC=nvidia-pytriton==0.7.0" in DOCKERFILE.read_text()
-    assert "download.pytorch.org/whl/cu124" in DOCKERFILE.read_text()
+    assert "download.pytorch.org/whl/cu126" in DOCKERFILE.read_text()
     # Everything after torch is installed under a constraint that keeps the CUDA build.
     assert "-c /opt/venv/constraints.txt" in text
+
+
+def test_image_and_ci_install_the_versions_the_tests_ran():
+    # One constraints file: the image and run.sh (CI) install with it, and torch is the same release.
+    text = " ".join(rest for _, rest in _instructions())
+    assert "-c /app/constraints.txt" in text
+    assert "constraints.txt" in [src for srcs, _ in _copies() for src in srcs]
+    pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    for name in ("diffusers", "transformers", "tritonclient", "redis", "fastapi", "pydantic"):
+        assert name in pins, f"constraints.txt does not pin {name}"
+    (torch_spec,) = re.findall(r"ARG TORCH_SPEC=torch==(\S+)", DOCKERFILE.read_text())
+    assert pins["torch"] == torch_spec
+    run_sh = (REPO / "run.sh").read_text()
+    assert f'"torch=={torch_spec}"' in run_sh and "-c constraints.txt" in run_sh
 
 
 def test_environment_binds_triton_to_localhost_and_api_publicly():
