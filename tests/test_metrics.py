@@ -121,3 +121,37 @@ def test_no_created_timestamps_are_exported():
     text = m.render().decode()
     assert "gpu_worker_jobs_total" in text
     assert "_created" not in text
+
+
+# Triton publishes these only where it sees a GPU.
+GPU_ONLY = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes"}
+
+
+def test_dashboard_queries_only_metrics_that_exist(triton) -> None:
+    """docs/grafana-dashboard.json reads the bridge's and Triton's metrics by their real names."""
+    import json
+    import re
+    from pathlib import Path
+
+    import httpx
+
+    from tests.triton_helpers import load_model, unload_model
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    names = {name for expr in exprs for name in re.findall(r"\b((?:gpu_worker|nv)_[a-z_]+)\b", expr)}
+    assert any(n.startswith("gpu_worker_") for n in names) and any(n.startswith("nv_") for n in names)
+
+    bridge = {family.name for family in text_string_to_metric_families(Metrics().render().decode())}
+    load_model(triton.grpc_url, "qwen_base")  # Triton lists a model's metrics once it is loaded
+    try:
+        served = httpx.get(triton.metrics_url, timeout=10).text
+    finally:
+        unload_model(triton.grpc_url, "qwen_base")
+    triton_names = {family.name for family in text_string_to_metric_families(served)}
+    for name in names:
+        base = re.sub(r"_(bucket|total|count|sum)$", "", name)
+        if name.startswith("gpu_worker_"):
+            assert base in bridge, f"{name} is not a metric of the bridge"
+        elif name not in GPU_ONLY:
+            assert name in triton_names or base in triton_names, f"{name} is not served by Triton"
