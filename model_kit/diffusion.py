@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -93,6 +95,38 @@ def cuda_speedups(pipe: Any, device: str) -> list[str]:
     from model_kit import speedups  # noqa: PLC0415
 
     return speedups.apply(pipe, device)
+
+
+# The shapes production jobs run (bridge/jobs.py's job table; the app's 1:1, 16:9 and 9:16 sizes):
+# (width, height, images per prompt for SDXL / frames for WAN). torch.compile compiles per shape.
+WARMUP_SHAPES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "sdxl": ((1024, 1024, 1), (1024, 1024, 3), (1024, 576, 1), (576, 1024, 1)),
+    "wan": ((832, 480, 81), (480, 832, 81), (832, 480, 1), (480, 832, 1)),
+}
+
+
+def warm_up(name: str, run: Callable[[int, int, int], Any], shapes: tuple[tuple[int, int, int], ...],
+            enabled: bool) -> list[tuple[int, int, int]]:
+    """Run each production shape once at load, two steps, so that no job pays torch.compile's
+    first-request compilation (minutes per shape). ``enabled``: the denoiser was compiled.
+
+    Triton's own ``model_warmup`` is not used: it does not apply to decoupled models, and it
+    would send the same sample whatever ``TORCH_COMPILE`` says.
+    """
+    if not enabled:
+        return []
+    done = []
+    for width, height, count in shapes:
+        started = time.perf_counter()
+        run(width, height, count)
+        log.info("%s: warm-up %dx%d x%d took %.1f s", name, width, height, count, time.perf_counter() - started)
+        done.append((width, height, count))
+    return done
+
+
+def compiled(applied: list[str]) -> bool:
+    """Whether :func:`cuda_speedups` compiled the denoiser (what it returned says so)."""
+    return any("compiled" in item for item in applied)
 
 
 class _CountingCallback:

@@ -28,7 +28,9 @@ environment by ``bridge.launcher`` and so reach each model stub as environment v
     further at a much longer first request). ``regional``: compile only the repeated blocks
     (diffusers' ``compile_repeated_blocks``: the WAN transformer blocks, SDXL's transformer
     blocks), a far shorter compile. Compilation happens on the first request of each new shape
-    (size, batch), which then takes minutes; later ones are faster. ``1``/``true`` mean ``full``.
+    (size, batch), which takes minutes: so the model runs each production shape once at load
+    (``model_kit.diffusion.WARMUP_SHAPES``, two steps each) and no job pays it; the load takes that
+    much longer. ``1``/``true`` mean ``full``.
 
 Everything here applies on CUDA only; on CPU the models run exactly as before.
 """

@@ -264,3 +264,27 @@ def test_model_log_lines_reach_the_server_log(url: str, triton) -> None:
     # model_kit logs with the stdlib; pb_utils.Logger carries it into tritonserver's log.
     lines = triton.log_path.read_text(errors="replace").splitlines()
     assert any("model_kit: sdxl loaded on cpu" in line for line in lines), lines[-20:]
+
+
+def test_warm_up_runs_each_production_shape_once_when_compiled(pipe) -> None:
+    # torch.compile compiles per shape (CUDA only): the model runs each shape at load so no job
+    # pays it. Here the model's own warm-up run on the tiny pipeline, at small shapes.
+    import importlib.util
+
+    from model_kit import diffusion
+
+    spec = importlib.util.spec_from_file_location("sdxl_model", REPO / "model_repository" / MODEL / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.pipe = pipe
+    shapes = []
+    run = lambda w, h, n: shapes.append(tuple(model._warm_up_run(w, h, n).images.shape))  # noqa: E731
+    assert diffusion.warm_up(MODEL, run, ((64, 64, 1), (64, 32, 2)), enabled=True) == [(64, 64, 1), (64, 32, 2)]
+    latent = pipe.vae_scale_factor
+    assert shapes == [(1, 4, 64 // latent, 64 // latent), (2, 4, 32 // latent, 64 // latent)]
+    assert diffusion.warm_up(MODEL, run, ((64, 64, 1),), enabled=False) == [] and len(shapes) == 2
+    assert diffusion.compiled(["unet channels-last", "unet compiled (mode default)"])
+    assert not diffusion.compiled(["unet channels-last"])
+    assert all(w % 8 == 0 and h % 8 == 0 for w, h, _ in diffusion.WARMUP_SHAPES["sdxl"])
+    assert all(w % 16 == 0 and h % 16 == 0 and (n - 1) % 4 == 0 for w, h, n in diffusion.WARMUP_SHAPES["wan"])

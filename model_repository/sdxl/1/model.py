@@ -6,6 +6,7 @@ are embedded by :mod:`model_kit.clip_prompt` (no 77-token cut; ``compel_weights`
 """
 
 import io
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -41,12 +42,17 @@ class TritonPythonModel(StreamingModel):
         )
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        diffusion.cuda_speedups(self.pipe, self.device)
+        applied = diffusion.cuda_speedups(self.pipe, self.device)
+        diffusion.warm_up(self.name, self._warm_up_run, diffusion.WARMUP_SHAPES[self.name], diffusion.compiled(applied))
         # Built from the same module objects: no second copy of the weights.
         self.img2img = StableDiffusionXLImg2ImgPipeline(
             **self.pipe.components, force_zeros_for_empty_prompt=self.pipe.config.force_zeros_for_empty_prompt
         )
         self.img2img.set_progress_bar_config(disable=True)
+
+    def _warm_up_run(self, width: int, height: int, count: int) -> Any:
+        return self.pipe(prompt="warm-up", width=width, height=height, num_images_per_prompt=count,
+                         num_inference_steps=2, output_type="latent")
 
     def unload(self) -> None:
         self.img2img = None

@@ -61,7 +61,12 @@ class TritonPythonModel(StreamingModel):
         pipe = WanPipeline.from_pretrained(str(folder), vae=vae, **diffusion.dtype_kwargs(dtype))
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        diffusion.cuda_speedups(self.pipe, self.device)  # SDPA / TORCH_COMPILE switches (model_kit.speedups)
+        applied = diffusion.cuda_speedups(self.pipe, self.device)  # SDPA / TORCH_COMPILE (model_kit.speedups)
+        diffusion.warm_up(self.name, self._warm_up_run, diffusion.WARMUP_SHAPES[self.name], diffusion.compiled(applied))
+
+    def _warm_up_run(self, width: int, height: int, frames: int):
+        return self.pipe(prompt="warm-up", width=width, height=height, num_frames=frames, num_inference_steps=2,
+                         output_type="latent")
 
     def run(self, request: Request) -> None:
         prompt = request.string("prompt", required=True)
