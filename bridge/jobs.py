@@ -39,9 +39,6 @@ SDXL_NEGATIVE_PROMPT = (
     "extra limbs, missing limbs"
 )
 
-IMAGE_CONTENT_TYPE = "image/png"
-VIDEO_CONTENT_TYPE = "video/mp4"
-THUMBNAIL_CONTENT_TYPE = "image/webp"
 THUMBNAIL_EDGE = 256  # CONTRACT §4: thumbnails are WEBP, longest edge 256 px, quality 85
 THUMBNAIL_QUALITY = 85
 # Asked of the diffusion models with every request: they make the thumbnails from the pixels they
@@ -255,32 +252,6 @@ class JobPayload(BaseModel):
 
 
 @dataclass(frozen=True)
-class AssetPaths:
-    """Where one output and its thumbnail go in the bucket (CONTRACT §4)."""
-
-    index: int
-    kind: Literal["image", "video"]
-    path: str
-    content_type: str
-    thumbnail_path: str
-    thumbnail_content_type: str = THUMBNAIL_CONTENT_TYPE
-
-
-def asset_path(user_id: str, job_id: str, index: int, output: Output) -> str:
-    """``{user_id}/{job_id}/{i}.png`` for images, ``{user_id}/{job_id}/0.mp4`` for a video."""
-    if output == "video":
-        return f"{user_id}/{job_id}/{index}.mp4"
-    if output == "image":
-        return f"{user_id}/{job_id}/{index}.png"
-    raise ValueError(f"{output!r} outputs have no stored asset")
-
-
-def thumbnail_path(user_id: str, job_id: str, index: int) -> str:
-    """``{user_id}/{job_id}/{i}.thumb.webp``, beside its asset."""
-    return f"{user_id}/{job_id}/{index}.thumb.webp"
-
-
-@dataclass(frozen=True)
 class Job:
     """A validated job with every value resolved (defaults applied, config overrides honoured)."""
 
@@ -309,10 +280,6 @@ class Job:
     @property
     def model(self) -> str:
         return self.type.model
-
-    @property
-    def is_img2img(self) -> bool:
-        return self.reference_image_url is not None
 
     def triton_parameters(self) -> dict[str, Any]:
         """The ``parameters`` JSON of the Triton request (docs/ARCHITECTURE.md interface table)."""
@@ -344,29 +311,6 @@ class Job:
                 **_PREVIEWS,
             }
         raise ValueError(f"no Triton parameters for model {self.type.model!r}")
-
-    def asset_path(self, index: int = 0) -> str:
-        return asset_path(self.user_id, self.id, index, self.type.output)
-
-    def thumbnail_path(self, index: int = 0) -> str:
-        return thumbnail_path(self.user_id, self.id, index)
-
-    def storage_paths(self) -> list[AssetPaths]:
-        """Every asset this job stores, in order: images ``0..n-1``, or the one video."""
-        output = self.type.output
-        if output == "image":
-            kind, content_type, count = "image", IMAGE_CONTENT_TYPE, self.num_images
-        elif output == "video":
-            kind, content_type, count = "video", VIDEO_CONTENT_TYPE, 1
-        else:
-            return []
-        return [
-            AssetPaths(
-                index=i, kind=kind, path=self.asset_path(i), content_type=content_type,
-                thumbnail_path=self.thumbnail_path(i),
-            )
-            for i in range(count)
-        ]
 
 
 # --- parsing ----------------------------------------------------------------------------------

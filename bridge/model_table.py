@@ -82,11 +82,6 @@ class ModelTable(BaseModel):
     def with_budget(self, budget_gb: float) -> ModelTable:
         return ModelTable(specs=self.specs, budget_gb=budget_gb)
 
-    def with_policy(self, policy: Policy) -> ModelTable:
-        """The same table with every model under one policy (the plain-LRU baseline uses it)."""
-        specs = {name: spec.model_copy(update={"policy": policy}) for name, spec in self.specs.items()}
-        return ModelTable(specs=specs, budget_gb=self.budget_gb)
-
 
 def parse_overrides(overrides: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Check an override mapping (``MODEL_TABLE``); ``ValueError`` naming the model and field.
@@ -189,10 +184,6 @@ class Stage:
     then: frozenset[str] = frozenset()  # models the job's next stage needs (eviction spares them)
 
 
-def is_enhanced(job_type: str) -> bool:
-    return job_type in _ENHANCED_TYPES
-
-
 def job_steps(job_type: str, model: str | None = None) -> tuple[frozenset[str], ...]:
     """The model sets a job needs, step by step (one GPU grant each).
 
@@ -228,11 +219,6 @@ def job_stages(job_type: str, model: str | None = None) -> tuple[Stage, ...]:
     enhance_s = _JOB_COST_S["enhance"]
     render_s = max(0.0, job_cost_s(job_type) - enhance_s)
     return (Stage(job_type + ENHANCE_SUFFIX, steps[0], enhance_s, steps[1]), Stage(job_type, steps[1], render_s))
-
-
-def job_models(job_type: str, model: str | None = None) -> frozenset[str]:
-    """Every model a job uses, over all its steps."""
-    return frozenset().union(*job_steps(job_type, model))
 
 
 def job_cost_s(job_type: str) -> float:

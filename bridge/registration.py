@@ -145,8 +145,3 @@ async def _post_once(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
     if isinstance(answer, dict) and answer.get("success") is False:
         return True, f"function answered success=false: {answer.get('error', 'no error given')}"
     return False, None
-
-
-def register_worker_sync(settings: Settings, **kwargs: Any) -> dict[str, bool]:
-    """:func:`register_worker` for code without an event loop."""
-    return asyncio.run(register_worker(settings, **kwargs))

@@ -90,9 +90,6 @@ class SpooledAsset:
     def read_bytes(self) -> bytes:
         return read_spooled(self.path)
 
-    def read_thumbnail(self) -> bytes:
-        return read_spooled(self.thumbnail_path)
-
 
 def read_spooled(path: Path) -> bytes:
     try:

@@ -41,10 +41,6 @@ class InferenceFailed(RuntimeError):
         self.message = message
 
     @property
-    def out_of_memory(self) -> bool:
-        return "out of memory" in self.message.lower()
-
-    @property
     def transient(self) -> bool:
         """The server or the model process failed; retrying (after a reload) may succeed."""
         text = self.message.lower()

@@ -55,14 +55,6 @@ def encode_mp4(frames: Iterable[np.ndarray], fps: int, crf: int = 18) -> bytes:
             return handle.read()
 
 
-def decode_mp4(data: bytes) -> list[np.ndarray]:
-    """All frames of an MP4 as HxWx3 uint8 arrays."""
-    import av  # noqa: PLC0415
-
-    with av.open(io.BytesIO(data), mode="r") as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-
-
 def _video_stream(container):
     if not container.streams.video:
         raise ValueError("the file has no video stream")

@@ -17,6 +17,12 @@ from model_kit.media import encode_mp4, encode_png
 USER = "4c1d7a52-9a43-4f0e-8d0e-2f7a7e5b1c01"
 
 
+def decode_mp4(data: bytes) -> list[np.ndarray]:
+    """All frames of an MP4 as HxWx3 uint8 arrays (tests read what the models made)."""
+    with av.open(io.BytesIO(data), mode="r") as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
 def new_job_id() -> str:
     return str(uuid.uuid4())
 

@@ -173,9 +173,9 @@ def test_img2img_strength_sources_in_order() -> None:
     md = {"reference_image_url": ref, "reference_strength": 0.8, "denoise_strength": 0.6}
     assert parse(metadata=md).strength == pytest.approx(0.6)
     job = parse(metadata=md, config={"denoise_strength": 0.3})
-    assert job.strength == pytest.approx(0.3) and job.is_img2img and job.reference_image_url == ref
+    assert job.strength == pytest.approx(0.3) and job.reference_image_url == ref
     assert job.triton_parameters()["strength"] == pytest.approx(0.3)
-    assert not parse().is_img2img and "strength" not in parse().triton_parameters()
+    assert parse().reference_image_url is None and "strength" not in parse().triton_parameters()
     # WAN is text-to-video: a reference image does not turn it into img2img.
     assert parse("video_fast", metadata={"reference_image_url": ref}).strength is None
 
@@ -206,19 +206,6 @@ def test_triton_parameters() -> None:
     }
     image = parse("image_fast")
     assert image.triton_parameters()["output"] == "image" and image.triton_parameters()["num_frames"] == 1
-
-
-def test_storage_paths() -> None:
-    images = parse(config={"num_images": 3}).storage_paths()
-    assert [a.path for a in images] == ["user-1/job-1/0.png", "user-1/job-1/1.png", "user-1/job-1/2.png"]
-    assert [a.thumbnail_path for a in images][2] == "user-1/job-1/2.thumb.webp"
-    assert {a.content_type for a in images} == {"image/png"} and images[0].thumbnail_content_type == "image/webp"
-    video = parse("video_fast").storage_paths()
-    assert [(a.kind, a.path, a.thumbnail_path, a.content_type) for a in video] == [
-        ("video", "user-1/job-1/0.mp4", "user-1/job-1/0.thumb.webp", "video/mp4")
-    ]
-    wan_image = parse("image_high").storage_paths()
-    assert [a.path for a in wan_image] == ["user-1/job-1/0.png"]  # not 0.mp4 like the old worker
 
 
 # --- invalid jobs: the message names the field -------------------------------------------------
@@ -416,7 +403,7 @@ def _check_outcome(raw: bytes | str) -> None:
     limits = job.type.limits
     assert job.prompt and len(job.prompt) <= limits.max_prompt_chars
     if job.type.output == "text":  # a chat job carries a validated chat request, no sizes
-        assert job.chat is not None and job.width is None and not job.storage_paths()
+        assert job.chat is not None and job.width is None
         return
     assert job.width % limits.size_multiple == 0 and limits.min_size <= job.width <= limits.max_size
     assert job.height % limits.size_multiple == 0 and limits.min_size <= job.height <= limits.max_size
@@ -428,7 +415,6 @@ def _check_outcome(raw: bytes | str) -> None:
     if job.strength is not None:
         assert 0 < job.strength <= 1 and int(job.steps * job.strength) >= 1
     json.dumps(job.triton_parameters())
-    assert job.storage_paths()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

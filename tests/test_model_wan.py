@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from model_kit import layout
-from model_kit.media import decode_mp4
+from tests.job_outputs import decode_mp4
 from tests.diffusion_checks import (
     check_cancel_stops_early,
     check_unload_ends_stub_and_reload_works,

@@ -22,7 +22,6 @@ from bridge.model_table import (
     build_table,
     effective_budget,
     is_interactive,
-    job_models,
     job_stages,
     job_steps,
     parse_overrides,
@@ -117,7 +116,7 @@ def test_job_needs() -> None:
     assert job_steps("chat") == (frozenset({"qwen_instruct"}),)
     assert job_steps("chat", model="qwen_base") == (frozenset({"qwen_base"}),)
     assert job_steps("chat_conversation") == (frozenset({"qwen_instruct"}),)
-    assert job_models("image7b_fast_enhanced") == {"qwen_base", "wan"}
+    assert job_steps("image7b_fast_enhanced") == (frozenset({"qwen_base"}), frozenset({"wan"}))
     with pytest.raises(ValueError, match="unknown job type"):
         job_steps("gif_fast")
     with pytest.raises(ValueError, match="model must be"):

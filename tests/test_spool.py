@@ -120,14 +120,14 @@ def test_thumbnails_and_asset_metadata_are_made_when_saved(spool):
     outputs = image_outputs(count=2, width=640, height=360)
     entry = spool.save(job, outputs)
     for index, asset in enumerate(entry.assets):
-        assert asset.thumbnail == f"{index}.thumb.webp" and webp_size(asset.read_thumbnail()) == (256, 144)
+        assert asset.thumbnail == f"{index}.thumb.webp" and webp_size(asset.thumbnail_path.read_bytes()) == (256, 144)
         assert asset.metadata == {**outputs.assets[index].metadata, "batch_size": 2, "format": "png", "width": 640,
                                   "height": 360, "file_size_bytes": len(outputs.assets[index].data),
                                   "asset_index": index}
     video = spool.save(new_job_id(), video_outputs()).assets[0]
     assert video.metadata["format"] == "mp4" and (video.metadata["width"], video.metadata["height"]) == (320, 192)
     assert video.metadata["duration_seconds"] == VIDEO_FRAMES / VIDEO_FPS
-    grey = np.asarray(Image.open(io.BytesIO(video.read_thumbnail())).convert("L"), dtype=float).mean()
+    grey = np.asarray(Image.open(io.BytesIO(video.thumbnail_path.read_bytes())).convert("L"), dtype=float).mean()
     assert abs(grey - 100) < 6  # the middle frame (frame i is grey 25 * i)
 
 
@@ -176,7 +176,7 @@ def test_a_models_preview_is_the_thumbnail_and_the_file_is_not_decoded(spool, mo
         entry = spool.save(new_job_id(), JobOutputs(USER, "x", [OutputAsset(asset.type, asset.data, asset.metadata,
                                                                              preview)]))
         [spooled] = entry.assets
-        assert spooled.read_thumbnail() == preview
+        assert spooled.thumbnail_path.read_bytes() == preview
         assert (spooled.metadata["width"], spooled.metadata["height"]) == size
 
 

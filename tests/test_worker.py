@@ -16,7 +16,7 @@ from bridge import metrics
 from bridge.jobs import JOB_TYPES
 from bridge.runtime import Runtime
 from bridge.safety import REFUSAL_REASON
-from model_kit.media import decode_mp4
+from tests.job_outputs import decode_mp4
 from tests.bridge_stack import TERMINAL, chat_job, push, sdxl_job, stack_settings, wait_state, wan_job
 from tests.supabase_stub import SupabaseStub
 
