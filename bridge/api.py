@@ -4,7 +4,7 @@
 
 - old contract (CONTRACT §5): ``POST /chat``, ``/generate``, ``/enhance`` (:mod:`bridge.api_chat`),
   ``GET /health``, ``/worker/info``, ``/memory/status``, ``POST /memory/load?which=``,
-  ``/memory/unload?which=`` (here);
+  ``/memory/unload?which=``, and the readiness route ``GET /ready`` (here);
 - OpenAI-compatible: ``POST /v1/chat/completions``, ``GET /v1/models`` (:mod:`bridge.api_chat`);
 - jobs: ``POST /jobs``, ``GET /jobs/{id}``, ``GET /jobs/{id}/events``, ``POST /jobs/{id}/cancel``
   (:mod:`bridge.api_jobs`);
