@@ -25,6 +25,7 @@ from bridge import doctor
 from bridge.api import ApiConfigError
 from bridge.api_auth import RateLimiter
 from bridge.chat import count_chat_tokens
+from bridge.logs import Redactor, secrets_from_settings
 from bridge.runtime import Runtime
 from bridge.settings import Settings
 from tests.stack import API_KEY, client, running
@@ -82,6 +83,12 @@ async def test_short_keys_are_refused_at_start_unless_allowed_for_development(se
         assert not any("dev-key" in r.getMessage() for r in caplog.records)
         async with client(runtime, key="dev-key") as http:
             assert (await http.get("/v1/models")).status_code == 200
+
+
+def test_each_key_is_redacted_from_logs() -> None:
+    first, second = _key("first-api-key"), _key("second-api-key")
+    redact = Redactor(secrets_from_settings(Settings(worker_api_key=f"{first},{second}")))
+    assert redact(f"keys {second} and {first}!") == "keys *** and ***!"
 
 
 def test_serve_refuses_a_short_key_before_starting_anything(tmp_path: Path) -> None:
