@@ -4,7 +4,7 @@
 
 - old contract (CONTRACT §5): ``POST /chat``, ``/generate``, ``/enhance`` (:mod:`bridge.api_chat`),
   ``GET /health``, ``/worker/info``, ``/memory/status``, ``POST /memory/load?which=``,
-  ``/memory/unload?which=`` (here);
+  ``/memory/unload?which=``, and the readiness route ``GET /ready`` (here);
 - OpenAI-compatible: ``POST /v1/chat/completions``, ``GET /v1/models`` (:mod:`bridge.api_chat`);
 - jobs: ``POST /jobs``, ``GET /jobs/{id}``, ``GET /jobs/{id}/events``, ``POST /jobs/{id}/cancel``
   (:mod:`bridge.api_jobs`);
@@ -14,17 +14,14 @@
   ``POST /admin``, ``/emergency/operation``, ``GET /debug/env`` (secrets redacted; :mod:`bridge.api_admin`);
 - scene detection: ``POST /scene/detect``, ``/scene/generate`` (:mod:`bridge.api_scene`).
 
-Every path but ``/health`` requires ``Authorization: Bearer <WORKER_API_KEY>`` (compared in
-constant time; 401 otherwise). Without a key the API only starts bound to a loopback address, and
-then lets every request in (local development, logged as a warning). There are no docs routes, and
-no answer carries an environment value, a key, a token or a stack trace.
+Every path but ``/health`` and ``/ready`` (and the routes ``API_OPEN_ROUTES`` opens) requires
+``Authorization: Bearer <key>`` with one of the keys of ``WORKER_API_KEY``; the checks, the
+per-address limits and the key-less development mode are :mod:`bridge.api_auth`'s. There are no
+docs routes, and no answer carries an environment value, a key, a token or a stack trace.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import logging
 import time
 from importlib import metadata as package_metadata
@@ -33,11 +30,10 @@ from typing import Any, Literal
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge import metrics
+from bridge.api_auth import ApiConfigError, ApiGuard, check_config  # noqa: F401 - ApiConfigError re-exported
 from bridge.api_chat import legacy_router, openai_router
 from bridge.api_common import ApiError, error_response, field_name, is_legacy, probe, runtime_of, unavailable
 from bridge.api_jobs import router as jobs_router
@@ -48,7 +44,6 @@ from bridge.residency import ResidencyError
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health"})
 #: ``which=`` of the memory routes → the models it means.
 WHICH: dict[str, tuple[str, ...]] = {
     "sdxl": ("sdxl",),
@@ -60,10 +55,6 @@ WHICH: dict[str, tuple[str, ...]] = {
 Which = Literal["sdxl", "wan", "instruct", "base", "all"]
 
 
-class ApiConfigError(RuntimeError):
-    """The API must not start as configured (bound beyond localhost without a key)."""
-
-
 def _version() -> str:
     try:
         return package_metadata.version("gpu-worker")
@@ -72,64 +63,6 @@ def _version() -> str:
 
 
 VERSION = _version()
-
-
-# ----------------------------------------------------------------------------- authentication
-def is_loopback(host: str) -> bool:
-    """Whether binding to ``host`` keeps the API on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode("utf-8")).digest()
-
-
-class BearerAuth:
-    """ASGI middleware: every HTTP path but :data:`PUBLIC_PATHS` needs ``Authorization: Bearer
-    <key>``. The key is compared by digest with :func:`hmac.compare_digest` (constant time, and
-    its length does not leak). ``key=None`` lets everything in (loopback-only local development)."""
-
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
-        self.app = app
-        self._digest = None if key is None else _digest(key)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._digest is None or scope["path"] in PUBLIC_PATHS:
-            await self.app(scope, receive, send)
-            return
-        if not self._authorized(Headers(scope=scope).get("authorization", "")):
-            response = error_response(
-                Request(scope), 401, "missing or invalid API key: send 'Authorization: Bearer <WORKER_API_KEY>'",
-                type="authentication_error", headers={"WWW-Authenticate": "Bearer"},
-            )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        matches = hmac.compare_digest(_digest(token.strip()), self._digest)  # type: ignore[arg-type]
-        return matches and scheme.lower() == "bearer"
-
-
-def _api_key(settings: Any) -> str | None:
-    """The key to require; refuses a non-loopback bind without one."""
-    key = settings.worker_api_key.get_secret_value() if settings.worker_api_key is not None else None
-    if key:
-        return key
-    if not is_loopback(settings.api_host):
-        raise ApiConfigError(
-            f"API_HOST={settings.api_host} exposes the API beyond this machine, but WORKER_API_KEY is not set: "
-            "set WORKER_API_KEY (or bind API_HOST=127.0.0.1 for local development)"
-        )
-    log.warning("WORKER_API_KEY is not set: the API on %s accepts requests without a key (local development only)",
-                settings.api_host)
-    return None
 
 
 # ----------------------------------------------------------------------------- errors
@@ -174,16 +107,24 @@ def _resident(states: dict[str, str]) -> list[str]:
 
 @ops_router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Liveness for load balancers (no key needed): 200 when Triton and Redis answer, else 503.
-    ``model_loaded``: some model is resident; ``chat_model_loaded``: Qwen Instruct is."""
+    """Liveness (no key needed; the app's health checks read any non-200 as offline): 200 while
+    the worker can still take work, i.e. Triton answers (chat works, and jobs once Redis is back);
+    ``status`` is ``ok``, or ``degraded`` with ``problems`` saying what does not work. 503 only
+    when Triton does not answer (nothing can run). ``model_loaded``: some model is resident;
+    ``chat_model_loaded``: Qwen Instruct is. Load balancers use ``/ready``."""
     runtime = runtime_of(request)
     triton_live = bool(await probe(runtime.triton.is_live()))
     redis_ok = await probe(runtime.queue.queue_depths()) is not None
     states = _model_states(runtime)
     resident = _resident(states)
-    healthy = triton_live and redis_ok
+    problems = []
+    if not triton_live:
+        problems.append("triton is unreachable: no generation or chat can run")
+    if not redis_ok:
+        problems.append("redis is unreachable: no job is taken or reported; chat still answers")
     body = {
-        "status": "ok" if healthy else "degraded",
+        "status": "degraded" if problems else "ok",
+        "problems": problems,
         "model_loaded": bool(resident),
         "chat_model_loaded": "qwen_instruct" in resident,
         "models_loaded": resident,
@@ -193,7 +134,28 @@ async def health(request: Request) -> JSONResponse:
         "uptime": round(time.monotonic() - request.app.state.started, 1),
         "version": VERSION,
     }
-    return JSONResponse(body, status_code=200 if healthy else 503)
+    return JSONResponse(body, status_code=200 if triton_live else 503)
+
+
+@ops_router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness for a load balancer (no key needed): 200 when Redis and Triton answer and every
+    model the embedded server was told to load at start (``TRITON_STARTUP_MODELS``) has been
+    resident; else 503 with ``Retry-After`` and ``waiting_for`` naming what is missing."""
+    runtime = runtime_of(request)
+    waiting = []
+    if not await probe(runtime.triton.is_live()):
+        waiting.append("triton")
+    if await probe(runtime.queue.queue_depths()) is None:
+        waiting.append("redis")
+    startup = runtime.triton_server.startup_models if runtime.triton_server is not None else []
+    seen: set[str] = request.app.state.startup_models_seen
+    seen.update(name for name, state in _model_states(runtime).items() if state == "ready")
+    waiting.extend(f"model {name}" for name in startup if name not in seen)
+    body = {"ready": not waiting, "waiting_for": waiting, "version": VERSION}
+    if waiting:
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse(body)
 
 
 @ops_router.get("/worker/info")
@@ -288,13 +250,17 @@ async def prometheus_metrics(request: Request) -> Response:
 
 # ----------------------------------------------------------------------------- the app
 def create_app(runtime: Any) -> FastAPI:
-    """The API for ``runtime``; :class:`ApiConfigError` when it is bound beyond localhost
-    without ``WORKER_API_KEY``."""
-    key = _api_key(runtime.settings)
+    """The API for ``runtime``; :class:`ApiConfigError` when its access settings are refused
+    (:func:`bridge.api_auth.check_config`: no key beyond localhost, a short key, a route that
+    cannot be opened)."""
+    access = check_config(runtime.settings)
+    for note in access.notes:
+        log.warning("%s", note)
     app = FastAPI(title="gpu-worker", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.state.started = time.monotonic()
-    app.add_middleware(BearerAuth, key=key)
+    app.state.startup_models_seen = set()  # /ready: start-up models that have been resident once
+    app.add_middleware(ApiGuard, config=access)
     _install_error_handlers(app)
     for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router):
         app.include_router(router)

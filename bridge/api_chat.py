@@ -44,8 +44,6 @@ from bridge.worker import JobFailed, Waiting
 
 CHAT_MODELS = ("qwen_instruct", "qwen_base")
 DISPLAY_NAMES = {"qwen_instruct": "Qwen2.5-7B-Instruct", "qwen_base": "Qwen2.5-7B"}
-#: A chat turn waits at most this long for the GPU, then answers 503.
-GPU_WAIT_S = 120.0
 #: Time limit of one non-streaming generation.
 CHAT_TIMEOUT_S = 300.0
 #: ``/enhance`` defaults (CONTRACT §5: like ``/chat`` with max_tokens 200).
@@ -116,13 +114,14 @@ async def gpu_turn(runtime: Any, model: str) -> AsyncIterator[None]:
     dispatcher = runtime.worker.dispatcher
     item = Waiting(key=f"chat:{model}", models=frozenset({model}), since=time.monotonic(), interactive=True,
                    est_s=job_cost_s("chat"))
+    wait_s = runtime.settings.chat_gpu_wait_s  # well below the app's 45 s (CHAT_GPU_WAIT_S)
     try:
-        async with asyncio.timeout(GPU_WAIT_S):
+        async with asyncio.timeout(wait_s):
             await dispatcher.acquire(item)
     except JobFailed as exc:
         raise unavailable(exc.message) from None
     except TimeoutError:
-        raise unavailable(f"{model}: the GPU stayed busy for {GPU_WAIT_S:.0f}s; try again") from None
+        raise unavailable(f"{model}: the GPU stayed busy for {wait_s:g}s; try again") from None
     try:
         yield
     finally:
@@ -189,12 +188,15 @@ async def answer_chat(runtime: Any, parsed: ChatRequest, template: str | None = 
 @legacy_router.post("/enhance")
 async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """Rewrite a prompt for an image (``target: "sdxl"``) or video (``"wan"``, the default) model;
-    the prompt is the (last) user message. Sampling defaults: max_tokens 200, T 0.7, top_p 0.9."""
+    the prompt is the (last) user message. Sampling defaults: max_tokens 200, T 0.7, top_p 0.9.
+    A request with its own system message is a plain completion instead (:func:`plain_enhance`)."""
     runtime = runtime_of(request)
     target = body.get("target", "wan")
     if target not in ("sdxl", "wan"):
         raise ApiError(400, f"target: must be 'sdxl' or 'wan', got {target!r}", param="target")
     parsed = parse_body(body, 400)
+    if parsed.conversation().system_prompt is not None:
+        return await plain_enhance(runtime, parsed)
     data = data_of(runtime)
     prompt = parsed.conversation().latest_user.strip()
     refuse_unsafe(prompt, data, "enhance")
@@ -216,6 +218,39 @@ async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[st
         "tokens_generated": result.output_tokens,
         "model_info": model_info(parsed.model, result),
         "enhancement": {**enhanced.metadata(), "enhanced_prompt": text, "target": target},
+    }
+
+
+async def plain_enhance(runtime: Any, parsed: ChatRequest) -> dict[str, Any]:
+    """``/enhance`` with the caller's own system message (the app's ``enhance-prompt`` sends a JSON
+    output specification and parses the JSON it gets back): a plain completion of the caller's
+    messages, answered in ``/enhance``'s shape. No template, no cleaning or one-line squashing, no
+    token budget of ours; the caller's sampling (``max_tokens`` 200 when not given) is honoured,
+    and with ``sfw_mode`` the text is masked like a chat reply."""
+    data = data_of(runtime)
+    conversation = parsed.conversation()
+    refuse_unsafe(conversation.latest_user, data, "enhance")
+    if parsed.messages is not None:
+        messages = [{"role": m.role, "content": m.content} for m in parsed.messages]
+    else:
+        messages = [{"role": "system", "content": conversation.system_prompt or ""},
+                    *({"role": t.role, "content": t.content} for t in conversation.turns)]
+    sampling = {
+        "max_tokens": parsed.max_tokens or ENHANCE_DEFAULTS["max_tokens"],
+        "temperature": ENHANCE_DEFAULTS["temperature"] if parsed.temperature is None else parsed.temperature,
+        "top_p": parsed.top_p or ENHANCE_DEFAULTS["top_p"],
+    }
+    result = await complete(runtime, parsed.model, messages, sampling)
+    text = mask_sfw(result.text, data) if parsed.sfw_mode else result.text
+    return {
+        "success": True,
+        "enhanced_prompt": text,
+        "original_prompt": conversation.latest_user,
+        "generation_time": round(result.seconds, 3),
+        "tokens_generated": result.output_tokens,
+        "model_info": model_info(parsed.model, result),
+        "enhancement": {"mode": "plain_completion", "prompt_tokens": result.input_tokens,
+                        "max_tokens": sampling["max_tokens"], "sfw_mode": parsed.sfw_mode},
     }
 
 

@@ -257,12 +257,10 @@ def template_name(conversation: Conversation, decision: ModeDecision, data: Prom
 
 
 def system_prompt_for(conversation: Conversation, template: Template, sfw_mode: bool = False) -> str:
-    """The request's own system prompt when it has one, else the template's. With ``sfw_mode``
-    the general template's text always comes first."""
-    own = conversation.system_prompt
-    if not own:
-        return template.system
-    return f"{template.system}\n\n{own}" if sfw_mode else own
+    """The request's own system prompt when it has one, else the template's. ``sfw_mode`` keeps the
+    caller's own prompt too (the app's sfw tier sends its own, as the old worker kept it): sfw
+    mode filters the reply (:func:`mask_sfw`), not the instructions."""
+    return conversation.system_prompt or template.system
 
 
 # ----------------------------------------------------------------------------- token counting

@@ -116,9 +116,13 @@ def serve() -> None:
 
     settings = _settings()
     setup_logging(settings.log_level, settings.log_json, secrets=secrets_from_settings(settings))
-    if settings.api_host not in ("127.0.0.1", "localhost", "::1") and settings.worker_api_key is None:
-        console.print(f"[red]API_HOST={settings.api_host} exposes the API beyond this machine: set WORKER_API_KEY.[/red]")
-        raise typer.Exit(2)
+    from bridge.api_auth import ApiConfigError, check_config
+
+    try:
+        check_config(settings)  # no key beyond loopback, a short key, a route that cannot be opened
+    except ApiConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     checks = run_checks(settings)
     if errors(checks):
         console.print(render_table(checks))

@@ -8,7 +8,8 @@ Redis URL is shown with its password masked, and every detail goes through the l
 Checked: each model's weights (``MODELS_DIR`` + :mod:`model_kit.layout`, or the ``<MODEL>_WEIGHTS``
 / ``SDXL_CONFIG`` override the models themselves honour), the model repository, a GPU (required
 only with ``REQUIRE_GPU=1``), Redis (PING), Supabase (Storage answers with the service key), the
-tritonserver binary and Python-backend stub, the output/spool directory, and ``/dev/shm`` size.
+tritonserver binary and Python-backend stub, the output/spool directory, ``/dev/shm`` size, and the
+API's access settings (key count and length, routes open without a key: :mod:`bridge.api_auth`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def run_checks(
         ("tritonserver", lambda: check_tritonserver(settings)),
         ("output dir", lambda: check_output_dir(settings)),
         ("shm", lambda: check_shm(shm_path)),
+        ("api access", lambda: check_api_access(settings)),
     ]
     redact = Redactor(secrets_from_settings(settings))
     results: list[Check] = []
@@ -360,6 +362,16 @@ def check_shm(path: Path = Path("/dev/shm"), minimum_bytes: int = SHM_MINIMUM_BY
             level="warning",
         )
     return Check("shm", True, detail)
+
+
+# ----------------------------------------------------------------------------- API access
+def check_api_access(settings: Settings) -> Check:
+    """The API's keys (how many, never a value), its limits, and the routes open without a key
+    (a warning: each is served to anyone); an error when ``serve`` would refuse the settings."""
+    from bridge.api_auth import describe  # noqa: PLC0415 - the API layer, only for this check
+
+    verdict, detail = describe(settings)
+    return Check("api access", verdict == "ok", detail, level="warning" if verdict == "open" else "error")
 
 
 # ----------------------------------------------------------------------------- output

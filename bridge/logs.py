@@ -76,6 +76,9 @@ def secrets_from_settings(settings: Any) -> list[str]:
         value = getattr(settings, name, None)
         if value is not None:
             found.append(value.get_secret_value() if isinstance(value, SecretStr) else str(value))
+    api_keys = getattr(settings, "worker_api_key", None)
+    if isinstance(api_keys, SecretStr):  # WORKER_API_KEY may hold several keys: each is a secret
+        found.extend(key.strip() for key in api_keys.get_secret_value().split(",") if key.strip())
     redis_url = getattr(settings, "redis_url", None)
     if redis_url is not None:
         raw = redis_url.get_secret_value() if isinstance(redis_url, SecretStr) else str(redis_url)

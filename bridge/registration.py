@@ -4,8 +4,11 @@ When ``SUPABASE_URL`` is configured and a public URL can be built (``PUBLIC_URL`
 proxy ``https://{RUNPOD_POD_ID}-{API_PORT}.proxy.runpod.net``), POST it to the edge functions
 ``update-worker-url`` (the image/video worker URL) and ``register-chat-worker`` (the chat API; ours
 is the same API), with ``Authorization: Bearer <service key>``. Each call is retried with
-exponential backoff on network errors, 5xx and 429; nothing here ever raises: a failure is logged
-and the worker carries on (jobs still flow through Redis; only the HTTP chat routing needs it).
+exponential backoff on network errors, 5xx and 429, and on ``update-worker-url``'s 400: that
+function answers 400 when its own ``GET /health`` of our URL fails, which happens while the
+worker or the proxy in front of it is still starting (``docs/DEPLOY.md``, "Connecting to the app").
+Nothing here ever raises: a failure is logged and the worker carries on (jobs still flow through
+Redis; only the HTTP chat routing needs it).
 
 The bodies keep the old workers' fields (``worker_url``, ``auto_registered``,
 ``registration_method``, ``detection_method``, ``worker_type``, ``capabilities``, ``timestamp``;
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 FUNCTIONS = ("update-worker-url", "register-chat-worker")
 REGISTRATION_METHOD = "gpu_worker_self_registration"
 _RETRY_STATUSES = frozenset({408, 425, 429})
+#: Per function, further statuses worth retrying (see the module doc).
+_RETRY_STATUSES_OF = {"update-worker-url": frozenset({400})}
 
 
 def public_worker_url(settings: Settings) -> tuple[str, str] | None:
@@ -67,7 +72,7 @@ def registration_bodies(settings: Settings, worker_url: str, detection: str) -> 
 async def register_worker(
     settings: Settings,
     *,
-    attempts: int = 5,
+    attempts: int = 8,
     base_delay_s: float = 1.0,
     max_delay_s: float = 30.0,
     timeout_s: float = 15.0,
@@ -112,7 +117,7 @@ async def _post_with_retries(
     sleep: Callable[[float], Awaitable[Any]],
 ) -> bool:
     for attempt in range(1, max(1, attempts) + 1):
-        retryable, problem = await _post_once(client, url, body)
+        retryable, problem = await _post_once(client, url, body, _RETRY_STATUSES_OF.get(function, frozenset()))
         if problem is None:
             return True
         extra = {"stage": "registration", "function": function, "attempt": attempt}
@@ -127,15 +132,17 @@ async def _post_with_retries(
     return False
 
 
-async def _post_once(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[bool, str | None]:
+async def _post_once(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], retry_statuses: frozenset[int] = frozenset()
+) -> tuple[bool, str | None]:
     """One POST: ``(retryable, problem)``; ``problem`` is None on success."""
     try:
         response = await client.post(url, json=body)
     except httpx.HTTPError as exc:
         return True, f"{type(exc).__name__}: {exc}"
     code = response.status_code
-    if code >= 500 or code in _RETRY_STATUSES:
-        return True, f"HTTP {code}"
+    if code >= 500 or code in _RETRY_STATUSES or code in retry_statuses:
+        return True, f"HTTP {code}: {response.text[:200]}" if code in retry_statuses else f"HTTP {code}"
     if code >= 300:
         return False, f"HTTP {code}: {response.text[:200]}"
     try:

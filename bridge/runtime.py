@@ -96,7 +96,8 @@ class Runtime:
         from bridge.api import create_app  # noqa: PLC0415 - the API sits on top of the runtime
 
         config = uvicorn.Config(create_app(self), host=self.settings.api_host, port=self.settings.api_port,
-                                log_config=None, access_log=False, lifespan="off")
+                                log_config=None, access_log=False, lifespan="off",
+                                forwarded_allow_ips=self.settings.api_trusted_proxies)  # client address: api_auth
         self.api_server = uvicorn.Server(config)
         self._api_task = asyncio.create_task(self.api_server.serve(), name="api")
         while not self.api_server.started:

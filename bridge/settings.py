@@ -163,7 +163,10 @@ class Settings(BaseSettings):
     # --- HTTP API -----------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="API bind address (0.0.0.0 in production).")
     api_port: int = Field(7861, ge=0, le=65535)
-    worker_api_key: SecretStr | None = Field(None, description="Bearer key required by the API.")
+    worker_api_key: SecretStr | None = Field(
+        None, description="Bearer key(s) required by the API: one, or several separated by commas (each accepted "
+        "on every route), each at least 32 characters."
+    )
 
     # --- Operations (issue 6: bridge/doctor.py, registration.py, logs.py) ----------------------
     require_gpu: bool = Field(False, description="Start-up checks fail unless a CUDA GPU is visible.")
@@ -183,6 +186,40 @@ class Settings(BaseSettings):
         "safety_terms.yaml (a file missing there falls back to the packaged copy; safety terms are merged).",
     )
     # --- end prompt data files -------------------------------------------------------------------
+
+    # --- API access (bridge/api_auth.py; docs/API.md "Authentication") ---------------------------
+    api_open_routes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Routes served without a key (comma list, e.g. /enhance; only chat/inference routes can be "
+        "opened), rate-limited per client address. Logged as a warning at start.",
+    )
+    api_open_rate_per_min: int = Field(
+        30, ge=1, description="Requests a minute one client address may send to API_OPEN_ROUTES without a key."
+    )
+    api_auth_failures_per_min: int = Field(
+        10, ge=1, description="Wrong keys a minute one client address may send; past that its keyed requests get 429."
+    )
+    api_allow_short_keys: bool = Field(
+        False, description="Development only: accept WORKER_API_KEY values shorter than 32 characters (a warning)."
+    )
+    api_trusted_proxies: str = Field(
+        "127.0.0.1",
+        description="Comma list of proxy addresses/networks whose X-Forwarded-For names the client (the per-address "
+        "limits count that client); '*' trusts any peer.",
+    )
+    chat_gpu_wait_s: float = Field(
+        20.0, gt=0, description="A chat turn waits this long for the GPU, then answers 503 with Retry-After."
+    )
+
+    @field_validator("api_open_routes", mode="before")
+    @classmethod
+    def _split_routes(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            value = [route.rstrip("/") or "/" if isinstance(route, str) else route for route in value]
+        return value
+    # --- end API access ----------------------------------------------------------------------------
 
     @field_validator("triton_startup_models", "fetch_allowed_hosts", mode="before")
     @classmethod

@@ -12,11 +12,11 @@ tritonserver (TRITONSERVER_BIN, default /opt/tritonserver/bin/tritonserver) over
 consumes the Redis queues and serves the HTTP API.
 
 Environment (defaults shown; see docs/DEPLOY.md for the full list):
-  API_HOST=0.0.0.0 API_PORT=7861      HTTP API (GET /health, GET /metrics, chat routes)
+  API_HOST=0.0.0.0 API_PORT=7861      HTTP API (GET /health, GET /ready, GET /metrics, chat routes)
   TRITON_HOST=127.0.0.1               Triton HTTP/gRPC/metrics ports stay inside the container
   TRITONSERVER_BIN=/opt/tritonserver/bin/tritonserver
   MODELS_DIR=/workspace/models        model weights (the RunPod volume)
-  REDIS_URL, SUPABASE_URL, SUPABASE_SERVICE_KEY, JOB_CALLBACK_SECRET, WORKER_API_KEY
+  REDIS_URL, SUPABASE_URL, SUPABASE_SERVICE_KEY, JOB_CALLBACK_SECRET, WORKER_API_KEY, API_OPEN_ROUTES
   PYTHON=python                       interpreter to run the bridge with
 
 Other commands run in place of this script, e.g.:

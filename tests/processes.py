@@ -132,9 +132,9 @@ class BridgeProcess:
         return self.process is not None and self.process.poll() is None
 
     def wait_ready(self, timeout: float = 180.0) -> "BridgeProcess":
-        """Poll the API's ``/health`` until it answers 200 (Triton live, Redis answering)."""
+        """Poll the API's ``/ready`` until it answers 200 (Triton live, Redis answering)."""
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.api_port}/health"
+        url = f"http://127.0.0.1:{self.api_port}/ready"
         while time.monotonic() < deadline:
             if not self.alive:
                 raise AssertionError(f"bridge {self.name} exited with {self.process and self.process.returncode}:\n"

@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute
 from hypothesis import given, settings as hyp_settings, strategies as st
 
 from bridge.api import ApiConfigError
+from bridge.api_auth import PUBLIC_PATHS
 from bridge.api_chat import SfwStream
 from bridge.chat import mask_sfw
 from bridge.jobs import QUEUES
@@ -106,7 +107,7 @@ async def test_every_protected_route_answers_401_without_or_with_a_wrong_key(sta
     checked = 0
     async with client(stack, RECORDER, key=None) as http:
         for path, methods in routes:
-            if path == "/health":
+            if path in PUBLIC_PATHS:
                 continue
             for method in methods:
                 for header in headers:
@@ -118,7 +119,7 @@ async def test_every_protected_route_answers_401_without_or_with_a_wrong_key(sta
                     else:
                         assert _new_error(response, 401)["type"] == "authentication_error"
                     checked += 1
-        assert checked == sum(len(methods) for path, methods in routes if path != "/health") * len(headers)
+        assert checked == sum(len(methods) for path, methods in routes if path not in PUBLIC_PATHS) * len(headers)
         # a path that does not exist is not revealed either
         _new_error(await http.get("/debug/env"), 401)
         health = await http.get("/health")
@@ -149,20 +150,28 @@ async def test_health_worker_info_metrics(http: httpx.AsyncClient, stack) -> Non
     assert 'gpu_worker_model_vram_bytes{model="qwen_base"} 1e+09' in scraped, scraped
 
 
-async def test_health_is_503_degraded_while_redis_is_away(http: httpx.AsyncClient, redis_server) -> None:
+async def test_health_stays_200_degraded_and_ready_is_503_while_redis_is_away(http: httpx.AsyncClient,
+                                                                             redis_server) -> None:
+    ready = await http.get("/ready", headers={"Authorization": ""})
+    assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["waiting_for"] == []
     await asyncio.to_thread(redis_server.stop)
     try:
         down = await http.get("/health")
-        assert down.status_code == 503, down.text
+        assert down.status_code == 200, down.text  # the app's health checks: still takes work (chat)
         assert down.json()["status"] == "degraded" and down.json()["redis"] == "unreachable"
-        assert down.json()["triton"] == "live"
+        assert down.json()["triton"] == "live" and any("redis" in p for p in down.json()["problems"])
+        not_ready = await http.get("/ready")
+        assert not_ready.status_code == 503 and not_ready.json()["waiting_for"] == ["redis"]
+        assert int(not_ready.headers["retry-after"]) > 0
     finally:
         await asyncio.to_thread(redis_server.start)
     for _ in range(50):
-        if (await http.get("/health")).status_code == 200:
+        if (await http.get("/ready")).status_code == 200:
             break
         await asyncio.sleep(0.1)
-    assert (await http.get("/health")).json()["redis"] == "ok"
+    back = await http.get("/health")
+    assert back.json()["redis"] == "ok" and back.json()["status"] == "ok" and back.json()["problems"] == []
+    assert (await http.get("/ready")).status_code == 200
 
 
 async def test_memory_status_load_and_unload_change_what_triton_holds(http: httpx.AsyncClient, triton) -> None:

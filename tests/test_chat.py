@@ -245,7 +245,7 @@ def test_prepare_chat_reports_mode_template_and_trimming(qwen_tok) -> None:
     assert prepared.sampling["max_tokens"] == 512 and prepared.sampling["temperature"] == 0.8
 
 
-def test_prepare_chat_sfw_mode_forces_general_and_masks(qwen_tok) -> None:
+def test_prepare_chat_sfw_mode_keeps_the_callers_system_prompt_and_masks(qwen_tok) -> None:
     request = parse_chat_request(
         {
             "messages": [
@@ -258,8 +258,7 @@ def test_prepare_chat_sfw_mode_forces_general_and_masks(qwen_tok) -> None:
     )
     prepared = chat.prepare_chat(request, qwen_tok)
     assert prepared.mode.mode == "general" and prepared.template == "chat"
-    system = prepared.messages[0]["content"]
-    assert system.startswith(get_data().template("chat").system) and system.endswith("You are Vex, a flirt.")
+    assert prepared.messages[0]["content"] == "You are Vex, a flirt."  # the caller's prompt kept as sent
     assert prepared.sampling["max_tokens"] == 64
     assert prepared.finish("A sexy reply") == "A [filtered] reply"
     unmasked = chat.prepare_chat(request.model_copy(update={"sfw_mode": False}), qwen_tok)

@@ -73,6 +73,16 @@ async def test_retries_with_backoff_then_succeeds(stub: SupabaseStub):
     assert stub.violations == []
 
 
+async def test_update_worker_urls_400_is_retried(stub: SupabaseStub):
+    # update-worker-url answers 400 when its own health check of our URL fails (still starting).
+    stub.fail_next("update-worker-url", 2, status=400)
+    sleeps = _Sleeps()
+    results = await register_worker(_settings(stub, public_url="https://w.example"), sleep=sleeps)
+    assert results == {name: True for name in FUNCTIONS}
+    assert [r.status for r in stub.requests_for("update-worker-url")] == [400, 400, 200]
+    assert sleeps.delays == [1.0, 2.0]
+
+
 async def test_gives_up_after_attempts_without_raising(stub: SupabaseStub, caplog: pytest.LogCaptureFixture):
     stub.fail_next("update-worker-url", 10, status=500)
     sleeps = _Sleeps()
