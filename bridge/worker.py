@@ -262,15 +262,26 @@ class Worker:
         self._intake: dict[str, asyncio.Task] = {}  # queue -> the job taken last, while it keeps the next out
 
     # ------------------------------------------------------------------ lifecycle
-    async def start_jobs(self) -> None:
-        """Start intake, dispatch, heartbeat/reaper and the cancel listener."""
+    async def start_jobs(self, queues: Any = None) -> None:
+        """Start intake (of ``queues``, default all), dispatch, heartbeat/reaper and the cancel listener."""
         self.dispatcher.start()
         self._tasks.append(asyncio.create_task(self.queue.keep_alive(), name="keep-alive"))
         self._tasks.append(asyncio.create_task(self.queue.listen_cancels(self._cancel_job), name="cancels"))
-        for name in QUEUES:
+        self.open_queues(QUEUES if queues is None else queues)
+
+    def open_queues(self, queues: Any) -> list[str]:
+        """Start taking jobs from those of ``queues`` not taken from yet (a queue whose models'
+        weights are missing is opened once they appear: :mod:`bridge.availability`)."""
+        if self._stopping:
+            return []
+        taking = {task.get_name() for task in self._tasks}
+        opened = [name for name in QUEUES if name in set(queues) and f"take:{name}" not in taking]
+        for name in opened:
             self._prefetched[name].set()
             self._tasks.append(asyncio.create_task(self._take_jobs(name), name=f"take:{name}"))
-        log.info("worker %s taking jobs from %s", self.settings.worker_id, ", ".join(QUEUES))
+        if opened:
+            log.info("worker %s taking jobs from %s", self.settings.worker_id, ", ".join(opened))
+        return opened
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking jobs, let running ones finish within the grace period, then cancel them
