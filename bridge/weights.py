@@ -240,21 +240,26 @@ def _transformer_config(original: Path) -> dict[str, object]:
 
 
 def _write_configs(staging: Path, original: Path, config_dir: Path | None) -> None:
-    """``transformer/``, ``vae/`` and ``scheduler/`` configs: copied from ``config_dir`` (a
-    diffusers folder) when given, else the Wan 2.1 ones (the VAE's defaults are Wan 2.1's)."""
-    for sub in ("transformer", "vae", "scheduler"):
-        (staging / sub).mkdir(parents=True, exist_ok=True)
-    if config_dir is not None:
-        for name in ("transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
-            shutil.copy2(config_dir / name, staging / name)
-        return
-    (staging / "transformer/config.json").write_text(json.dumps(_transformer_config(original), indent=2))
-    (staging / "vae/config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan"}))
+    """``transformer/``, ``vae/`` and ``scheduler/`` configs: each one ``config_dir`` (a diffusers
+    folder) has is copied from it; the others are Wan 2.1's (the transformer's from the original
+    folder's ``config.json``; the VAE's defaults are Wan 2.1's)."""
     from diffusers import UniPCMultistepScheduler  # noqa: PLC0415
 
-    # The scheduler the diffusers release ships: UniPC, flow matching, shift 3.0.
-    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                            num_train_timesteps=1000, solver_order=2).save_config(staging / "scheduler")
+    builtin = {
+        "transformer/config.json": lambda path: path.write_text(json.dumps(_transformer_config(original), indent=2)),
+        "vae/config.json": lambda path: path.write_text(json.dumps({"_class_name": "AutoencoderKLWan"})),
+        # The scheduler the diffusers release ships: UniPC, flow matching, shift 3.0.
+        "scheduler/scheduler_config.json": lambda path: UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000,
+            solver_order=2).save_config(path.parent),
+    }
+    for name, write in builtin.items():
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if config_dir is not None and (config_dir / name).is_file():
+            shutil.copy2(config_dir / name, target)
+        else:
+            write(target)
 
 
 def _free_bytes(path: Path) -> int:
