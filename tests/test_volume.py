@@ -1,0 +1,132 @@
+"""A first start on a volume that holds only part of the weights (docs/DEPLOY.md, "Weights on the
+volume"): the bridge serves what is there, leaves the other queues' jobs in Redis, reports what is
+missing, and picks up weights that appear (here: the original Wan release converted with
+``python -m bridge weights convert wan``) without a restart.
+
+Real parts throughout: an embedded tritonserver over a models folder holding only the tiny SDXL
+at first, a real redis-server, the production WAN model loading the converted folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bridge.cli import app
+from bridge.settings import Settings
+from bridge.weights import inspect_weights
+from model_kit import layout
+from tests.stack import client, running, stack_settings, wait_for_state
+
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
+def _link(tiny: Path, root: Path, relative: str) -> None:
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(tiny / relative)
+
+
+@pytest.fixture()
+def original_wan(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A models folder with the tiny SDXL and a tiny Wan in the original release layout; the
+    UMT5 encoder (HF layout) and the tiny VAE's config beside it, as ``--text-encoder`` /
+    ``--config-dir`` give them."""
+    from model_kit.tiny.wan import make_pipeline
+    from tests.wan_original import tiny_vae, write_original_wan
+
+    models = tmp_path / "models"
+    pipe, vae = make_pipeline(), tiny_vae()
+    write_original_wan(models / layout.WAN_ORIGINAL, pipe, vae)
+    pipe.text_encoder.save_pretrained(tmp_path / "umt5")
+    vae.save_config(tmp_path / "configs" / "vae")
+    return models, tmp_path / "umt5", tmp_path / "configs"
+
+
+async def test_a_partial_volume_is_served_and_the_rest_picked_up_without_a_restart(
+        tiny_models_dir: Path, redis_server, tmp_path: Path, original_wan) -> None:
+    models, umt5, configs = original_wan
+    for relative in (layout.SDXL_CHECKPOINT, layout.SDXL_CONFIG):
+        _link(tiny_models_dir, models, relative)
+    settings = stack_settings(models, None, redis_server.url, tmp_path / "out", weights_recheck_s=0.3,
+                              triton_startup_models=["sdxl"])
+    async with running(settings) as runtime, client(runtime) as http:
+        health = await http.get("/health")
+        assert health.status_code == 200, health.text
+        missing = {entry["model"]: entry for entry in health.json()["missing_models"]}
+        assert set(missing) == {"wan", "qwen_instruct", "qwen_base"}
+        assert "weights convert wan" in missing["wan"]["fix"] and str(models / layout.WAN_ORIGINAL) in missing["wan"]["fix"]
+        assert missing["wan"]["path"] == str(models / layout.WAN_DIFFUSERS) and missing["wan"]["queues_paused"] == ["wan_queue"]
+        assert missing["qwen_instruct"]["queues_paused"] == ["chat_queue"]
+
+        wan_job = (await http.post("/jobs", json={"type": "image_fast", "prompt": "a red city", "user_id": "u1",
+                                                  "config": SMALL})).json()["id"]
+        sdxl_job = (await http.post("/jobs", json={"type": "sdxl_image_fast", "prompt": "a red fox", "user_id": "u1",
+                                                   "config": {**SMALL, "num_images": 1}})).json()["id"]
+        assert (await wait_for_state(http, sdxl_job, lambda s: s["status"] == "completed"))["assets"]
+        assert (await http.get(f"/jobs/{wan_job}")).json()["status"] == "queued"
+        assert (await runtime.queue.queue_depths())["wan_queue"] == 1  # left in Redis, not failed
+
+        # The weights arrive while it runs: the original release converted by the CLI.
+        converted = await asyncio.to_thread(
+            CliRunner().invoke, app, ["weights", "convert", "wan", "--text-encoder", str(umt5), "--config-dir",
+                                      str(configs)], env={"MODELS_DIR": str(models)})
+        assert converted.exit_code == 0, converted.output
+        assert converted.output.strip().endswith(str(models / layout.WAN_DIFFUSERS)), converted.output
+        assert (models / layout.WAN_ORIGINAL / "Wan2.1_VAE.pth").is_file()  # the original is untouched
+        await _until(lambda: "wan" not in runtime.availability.missing)
+        # WAN is there, but wan_queue also carries enhanced jobs (qwen_base): still not consumed.
+        await asyncio.sleep(1.0)
+        assert (await http.get(f"/jobs/{wan_job}")).json()["status"] == "queued"
+        paused = {e["model"]: e["queues_paused"] for e in (await http.get("/health")).json()["missing_models"]}
+        assert paused == {"qwen_instruct": ["chat_queue"], "qwen_base": ["wan_queue"]}
+
+        _link(tiny_models_dir, models, layout.QWEN_BASE)
+        started = time.monotonic()
+        load = await http.post("/memory/load", params={"which": "wan"})
+        assert load.status_code == 202 and time.monotonic() - started < 1.0, load.text
+        assert load.json()["status"] == "running"
+        done = await wait_for_state(http, wan_job, lambda s: s["status"] in ("completed", "failed"))
+        assert done["status"] == "completed", done
+        operations = (await http.get("/memory/status")).json()["operations"]
+        ours = next(op for op in operations if op["id"] == load.json()["operation"])
+        assert ours["op"] == "load" and ours["models"] == ["wan"] and ours["state"] in ("running", "done")
+        startup = next(op for op in operations if op["which"] == "startup")
+        assert startup["models"] == ["sdxl"] and startup["state"] == "done"
+        assert [e["model"] for e in (await http.get("/health")).json()["missing_models"]] == ["qwen_instruct"]
+
+
+async def _until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+def test_weights_on_a_half_filled_folder_says_exactly_what_is_missing(tiny_models_dir: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    import shutil
+
+    models = tmp_path / "models"
+    wan = models / layout.WAN_DIFFUSERS
+    shutil.copytree(tiny_models_dir / layout.WAN_DIFFUSERS, wan)
+    (wan / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    shutil.rmtree(wan / "text_encoder")
+    for relative in (layout.SDXL_CHECKPOINT, layout.SDXL_CONFIG, layout.QWEN_INSTRUCT, layout.QWEN_BASE):
+        _link(tiny_models_dir, models, relative)
+    monkeypatch.setenv("MODELS_DIR", str(models))
+    found = inspect_weights(Settings(models_dir=models))
+    assert found["wan"].missing == ("VAE weights (vae/diffusion_pytorch_model*.safetensors)",
+                                    "UMT5 text encoder config (text_encoder/config.json)",
+                                    "UMT5 text encoder weights (text_encoder/model*.safetensors)")
+    assert found["wan"].layout == "partial diffusers" and not found["wan"].present
+    assert "weights download wan" in found["wan"].fix
+    assert all(found[name].present for name in ("sdxl", "qwen_instruct", "qwen_base"))
+    result = CliRunner().invoke(app, ["weights"])  # the same findings as a table, exit status 1
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "wan partial diffusers" in text and "VAE weights" in text and text.count(" ok ") == 3, text
