@@ -3,7 +3,8 @@
 A model whose weights are missing is a loud warning, not a fatal error (``REQUIRE_MODELS`` names
 the models whose absence must stop the start): the bridge serves the models that are there and
 consumes only the queues whose job types it can run (:func:`bridge.weights.servable_queues`), so
-the other queues' jobs stay in Redis. :meth:`Availability.watch` re-inspects the folders every
+the other queues' jobs stay in Redis; an enhanced WAN job without ``qwen_base`` runs on its original
+prompt. :meth:`Availability.watch` re-inspects the folders every
 ``WEIGHTS_RECHECK_S`` (and ``POST /memory/load`` does it at once); when weights appear, the
 queues they complete are opened without a restart (``on_change``).
 """
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from bridge.settings import MODEL_NAMES, Settings
-from bridge.weights import ModelWeights, inspect_weights, servable_queues
+from bridge.weights import ModelWeights, degraded_job_types, inspect_weights, servable_queues
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class Availability:
         """The missing models for ``/health``: where each was looked for, what is missing, the fix,
         and the queues left for other workers until it arrives."""
         paused = servable_queues(self.present)
-        return [{**found.as_dict(), "queues_paused": sorted(q for q, lack in paused.items() if name in lack)}
+        degraded = degraded_job_types(self.present)
+        return [{**found.as_dict(), "queues_paused": sorted(q for q, lack in paused.items() if name in lack),
+                 "jobs_without_it": degraded.get(name, [])}
                 for name, found in sorted(self.missing.items())]
 
     def check(self, models: Iterable[str] = MODEL_NAMES) -> list[str]:
@@ -70,6 +73,8 @@ class Availability:
         for queue, lacking in sorted(paused.items()):
             log.warning("not consuming %s until the weights of %s are present (its jobs stay queued)",
                         queue, ", ".join(lacking))
+        for model, job_types in sorted(degraded_job_types(self.present).items()):
+            log.warning("without %s, %s run on their original prompt (no enhancement)", model, ", ".join(job_types))
 
     async def recheck(self, models: Iterable[str] = MODEL_NAMES) -> list[str]:
         """:meth:`check` off the event loop; tells ``on_change`` about models that appeared."""

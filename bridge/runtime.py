@@ -93,6 +93,7 @@ class Runtime:
             spool=Spool(s.spool_dir), enhancer=Enhancer(self.text, s.enhance_timeout_s),
             on_triton_failure=self.restart_triton if self.triton_server is not None else None,
         )
+        self.worker.missing_models = lambda: self.availability.missing
         if self.with_jobs:
             await self.worker.start_jobs(self.availability.queues())
         if self.with_api:

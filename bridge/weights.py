@@ -3,10 +3,11 @@
 - :func:`inspect_weights` says per model which layout was found where, its size and exactly which
   files are missing, with the command that fixes it (``python -m bridge weights``, ``doctor``, the
   start-up log, ``/health``'s ``missing_models``).
-- :func:`servable_queues`: a queue is consumed only when every model its job types need is
-  present (an enhanced WAN job needs ``qwen_base`` and ``wan``; chat needs ``qwen_instruct``), so
-  the jobs of the other queues stay in Redis for another pod, or for this one once the weights
-  arrive (``bridge.availability``).
+- :func:`servable_queues`: a queue is consumed only when the model its job types run on is
+  present (``wan_queue``: ``wan``; ``chat_queue``: ``qwen_instruct``), so the jobs of the other
+  queues stay in Redis for another pod, or for this one once the weights arrive
+  (``bridge.availability``). An enhanced WAN job also uses ``qwen_base``; without it, it runs on
+  its original prompt, the fallback its enhancement already has when the model fails.
 - :func:`convert_wan`: the original Wan 2.1 release layout (``diffusion_pytorch_model*.safetensors``,
   ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/`` tokenizer) into
   the diffusers layout next to it. The transformer and VAE go through diffusers' own single-file
@@ -193,12 +194,29 @@ def inspect_weights(settings: Settings, models: Iterable[str] = MODEL_NAMES,
 
 
 def servable_queues(present: Iterable[str]) -> dict[str, list[str]]:
-    """Queue → the models its job types need that are not ``present`` (empty: consume it)."""
+    """Queue → the models it cannot run without that are not ``present`` (empty: consume it).
+    A queue needs the models every one of its job types uses (``wan_queue``: ``wan``;
+    ``chat_queue``: ``qwen_instruct``); a model only some use (``qwen_base``, the enhancement
+    of the ``*_enhanced`` WAN jobs) is optional: without it those jobs run with their original
+    prompt, as when an enhancement fails (:func:`degraded_job_types`)."""
     have = set(present)
     needs: dict[str, set[str]] = {}
     for job_type in JOB_TYPES.values():
-        needs.setdefault(job_type.queue, set()).update(job_type.models)
+        models = set(job_type.models)
+        needs[job_type.queue] = needs[job_type.queue] & models if job_type.queue in needs else models
     return {queue: sorted(models - have) for queue, models in needs.items()}
+
+
+def degraded_job_types(present: Iterable[str]) -> dict[str, list[str]]:
+    """Missing model → the job types of consumed queues that run without it."""
+    have = set(present)
+    paused = {queue for queue, lacking in servable_queues(have).items() if lacking}
+    degraded: dict[str, list[str]] = {}
+    for name, job_type in sorted(JOB_TYPES.items()):
+        if job_type.queue not in paused:
+            for model in set(job_type.models) - have:
+                degraded.setdefault(model, []).append(name)
+    return degraded
 
 
 # ----------------------------------------------------------------------------- convert

@@ -260,6 +260,8 @@ class Worker:
         self._stopping = False
         self._prefetched = {name: asyncio.Event() for name in QUEUES}  # set: the queue may take its next job
         self._intake: dict[str, asyncio.Task] = {}  # queue -> the job taken last, while it keeps the next out
+        # Models whose weights are not on the volume (the runtime sets it: bridge.availability).
+        self.missing_models: Callable[[], Any] = frozenset
 
     # ------------------------------------------------------------------ lifecycle
     async def start_jobs(self, queues: Any = None) -> None:
@@ -520,7 +522,13 @@ class Worker:
         """
         *enhance_stage, render = job_stages(job.type.name)  # (the gate passed job.prompt before)
         prompt, enhancement, enhance_s, throttle = job.prompt, None, 0.0, None
-        if enhance_stage:
+        absent = sorted(set(enhance_stage[0].models) & set(self.missing_models())) if enhance_stage else []
+        if absent:  # the enhancement model is not on the volume: its fallback, the original prompt
+            enhancement = await self.enhancer.without_model(
+                job.prompt, "wan", f"enhancement skipped: the weights of {', '.join(absent)} are not on the volume; "
+                "the original prompt was used")
+            prompt = enhancement.prompt
+        elif enhance_stage:
             async with self._holding_gpu(delivery, job, enhance_stage[0].models, enhance_stage[0]) as throttle:
                 started = time.monotonic()
                 enhancement = await self.enhancer.enhance(job.prompt, kind="wan")  # falls back, never fails
