@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bridge.availability import Availability, MissingRequiredModels
 from bridge.cli import app
 from bridge.settings import Settings
 from bridge.weights import inspect_weights
@@ -52,7 +53,7 @@ async def test_a_partial_volume_is_served_and_the_rest_picked_up_without_a_resta
     models, umt5, configs = original_wan
     for relative in (layout.SDXL_CHECKPOINT, layout.SDXL_CONFIG):
         _link(tiny_models_dir, models, relative)
-    settings = stack_settings(models, None, redis_server.url, tmp_path / "out", weights_recheck_s=0.3,
+    settings = stack_settings(models, None, redis_server.url, tmp_path / "out", weights_recheck_s=0,
                               triton_startup_models=["sdxl"])
     async with running(settings) as runtime, client(runtime) as http:
         health = await http.get("/health")
@@ -71,36 +72,62 @@ async def test_a_partial_volume_is_served_and_the_rest_picked_up_without_a_resta
             assert (await http.get(f"/jobs/{job_id}")).json()["status"] == "queued"
         assert (await runtime.queue.queue_depths())["wan_queue"] == 2  # left in Redis, not failed
 
-        # The weights arrive while it runs: the original release converted by the CLI, found by
-        # the periodic re-check; the queued WAN jobs then run on the production loader's pipeline.
+        # The weights arrive while it runs: the original release converted by the CLI.
         converted = await asyncio.to_thread(
             CliRunner().invoke, app, ["weights", "convert", "wan", "--text-encoder", str(umt5), "--config-dir",
                                       str(configs)], env={"MODELS_DIR": str(models)})
         assert converted.exit_code == 0, converted.output
         assert converted.output.strip().endswith(str(models / layout.WAN_DIFFUSERS)), converted.output
         assert (models / layout.WAN_ORIGINAL / "Wan2.1_VAE.pth").is_file()  # the original is untouched
+        await asyncio.sleep(0.5)
+        assert (await http.get(f"/jobs/{wan_job}")).json()["status"] == "queued"  # no re-check here (0: off)
+
+        # POST /memory/load looks again at once, opens wan_queue and answers 202 while WAN loads;
+        # the queued jobs then run on the production loader's pipeline over the converted folder.
+        started = time.monotonic()
+        load = await http.post("/memory/load", params={"which": "wan"})
+        assert load.status_code == 202 and time.monotonic() - started < 1.0, load.text
+        assert load.json()["status"] == "running"
         for job_id in (wan_job, enhanced_job):
             done = await wait_for_state(http, job_id, lambda s: s["status"] in ("completed", "failed"))
             assert done["status"] == "completed" and done["assets"], done
+        ours = await _operation(http, load.json()["operation"])
+        assert ours["op"] == "load" and ours["models"] == ["wan"] and ours["state"] == "done", ours
+        startup = [op for op in (await http.get("/memory/status")).json()["operations"] if op["which"] == "startup"]
+        assert [(op["models"], op["state"]) for op in startup] == [(["sdxl"], "done")]
+
         # Without qwen_base the enhanced job ran on its original prompt (the enhancement's fallback).
         missing = {e["model"]: e for e in (await http.get("/health")).json()["missing_models"]}
         assert set(missing) == {"qwen_instruct", "qwen_base"}
         assert missing["qwen_base"]["queues_paused"] == [] and "image7b_fast_enhanced" in missing["qwen_base"]["jobs_without_it"]
-
-        # POST /memory/load looks again at once and answers 202 while the model loads.
-        _link(tiny_models_dir, models, layout.QWEN_BASE)
-        started = time.monotonic()
-        load = await http.post("/memory/load", params={"which": "base"})
-        assert load.status_code == 202 and time.monotonic() - started < 1.0, load.text
-        assert load.json()["status"] == "running"
-        ours = await _operation(http, load.json()["operation"])
-        assert ours["op"] == "load" and ours["models"] == ["qwen_base"] and ours["state"] == "done", ours
-        assert (await http.get("/memory/status")).json()["models"]["qwen_base"]["state"] == "ready"
-        startup = [op for op in (await http.get("/memory/status")).json()["operations"] if op["which"] == "startup"]
-        assert [(op["models"], op["state"]) for op in startup] == [(["sdxl"], "done")]
-        assert [e["model"] for e in (await http.get("/health")).json()["missing_models"]] == ["qwen_instruct"]
         missing_chat = await http.post("/memory/load", params={"which": "instruct"})
         assert missing_chat.status_code == 409 and "weights download qwen_instruct" in missing_chat.text
+
+
+async def test_the_periodic_recheck_reports_weights_that_appear(tiny_models_dir: Path, tmp_path: Path) -> None:
+    appeared: list[list[str]] = []
+
+    async def on_change(models: list[str]) -> None:
+        appeared.append(models)
+
+    availability = Availability(Settings(models_dir=tmp_path, weights_recheck_s=0.1), on_change)
+    availability.check_start()
+    assert availability.queues() == [] and set(availability.missing) == {"sdxl", "wan", "qwen_instruct", "qwen_base"}
+    watcher = asyncio.create_task(availability.watch())
+    try:
+        await asyncio.sleep(0.3)
+        assert appeared == []
+        _link(tiny_models_dir, tmp_path, layout.WAN_DIFFUSERS)
+        for _ in range(50):
+            if appeared:
+                break
+            await asyncio.sleep(0.1)
+        assert appeared == [["wan"]] and availability.queues() == ["wan_queue"]
+    finally:
+        watcher.cancel()
+    required = Availability(Settings(models_dir=tmp_path, require_models=["sdxl"]))
+    with pytest.raises(MissingRequiredModels, match="sdxl"):
+        required.check_start()
 
 
 async def _submit(http, job_type: str, prompt: str, **config) -> str:
