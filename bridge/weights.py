@@ -44,6 +44,8 @@ QWEN_REPOS = {"qwen_instruct": "Qwen/Qwen2.5-7B-Instruct", "qwen_base": "Qwen/Qw
 #: Free disk :func:`convert_wan` wants beyond the files it writes (float32 copies are written
 #: through a temporary folder, renamed into place at the end).
 CONVERT_HEADROOM_BYTES = 1 << 30
+#: What downloading ``text_encoder/`` of the diffusers release takes (UMT5-XXL encoder, about 11 GB).
+TEXT_ENCODER_DOWNLOAD_BYTES = 12 << 30
 
 # Parts of a diffusers folder: (sub-path or glob, what it is). A glob needs one match.
 _WAN_PARTS = (
@@ -309,6 +311,10 @@ def convert_wan(settings: Settings, *, text_encoder: Path | None = None, config_
         raise WeightsError(f"{target} already holds a diffusers pipeline; move it away to convert again")
     # float32 diffusers copies of bf16/fp32 originals: at most twice the originals, plus headroom.
     need = 2 * sum(p.stat().st_size for name in ("transformer", "vae") for p in parts[name]) + CONVERT_HEADROOM_BYTES
+    if text_encoder is None:
+        need += TEXT_ENCODER_DOWNLOAD_BYTES
+    else:
+        need += sum(p.stat().st_size for p in text_encoder.rglob("*") if p.is_file())
     free = _free_bytes(target.parent)
     if free < need:
         raise WeightsError(f"not enough free disk at {target.parent}: {free / _GIB:.1f} GiB free, "
@@ -389,7 +395,14 @@ def _snapshot(repo: str, local_dir: Path | None, **kwargs: object) -> None:
 
 
 def download(settings: Settings, model: str, say: Callable[[str], None] = log.info) -> Path:
-    """Fetch ``model``'s diffusers/HF layout where the model looks for it."""
+    """Fetch ``model``'s diffusers/HF layout where the model looks for it (nothing when it is
+    complete there already)."""
+    if model not in MODEL_NAMES:
+        raise WeightsError(f"unknown model {model!r}; known: {', '.join(MODEL_NAMES)}")
+    found = inspect_weights(settings, [model])[model]
+    if found.present:
+        say(f"{model}: already complete at {found.path}; nothing to download")
+        return found.path
     if model == "sdxl":
         target = settings.weights_path("sdxl", "config")
         say(f"SDXL base config ({SDXL_BASE_REPO}, *.json and tokenizer files) → {target}")

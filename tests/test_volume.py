@@ -10,6 +10,7 @@ at first, a real redis-server, the production WAN model loading the converted fo
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -169,3 +170,23 @@ def test_weights_on_a_half_filled_folder_says_exactly_what_is_missing(tiny_model
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.replace("│", " ").split())
     assert "wan partial diffusers" in text and "VAE weights" in text and text.count(" ok ") == 3, text
+
+
+def test_download_lifts_the_offline_switch_for_itself_only(tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    from bridge.weights import WeightsError, download
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "5")
+    settings = Settings(models_dir=tmp_path)
+    try:
+        download(settings, "sdxl")
+    except WeightsError as exc:  # no hub here: it was asked (not refused as offline), and said so
+        assert "stabilityai/stable-diffusion-xl-base-1.0" in str(exc) and "offline" not in str(exc).lower(), exc
+    else:  # a machine that reaches the hub: the base config is there now
+        assert inspect_weights(settings, ["sdxl"])["sdxl"].missing[0].startswith("checkpoint")
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
+    with pytest.raises(WeightsError, match="unknown model"):
+        download(settings, "sd15")
