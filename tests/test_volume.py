@@ -92,6 +92,9 @@ async def test_a_partial_volume_is_served_and_the_rest_picked_up_without_a_resta
         for job_id in (wan_job, enhanced_job):
             done = await wait_for_state(http, job_id, lambda s: s["status"] in ("completed", "failed"))
             assert done["status"] == "completed" and done["assets"], done
+        metadata = done["metadata"]  # the enhanced one: qwen_base is not on the volume
+        assert metadata["enhancement_fell_back"] is True and "qwen_base" in metadata["enhancement_note"], metadata
+        assert metadata["enhanced_prompt"] == "a blue city"
         ours = await _operation(http, load.json()["operation"])
         assert ours["op"] == "load" and ours["models"] == ["wan"] and ours["state"] == "done", ours
         startup = [op for op in (await http.get("/memory/status")).json()["operations"] if op["which"] == "startup"]
