@@ -44,7 +44,7 @@ from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
 from bridge.api_scene import router as scene_router
 from bridge.jobs import JOB_TYPES, QUEUES
-from bridge.residency import ResidencyError
+from bridge.memory_ops import QUICK_S
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +274,6 @@ async def memory_unload(request: Request, which: Which = Query(...), wait: bool 
 
 
 async def _memory_answer(runtime: Any, operation: Any, wait: bool, done: str | None) -> JSONResponse:
-    from bridge.memory_ops import QUICK_S  # noqa: PLC0415
-
     body: dict[str, Any] = {"success": True, "which": operation.which, "models": operation.models,
                             "operation": operation.id}
     if not await runtime.memory_ops.wait(operation, None if wait else QUICK_S):
