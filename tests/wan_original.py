@@ -1,8 +1,7 @@
 """A tiny Wan 2.1 checkpoint in the original release's layout (test-side only).
 
 diffusers reads the original layout (``from_single_file``) but has no writer for it, so the key
-names of the original Wan code (``wan/modules/model.py``, ``wan/modules/vae.py``) are produced
-here from a tiny diffusers model, and :func:`original_keys_round_trip` checks them against
+names of the original release's transformer and VAE are produced here from a tiny diffusers model, and :func:`original_keys_round_trip` checks them against
 diffusers' own converters: every original key must map back to exactly the diffusers key it
 came from, or the helper fails before any test uses it.
 
