@@ -40,7 +40,7 @@ from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
 from bridge.api_scene import router as scene_router
 from bridge.jobs import JOB_TYPES, QUEUES
-from bridge.residency import ResidencyError
+from bridge.memory_ops import QUICK_S
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ async def health(request: Request) -> JSONResponse:
         "redis": "ok" if redis_ok else "unreachable",
         "uptime": round(time.monotonic() - request.app.state.started, 1),
         "version": VERSION,
+        "missing_models": runtime.availability.report(),  # weights not on the volume (bridge/availability.py)
     }
     return JSONResponse(body, status_code=200 if triton_live else 503)
 
@@ -201,36 +202,54 @@ def _memory(runtime: Any) -> dict[str, Any]:
 @ops_router.get("/memory/status")
 async def memory_status(request: Request) -> dict[str, Any]:
     """VRAM budget and use (GB; table estimates, plus NVML readings on a GPU) and model states."""
-    return {"success": True, **_memory(runtime_of(request))}
+    runtime = runtime_of(request)
+    return {"success": True, **_memory(runtime), "operations": runtime.memory_ops.recent()}
 
 
 @ops_router.post("/memory/load")
-async def memory_load(request: Request, which: Which = Query(...)) -> dict[str, Any]:
-    """Load the model(s) ``which`` names, evicting others per policy; 503 when that cannot be done."""
+async def memory_load(request: Request, which: Which = Query(...), wait: bool = Query(False)) -> JSONResponse:
+    """Load the model(s) ``which`` names, evicting others per policy, in the background: 202 at
+    once (RunPod's proxy cuts requests at 100 s), progress in ``/memory/status``'s ``operations``;
+    the result itself when it comes within a moment or with ``wait=true`` (503 when it cannot be
+    done). Missing weights are looked for again first: 409 naming what is missing."""
     runtime = runtime_of(request)
     names = WHICH[which]
-    try:
-        await runtime.residency.ensure(names, retry_failed=True)
-    except ResidencyError as exc:
-        raise unavailable(str(exc)) from None
-    return {"success": True, "which": which, "models": list(names), "message": f"loaded {', '.join(names)}",
-            "memory": _memory(runtime)}
+    await runtime.availability.recheck(names)
+    missing = [runtime.availability.missing[n].summary() for n in names if n in runtime.availability.missing]
+    if missing:
+        raise ApiError(409, "weights missing: " + " | ".join(missing), type="weights_missing", param="which")
+    operation = runtime.memory_ops.start("load", which, list(names), runtime.residency.ensure(names, retry_failed=True))
+    return await _memory_answer(runtime, operation, wait, f"loaded {', '.join(names)}")
 
 
 @ops_router.post("/memory/unload")
-async def memory_unload(request: Request, which: Which = Query(...)) -> dict[str, Any]:
-    """Unload the model(s) ``which`` names once their requests in flight end."""
+async def memory_unload(request: Request, which: Which = Query(...), wait: bool = Query(False)) -> JSONResponse:
+    """Unload the model(s) ``which`` names once their requests in flight end; answered like
+    ``/memory/load`` (202 while it runs)."""
     runtime = runtime_of(request)
-    unloaded = []
-    for name in WHICH[which]:
-        try:
-            if await runtime.residency.unload(name):
-                unloaded.append(name)
-        except ResidencyError as exc:
-            raise unavailable(str(exc)) from None
-    message = f"unloaded {', '.join(unloaded)}" if unloaded else "nothing to unload"
-    return {"success": True, "which": which, "models": list(WHICH[which]), "unloaded": unloaded,
-            "message": message, "memory": _memory(runtime)}
+
+    async def unload_each() -> list[str]:
+        return [name for name in WHICH[which] if await runtime.residency.unload(name)]
+
+    operation = runtime.memory_ops.start("unload", which, list(WHICH[which]), unload_each())
+    return await _memory_answer(runtime, operation, wait, None)
+
+
+async def _memory_answer(runtime: Any, operation: Any, wait: bool, done: str | None) -> JSONResponse:
+    body: dict[str, Any] = {"success": True, "which": operation.which, "models": operation.models,
+                            "operation": operation.id}
+    if not await runtime.memory_ops.wait(operation, None if wait else QUICK_S):
+        body.update(status="running", message=f"{operation.op} started; follow it in GET /memory/status (operations)")
+        return JSONResponse(body, status_code=202)
+    if operation.state == "failed":
+        raise unavailable(operation.error or f"{operation.op} failed")
+    if operation.op == "unload":
+        unloaded = operation.result
+        body.update(unloaded=unloaded, message=f"unloaded {', '.join(unloaded)}" if unloaded else "nothing to unload")
+    else:
+        body["message"] = done
+    body.update(status="done", memory=_memory(runtime))
+    return JSONResponse(body)
 
 
 @ops_router.get("/metrics")

@@ -345,3 +345,63 @@ def demo(
     out_console = Console() if Console().is_terminal else Console(width=140)  # whole table in a log file
     ok = asyncio.run(run_demo(settings, out_console))
     raise typer.Exit(0 if ok else 1)
+
+
+# ---------------------------------------------------------------------------- weights
+weights_app = typer.Typer(help="The weights on the volume: what is there, convert the original WAN release, download.")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.callback(invoke_without_command=True)
+def weights(ctx: typer.Context) -> None:
+    """Per model: the layout found, its size, and exactly what is missing (exit 1 if anything is)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from bridge.weights import inspect_weights
+
+    found = inspect_weights(_settings())
+    table = Table(title="weights")
+    for column in ("model", "layout", "path", "size", "missing / what to do"):
+        table.add_column(column, overflow="fold")
+    for item in found.values():
+        todo = "ok" if item.present else "; ".join(item.missing) + f". {item.fix}"
+        table.add_row(item.model, item.layout, str(item.path), f"{item.size_bytes / (1 << 30):.2f} GiB", todo)
+    Console(width=200 if not Console().is_terminal else None).print(table)
+    raise typer.Exit(0 if all(item.present for item in found.values()) else 1)
+
+
+@weights_app.command("convert")
+def weights_convert(
+    model: str = typer.Argument(..., help="Only 'wan': the original Wan 2.1 release layout → diffusers."),
+    text_encoder: Optional[Path] = typer.Option(
+        None, help="An HF-layout UMT5 encoder folder to use (else text_encoder/ of the diffusers release is downloaded)."),
+    config_dir: Optional[Path] = typer.Option(
+        None, help="A diffusers WAN folder whose transformer/vae/scheduler configs to use (default: Wan 2.1 1.3B's)."),
+) -> None:
+    """Write the diffusers layout next to the original Wan release (the original is only read)."""
+    from bridge.weights import WeightsError, convert_wan
+
+    if model != "wan":
+        console.print(f"[red]only 'wan' can be converted (got {model!r}); use `weights download {model}`[/red]")
+        raise typer.Exit(2)
+    try:
+        target = convert_wan(_settings(), text_encoder=text_encoder, config_dir=config_dir, say=console.print)
+    except WeightsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    typer.echo(str(target))
+
+
+@weights_app.command("download")
+def weights_download(model: str = typer.Argument(..., help="sdxl (its base config), wan, qwen_instruct or qwen_base.")) -> None:
+    """Fetch a model's diffusers/HF layout from the Hugging Face hub (HF_HUB_OFFLINE is lifted for it)."""
+    from bridge.weights import WeightsError, download
+
+    try:
+        target = download(_settings(), model, say=console.print)
+    except WeightsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    typer.echo(str(target))

@@ -35,13 +35,14 @@ from model_kit import layout
 SHM_MINIMUM_BYTES = 1 << 30
 _GIB = float(1 << 30)
 
-# `hf` is huggingface_hub's CLI (installed with the package); HF_HUB_OFFLINE=0 for the download.
+# `python -m bridge weights` (bridge/weights.py) lifts HF_HUB_OFFLINE for its own download only.
 SDXL_CONFIG_HINT = (
-    "hf download stabilityai/stable-diffusion-xl-base-1.0 --include '*.json' --include '*.txt' "
-    "--local-dir {path}"
+    "python -m bridge weights download sdxl (the config files of stabilityai/stable-diffusion-xl-base-1.0 "
+    "into {path})"
 )
-WAN_DIFFUSERS_HINT = "hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir {path}"
-QWEN_HINT = "hf download {repo} --cache-dir {cache}"
+WAN_DIFFUSERS_HINT = "python -m bridge weights download wan (Wan-AI/Wan2.1-T2V-1.3B-Diffusers into {path})"
+WAN_CONVERT_HINT = "python -m bridge weights convert wan (writes {path}; the original is only read)"
+QWEN_HINT = "python -m bridge weights download {model} ({repo} into the cache {cache})"
 _QWEN_REPOS = {"qwen_instruct": "Qwen/Qwen2.5-7B-Instruct", "qwen_base": "Qwen/Qwen2.5-7B"}
 
 
@@ -103,9 +104,17 @@ def configured_path(settings: Settings, environ: Mapping[str, str], model: str, 
 
 
 def check_weights(settings: Settings, environ: Mapping[str, str], models: Sequence[str] = MODEL_NAMES) -> list[Check]:
-    """One check per model in ``models``."""
+    """One check per model in ``models``. Missing weights are a warning (the bridge serves the
+    models that are there: ``bridge.availability``) unless the model is in ``REQUIRE_MODELS``."""
     per_model = {"sdxl": _check_sdxl, "wan": _check_wan, "qwen_instruct": _check_qwen, "qwen_base": _check_qwen}
-    return [per_model[model](settings, environ, model) for model in models]
+    checks = []
+    for model in models:
+        check = per_model[model](settings, environ, model)
+        if not check.ok and model not in settings.require_models:
+            check = replace(check, level="warning", detail=f"{check.detail}. Not fatal: {model}'s jobs stay queued "
+                            "until its weights appear (REQUIRE_MODELS makes it fatal)")
+        checks.append(check)
+    return checks
 
 
 def _check_sdxl(settings: Settings, environ: Mapping[str, str], model: str) -> Check:
@@ -143,7 +152,8 @@ def _check_wan(settings: Settings, environ: Mapping[str, str], model: str) -> Ch
             False,
             f"only the original Wan release layout is present ({original}); diffusers' WanPipeline cannot "
             f"read it. Looked for the diffusers layout (model_index.json) at {weights} ({source}). "
-            f"Get it with: {get_it} (or set WAN_WEIGHTS to where it is)",
+            f"Convert it with: {WAN_CONVERT_HINT.format(path=weights)}, or get it with: {get_it} "
+            "(or set WAN_WEIGHTS to where it is)",
         )
     return Check(
         name,
@@ -158,7 +168,7 @@ def _check_qwen(settings: Settings, environ: Mapping[str, str], model: str) -> C
 
     name = f"weights: {model}"
     weights, source = configured_path(settings, environ, model, "weights")
-    hint = QWEN_HINT.format(repo=_QWEN_REPOS[model], cache=settings.models_dir / "huggingface_cache")
+    hint = QWEN_HINT.format(model=model, repo=_QWEN_REPOS[model], cache=settings.models_dir / "huggingface_cache")
     env_name = f"{model.upper()}_WEIGHTS"
     try:
         folder = resolve_hf_folder(weights)

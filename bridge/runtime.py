@@ -20,7 +20,9 @@ from functools import partial
 from typing import Any
 
 from bridge import metrics
+from bridge.availability import Availability
 from bridge.launcher import TritonServer
+from bridge.memory_ops import MemoryOps
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
 from bridge.reporting import make_reporter
@@ -51,10 +53,15 @@ class Runtime:
         self.api_server: Any = None
         self._api_task: asyncio.Task | None = None
         self._triton_restart = asyncio.Lock()
+        # Weights on the volume: serve what is there, pick up the rest when it appears (docs/DEPLOY.md).
+        self.availability = Availability(settings, on_change=self._weights_appeared)
+        self.memory_ops = MemoryOps()
+        self._background: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ start
     async def start(self) -> "Runtime":
         s = self.settings
+        await asyncio.to_thread(self.availability.check_start)  # MissingRequiredModels: REQUIRE_MODELS
         redis_url = s.redis_url
         if redis_url is None:
             self.redis_server = RedisServer(data_dir=s.output_dir / ".redis")
@@ -64,7 +71,9 @@ class Runtime:
             (s.output_dir / ".redis" / "url").write_text(self.redis_server.url)  # for `bridge status`
         triton_url = s.triton_url
         if triton_url is None:
-            self.triton_server = TritonServer(s, startup_models=list(s.triton_startup_models),
+            # TRITON_STARTUP_MODELS load in the background once the API is up (_load_startup_models):
+            # from a network volume they take longer than any fixed start-up timeout.
+            self.triton_server = TritonServer(s, startup_models=[],
                                               log_path=s.output_dir / "logs" / "tritonserver.log")
             await asyncio.to_thread(self.triton_server.start)
             triton_url = self.triton_server.grpc_url
@@ -84,11 +93,29 @@ class Runtime:
             spool=Spool(s.spool_dir), enhancer=Enhancer(self.text, s.enhance_timeout_s),
             on_triton_failure=self.restart_triton if self.triton_server is not None else None,
         )
+        self.worker.missing_models = lambda: self.availability.missing
         if self.with_jobs:
-            await self.worker.start_jobs()
+            await self.worker.start_jobs(self.availability.queues())
         if self.with_api:
             await self._start_api()
+        self._background.append(asyncio.create_task(self.availability.watch(), name="weights-watch"))
+        self._load_startup_models()
         return self
+
+    def _load_startup_models(self) -> None:
+        """``TRITON_STARTUP_MODELS`` whose weights are present, loaded in the background (progress
+        in ``/memory/status``'s ``operations``)."""
+        models = [name for name in self.settings.triton_startup_models if name in self.availability.present]
+        skipped = sorted(set(self.settings.triton_startup_models) - set(models))
+        if skipped:
+            log.warning("TRITON_STARTUP_MODELS: not loading %s (weights missing)", ", ".join(skipped))
+        if models:
+            self.memory_ops.start("load", "startup", models, self.residency.ensure(models, retry_failed=True))
+
+    async def _weights_appeared(self, models: list[str]) -> None:
+        """Weights arrived while running: take jobs from the queues they complete."""
+        if self.with_jobs and hasattr(self, "worker"):
+            self.worker.open_queues(self.availability.queues())
 
     async def _start_api(self) -> None:
         import uvicorn  # noqa: PLC0415
@@ -162,6 +189,10 @@ class Runtime:
         """Stop every part, in reverse order of start. Each step is logged with its duration (at
         DEBUG; WARNING when it took over :data:`SLOW_STEP_S`), so a shutdown that hangs shows
         which step it hangs in."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.memory_ops.close()
         if self.api_server is not None:
             self.api_server.should_exit = True
             if self._api_task is not None:

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
         None, description="Key for Triton's restricted model-control API when its ports are exposed."
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device for the models.")
+    # Weights on the volume (bridge/availability.py, bridge/weights.py)
+    require_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models whose missing weights stop the start (comma list); the others are served when present.",
+    )
+    weights_recheck_s: float = Field(
+        30.0, ge=0, description="Look for missing models' weights this often (s) and serve them once there; 0: never."
+    )
     model_threads: int = Field(0, ge=0, description="torch threads per model process (0: torch default).")
 
     # --- Speed-ups (issue 6: model_kit/speedups.py, bench/gpu.py) -------------------------------
@@ -221,14 +229,14 @@ class Settings(BaseSettings):
         return value
     # --- end API access ----------------------------------------------------------------------------
 
-    @field_validator("triton_startup_models", "fetch_allowed_hosts", mode="before")
+    @field_validator("triton_startup_models", "fetch_allowed_hosts", "require_models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("triton_startup_models")
+    @field_validator("triton_startup_models", "require_models")
     @classmethod
     def _known_models(cls, value: list[str]) -> list[str]:
         unknown = [name for name in value if name not in MODEL_NAMES]

@@ -136,3 +136,11 @@ class Enhancer:
             enhanced = EnhancedPrompt(enhanced.prompt, prompt, enhanced.trimmed, True, enhanced.tokens,
                                       enhanced.budget, note)
         return enhanced
+
+    async def without_model(self, prompt: str, kind: EnhanceKind, note: str) -> EnhancedPrompt:
+        """The original prompt fitted to ``kind``'s budget, as :meth:`enhance` falls back, without
+        asking the model (its weights are not on the volume: ``bridge.availability``)."""
+        target_tokenizer = await asyncio.to_thread(self.text.tokenizer, kind)
+        enhanced = finish_enhancement(kind, None, target_tokenizer, original=prompt)
+        log.warning("%s", note)
+        return EnhancedPrompt(enhanced.prompt, prompt, enhanced.trimmed, True, enhanced.tokens, enhanced.budget, note)

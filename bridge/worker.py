@@ -260,17 +260,30 @@ class Worker:
         self._stopping = False
         self._prefetched = {name: asyncio.Event() for name in QUEUES}  # set: the queue may take its next job
         self._intake: dict[str, asyncio.Task] = {}  # queue -> the job taken last, while it keeps the next out
+        # Models whose weights are not on the volume (the runtime sets it: bridge.availability).
+        self.missing_models: Callable[[], Any] = frozenset
 
     # ------------------------------------------------------------------ lifecycle
-    async def start_jobs(self) -> None:
-        """Start intake, dispatch, heartbeat/reaper and the cancel listener."""
+    async def start_jobs(self, queues: Any = None) -> None:
+        """Start intake (of ``queues``, default all), dispatch, heartbeat/reaper and the cancel listener."""
         self.dispatcher.start()
         self._tasks.append(asyncio.create_task(self.queue.keep_alive(), name="keep-alive"))
         self._tasks.append(asyncio.create_task(self.queue.listen_cancels(self._cancel_job), name="cancels"))
-        for name in QUEUES:
+        self.open_queues(QUEUES if queues is None else queues)
+
+    def open_queues(self, queues: Any) -> list[str]:
+        """Start taking jobs from those of ``queues`` not taken from yet (a queue whose models'
+        weights are missing is opened once they appear: :mod:`bridge.availability`)."""
+        if self._stopping:
+            return []
+        taking = {task.get_name() for task in self._tasks}
+        opened = [name for name in QUEUES if name in set(queues) and f"take:{name}" not in taking]
+        for name in opened:
             self._prefetched[name].set()
             self._tasks.append(asyncio.create_task(self._take_jobs(name), name=f"take:{name}"))
-        log.info("worker %s taking jobs from %s", self.settings.worker_id, ", ".join(QUEUES))
+        if opened:
+            log.info("worker %s taking jobs from %s", self.settings.worker_id, ", ".join(opened))
+        return opened
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking jobs, let running ones finish within the grace period, then cancel them
@@ -509,7 +522,13 @@ class Worker:
         """
         *enhance_stage, render = job_stages(job.type.name)  # (the gate passed job.prompt before)
         prompt, enhancement, enhance_s, throttle = job.prompt, None, 0.0, None
-        if enhance_stage:
+        absent = sorted(set(enhance_stage[0].models) & set(self.missing_models())) if enhance_stage else []
+        if absent:  # the enhancement model is not on the volume: its fallback, the original prompt
+            enhancement = await self.enhancer.without_model(
+                job.prompt, "wan", f"enhancement skipped: the weights of {', '.join(absent)} are not on the volume; "
+                "the original prompt was used")
+            prompt = enhancement.prompt
+        elif enhance_stage:
             async with self._holding_gpu(delivery, job, enhance_stage[0].models, enhance_stage[0]) as throttle:
                 started = time.monotonic()
                 enhancement = await self.enhancer.enhance(job.prompt, kind="wan")  # falls back, never fails

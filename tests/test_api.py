@@ -185,7 +185,7 @@ async def test_memory_status_load_and_unload_change_what_triton_holds(http: http
     assert status["total_vram"] == (status["gpu"]["total_gb"] or 4.0)
     assert {"total_vram", "allocated_vram", "available_vram", "model_loaded"} <= set(status)
 
-    loaded = await http.post("/memory/load", params={"which": "base"})
+    loaded = await http.post("/memory/load", params={"which": "base", "wait": "true"})
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["success"] is True and loaded.json()["models"] == ["qwen_base"]
     assert await asyncio.to_thread(ready, "qwen_base")
@@ -193,13 +193,13 @@ async def test_memory_status_load_and_unload_change_what_triton_holds(http: http
     assert after["models"]["qwen_base"]["state"] == "ready" and "qwen_base" in after["models_loaded"]
     assert after["allocated_vram"] >= 1.0
 
-    unloaded = await http.post("/memory/unload", params={"which": "base"})
+    unloaded = await http.post("/memory/unload", params={"which": "base", "wait": "true"})
     assert unloaded.status_code == 200 and unloaded.json()["unloaded"] == ["qwen_base"]
     assert not await asyncio.to_thread(ready, "qwen_base")
-    again = await http.post("/memory/unload", params={"which": "base"})
+    again = await http.post("/memory/unload", params={"which": "base", "wait": "true"})
     assert again.json()["unloaded"] == [] and again.json()["message"] == "nothing to unload"
 
-    assert "which" in _legacy_error(await http.post("/memory/load", params={"which": "gpu"}), 400)
+    assert "which" in _legacy_error(await http.post("/memory/load", params={"which": "gpu", "wait": "true"}), 400)
     assert "which" in _legacy_error(await http.post("/memory/unload"), 400)
     control.close()
 
@@ -426,7 +426,7 @@ async def test_a_model_that_cannot_be_loaded_answers_503_with_retry_after(settin
         assert "qwen_base" in _legacy_error(chat, 503) and int(chat.headers["retry-after"]) > 0
         streamed = await http.post("/v1/chat/completions", json={"model": "qwen_base", "messages": USER, "stream": True})
         assert _new_error(streamed, 503)["type"] == "model_unavailable" and int(streamed.headers["retry-after"]) > 0
-        load = await http.post("/memory/load", params={"which": "base"})
+        load = await http.post("/memory/load", params={"which": "base", "wait": "true"})
         assert "budget" in _legacy_error(load, 503) and int(load.headers["retry-after"]) > 0
         status = (await http.get("/memory/status")).json()
         assert status["models"]["qwen_base"]["state"] != "ready"

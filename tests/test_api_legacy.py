@@ -140,12 +140,12 @@ async def test_enhancement_info_lists_templates_with_budgets(http: httpx.AsyncCl
 
 # ----------------------------------------------------------------------------- state
 async def test_chat_health_reports_residency_and_probes_a_resident_model(http: httpx.AsyncClient) -> None:
-    await http.post("/memory/unload", params={"which": "instruct"})  # the session's Triton may hold it
+    await http.post("/memory/unload", params={"which": "instruct", "wait": "true"})  # the session's Triton may hold it
     cold = await http.get("/chat/health")
     assert cold.status_code == 200, cold.text
     assert cold.json()["status"] == "not_loaded" and cold.json()["model_loaded"] is False
     assert cold.json()["inference"] is None
-    assert (await http.post("/memory/load", params={"which": "instruct"})).status_code == 200
+    assert (await http.post("/memory/load", params={"which": "instruct", "wait": "true"})).status_code == 200
     warm = await http.get("/chat/health")
     assert warm.status_code == 200, warm.text
     body = warm.json()
@@ -161,8 +161,8 @@ async def test_model_info_and_memory_report(http: httpx.AsyncClient, stack, tiny
         assert model["weights_present"] is True and model["weights_path"].startswith(str(tiny_models_dir)), name
     assert info["models"]["sdxl"]["kind"] == "image" and info["models"]["wan"]["kind"] == "video"
 
-    await http.post("/memory/unload", params={"which": "base"})  # the session's Triton may hold it
-    assert (await http.post("/memory/load", params={"which": "base"})).status_code == 200
+    await http.post("/memory/unload", params={"which": "base", "wait": "true"})  # the session's Triton may hold it
+    assert (await http.post("/memory/load", params={"which": "base", "wait": "true"})).status_code == 200
     report = (await http.get("/memory/report")).json()
     assert report["success"] is True and report["budget_gb"] == 4.0 and set(report["models"]) == MODELS
     base = report["models"]["qwen_base"]
@@ -195,7 +195,7 @@ async def test_emergency_operations_change_what_triton_holds(http: httpx.AsyncCl
     assert emptied.status_code == 200 and emptied.json()["kept"] == [], emptied.text
     assert await asyncio.to_thread(_ready_in_triton, triton.grpc_url) == set()
     for which in ("sdxl", "instruct", "base"):
-        assert (await http.post("/memory/load", params={"which": which})).status_code == 200
+        assert (await http.post("/memory/load", params={"which": which, "wait": "true"})).status_code == 200
     assert await asyncio.to_thread(_ready_in_triton, triton.grpc_url) == {"sdxl", "qwen_instruct", "qwen_base"}
 
     status = (await http.post("/emergency/operation", json={"operation": "status"})).json()

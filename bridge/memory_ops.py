@@ -1,0 +1,85 @@
+"""Model loads and unloads asked for over HTTP, run in the background.
+
+RunPod's proxy cuts a request at 100 s, and loading a 15 GB model from a network volume takes
+longer, so ``POST /memory/load`` / ``/memory/unload`` start the operation here and answer 202 at
+once (unless it ends within :data:`QUICK_S`: then its result, as before). ``GET /memory/status``
+lists the recent operations (``operations``) with their state, duration and error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+QUICK_S = 0.5
+"""An operation that ends within this long is answered with its result instead of 202."""
+
+
+@dataclass
+class Operation:
+    """One load or unload: ``running``, then ``done`` or ``failed`` (``error`` says why)."""
+
+    id: int
+    op: Literal["load", "unload"]
+    which: str
+    models: list[str]
+    state: Literal["running", "done", "failed"] = "running"
+    started_at: float = field(default_factory=time.time)
+    seconds: float | None = None
+    result: Any = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MemoryOps:
+    """The background operations of one bridge (the last ``keep`` are remembered)."""
+
+    def __init__(self, keep: int = 20) -> None:
+        self._ids = itertools.count(1)
+        self._ops: deque[Operation] = deque(maxlen=keep)
+        self._tasks: dict[int, asyncio.Task] = {}
+
+    def start(self, op: Literal["load", "unload"], which: str, models: list[str], work: Awaitable[Any]) -> Operation:
+        """Run ``work`` in the background as a new operation."""
+        operation = Operation(next(self._ids), op, which, list(models))
+        self._ops.append(operation)
+        self._tasks[operation.id] = asyncio.create_task(self._run(operation, work), name=f"memory-{op}-{which}")
+        return operation
+
+    async def wait(self, operation: Operation, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` for ``operation`` to end; whether it did."""
+        task = self._tasks.get(operation.id)
+        if task is not None:
+            await asyncio.wait([task], timeout=timeout)
+        return operation.state != "running"
+
+    async def _run(self, operation: Operation, work: Awaitable[Any]) -> None:
+        started = time.monotonic()
+        try:
+            operation.result = await work
+            operation.state = "done"
+        except Exception as exc:  # noqa: BLE001 - reported through /memory/status
+            operation.state, operation.error = "failed", str(exc)
+            log.error("%s %s failed: %s", operation.op, operation.which, exc)
+        finally:
+            operation.seconds = round(time.monotonic() - started, 3)
+            self._tasks.pop(operation.id, None)
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The remembered operations, newest first."""
+        return [op.as_dict() for op in reversed(self._ops)]
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
