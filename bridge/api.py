@@ -122,6 +122,8 @@ async def health(request: Request) -> JSONResponse:
         problems.append("triton is unreachable: no generation or chat can run")
     if not redis_ok:
         problems.append("redis is unreachable: no job is taken or reported; chat still answers")
+    missing = runtime.availability.report()
+    problems.extend(f"{item['model']} weights are missing: {item['fix']}" for item in missing)
     body = {
         "status": "degraded" if problems else "ok",
         "problems": problems,
@@ -133,7 +135,7 @@ async def health(request: Request) -> JSONResponse:
         "redis": "ok" if redis_ok else "unreachable",
         "uptime": round(time.monotonic() - request.app.state.started, 1),
         "version": VERSION,
-        "missing_models": runtime.availability.report(),  # weights not on the volume (bridge/availability.py)
+        "missing_models": missing,  # weights not on the volume (bridge/availability.py)
     }
     return JSONResponse(body, status_code=200 if triton_live else 503)
 
@@ -149,7 +151,10 @@ async def ready(request: Request) -> JSONResponse:
         waiting.append("triton")
     if await probe(runtime.queue.queue_depths()) is None:
         waiting.append("redis")
-    startup = runtime.triton_server.startup_models if runtime.triton_server is not None else []
+    # The embedded server's start-up models load in the background once the API is up; those
+    # whose weights are missing are reported by /health, not waited for.
+    startup = ([name for name in runtime.settings.triton_startup_models if name in runtime.availability.present]
+               if runtime.triton_server is not None else [])
     seen: set[str] = request.app.state.startup_models_seen
     seen.update(name for name, state in _model_states(runtime).items() if state == "ready")
     waiting.extend(f"model {name}" for name in startup if name not in seen)

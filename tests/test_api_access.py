@@ -221,7 +221,7 @@ async def test_a_chat_turn_that_cannot_get_the_gpu_in_time_answers_503(settings_
     settings = settings_for(vram_budget_gb=1.5, chat_gpu_wait_s=1.0)
     async with running(settings) as runtime, client(runtime) as http:
         for which in ("instruct", "base", "sdxl"):  # whatever earlier tests left resident on the server
-            assert (await http.post("/memory/unload", params={"which": which})).status_code == 200
+            assert (await http.post("/memory/unload", params={"which": which, "wait": "true"})).status_code == 200
         job = {"type": "video_fast", "prompt": "waves on a beach", "user_id": "user-1",
                "config": {"width": 96, "height": 96, "num_inference_steps": 100, "frame_num": 161}}
         submitted = await http.post("/jobs", json=job)

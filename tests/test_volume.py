@@ -59,6 +59,8 @@ async def test_a_partial_volume_is_served_and_the_rest_picked_up_without_a_resta
     async with running(settings) as runtime, client(runtime) as http:
         health = await http.get("/health")
         assert health.status_code == 200, health.text
+        assert health.json()["status"] == "degraded"
+        assert any(problem.startswith("wan weights are missing") for problem in health.json()["problems"])
         missing = {entry["model"]: entry for entry in health.json()["missing_models"]}
         assert set(missing) == {"wan", "qwen_instruct", "qwen_base"}
         assert "weights convert wan" in missing["wan"]["fix"] and str(models / layout.WAN_ORIGINAL) in missing["wan"]["fix"]
