@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from bridge import safety_terms as builtin
 from bridge.prompt_data import AGE_PLACEHOLDER, PromptData, SafetyTermsFile, get_data
-from bridge.safety_text import decodings, fold
+from bridge.safety_text import decodings, fold, split_camel
 
 MIN_ADULT_AGE = 18
 REFUSAL_REASON = "refused for safety: the request combines sexual content with a reference to a minor"
@@ -188,8 +188,8 @@ def _matcher(data: PromptData | None) -> "_Matcher":
 
 def _term_pattern(term: str) -> str:
     """A folded term as a regex: letters may repeat ("kiiid"), words may be joined by separators
-    or none ("high-school", "highschool"), a trailing ``*`` takes any word ending. Quantifiers are
-    possessive, so matching stays linear."""
+    or none ("high-school", "highschool"), a trailing ``*`` takes any word ending. A repeat is of
+    one letter, so backtracking stays bounded."""
     stem = term.endswith("*")
     words = []
     for word in re.split(r"[\W_]+", fold(term.rstrip("*"))):
@@ -201,7 +201,8 @@ def _term_pattern(term: str) -> str:
             if not run.group(1).isalpha() or _CJK.match(run.group(1)):
                 parts.append(char * count)
             else:
-                parts.append(f"{char}++" if count == 1 else f"{char}{{{count},}}+")
+                # (greedy, not possessive: "younggirl" needs the g of "young" given back to "girl")
+                parts.append(f"{char}+" if count == 1 else f"{char}{{{count},}}")
         words.append("".join(parts))
     body = r"[\W_]*+".join(words)
     return body + (r"[^\W_]*+" if stem else r"(?:e?s)?+")
@@ -267,7 +268,9 @@ class _Matcher:
         self.sep_strip_re = re.compile(sep_class)
         inner = "".join(ch for ch in seps if not ch.isspace())
         self.inner_sep_re = re.compile(rf"(?<=[^\W\d_])[{re.escape(inner)}]+(?=[^\W\d_])")
-        single = [fold(t.rstrip("*")) for t in (*minor_terms, *sexual_terms) if " " not in t and not _CJK.search(t)]
+        # Multi-word terms count joined too ("juniorhigh" in "juniorhighgirl").
+        single = [re.sub(r"[\W_]+", "", fold(t.rstrip("*"))) for t in (*minor_terms, *sexual_terms)
+                  if not _CJK.search(t)]
         self.signal_words = frozenset(w for w in single if w.isalpha() and len(w) >= 3)
         self.compound_vocab = self.signal_words | {fold(w) for w in builtin.COMPOUND_GLUE}
         self.longest_word = max(map(len, self.compound_vocab))
@@ -327,15 +330,15 @@ class _Matcher:
 
         return re.sub(r"[a-z]{5,40}", split, text)
 
-    def _readings(self, text: str) -> list[tuple[str, str]]:
-        """(the text as written, folded) for the text and each text it may hide."""
-        return [(source, _REPEATS.sub(r"\1\1", fold(source))) for source in (text, *decodings(text))]
-
-    def _views_and_runs(self, text: str) -> tuple[list[str], list[str], list[str]]:
+    def _views_and_runs(self, text: str, sources: Iterable[str] | None = None) -> tuple[list[str], list[str], list[str]]:
         views: list[str] = []
         runs: list[str] = []
         written: list[str] = []
-        for source, base in self._readings(text):
+        for source in (text,) if sources is None else sources:
+            camel = split_camel(source)
+            if camel != source:
+                views.append(_REPEATS.sub(r"\1\1", self._compounds(fold(camel))))
+            base = _REPEATS.sub(r"\1\1", fold(source))
             written.append(source)
             deleet = self._deleet(base)
             joined, base_runs = self._joined(base)
@@ -345,12 +348,26 @@ class _Matcher:
         return list(dict.fromkeys(views)), list(dict.fromkeys(runs)), written
 
     def views(self, text: str) -> list[str]:
-        return self._views_and_runs(text)[0]
+        hidden, whole = decodings(text)
+        return self._views_and_runs(text, [text, *hidden, *whole])[0]
 
     # ------------------------------------------------------------------ signals
     def signals(self, text: str) -> tuple[bool, bool]:
-        """(minor signal, sexual signal) found in any view of ``text``."""
-        views, runs, written = self._views_and_runs(text)
+        """(minor signal, sexual signal) in ``text`` with the runs it hides (base64, hex) decoded,
+        or both in one whole-text transform (rot13, reversed): those turn ordinary words into
+        others ("un" reversed is "nu"), so a transform's signals are not mixed with the text's."""
+        hidden, whole = decodings(text)
+        minor, sexual = self._signals([text, *hidden])
+        for transformed in whole:
+            if minor and sexual:
+                break
+            t_minor, t_sexual = self._signals([transformed])
+            if t_minor and t_sexual:
+                return True, True
+        return minor, sexual
+
+    def _signals(self, sources: list[str]) -> tuple[bool, bool]:
+        views, runs, written = self._views_and_runs(sources[0], sources)
         cleared = [self.allowed_re.sub(lambda m: " " * len(m.group(0)), view) for view in views]
         sexual = any(self.sexual_re.search(view) for view in cleared) or any(
             self.sexual_sub_re.search(run) for run in runs)
@@ -361,7 +378,7 @@ class _Matcher:
 
     def steers_young(self, negative_prompt: str) -> bool:
         """Whether a negative prompt pushes a picture away from adulthood."""
-        return any(self.adult_re.search(view) for view in self.views(negative_prompt))
+        return any(self.adult_re.search(view) for view in self._views_and_runs(negative_prompt)[0])
 
     def _minor_in_view(self, view: str) -> bool:
         return bool(

@@ -69,7 +69,7 @@ SEXUAL_TERMS: tuple[str, ...] = (
     "desnuda", "desnudo", "desnudas", "desnudos", "desnudez", "sexo", "erótica", "erótico", "tetas",
     "sin ropa", "follar", "cachonda", "pornografía",
     # French
-    "nue", "nues", "toute nue", "tout nu", "sexe", "sexuel", "sexuelle", "érotique", "seins nus",
+    "nu", "nus", "nue", "nues", "toute nue", "tout nu", "sexe", "sexuel", "sexuelle", "érotique", "seins nus",
     "déshabillée", "déshabillé", "baiser", "pornographique",
     # German
     "nackt", "nackte", "nackten", "nacktes", "nackter", "sexuell*", "erotisch*", "entblößt", "ausgezogen",
@@ -112,6 +112,8 @@ AGE_LEAD_PATTERNS: tuple[str, ...] = (
     r"\bidade\s*[:=]?\s*",
     r"\bвозраст\s*[:=]?\s*",
     r"\b(?:grade|class|year|primary)\s*",
+    r"\b(?:girl|boy|child|kid|daughter|son|niece|nephew|sister|brother|student|pupil|model)s?\s*"
+    r"(?:is|was|'s|who\s*is|of|aged|age)\s*(?:only|just|barely|about)?\s*",
 )
 #: Words after a number that make it a person's age ("14 years old", "14yo", "14 años", "14歳").
 AGE_TAIL_PATTERN = (
@@ -119,7 +121,7 @@ AGE_TAIL_PATTERN = (
     r"(?:years?|yrs?|yr|y)\s*[-\s]*(?:old|of\s*age)|yo|y/o|y\.o\.?|yos|yrs?old|yearold|"
     r"yrs?(?=\s*(?:[,.;)!]|$|and|girl|boy|kid|child|teen))|"
     r"(?:st|nd|rd|th)?\s*[-\s]*grade(?:r|rs)?|"
-    r"(?:años|anos|ans|anni|jahre\s*alt|лет|год|года)(?!\s*(?:de|d'|di|da|do|of|назад|ago))|歳|才|岁|歲"
+    r"(?:años|anos|ans|anni|jahre\s*alt|лет|год|года)(?!\s*(?:de|d'|di|da|do|of|назад|ago)\b)|歳|才|岁|歲"
     r")(?![a-z])"
 )
 #: Things that have ages and are not people: an age next to one of these is no minor signal.
@@ -158,7 +160,7 @@ MINOR_PATTERNS: tuple[str, ...] = (
 # ----------------------------------------------------------------------------- context
 #: Phrases blanked out before matching: ordinary uses of a minor or sexual word in another sense.
 ALLOWED_PHRASES: tuple[str, ...] = (
-    r"\bminor\s*(?:league|leagues|leaguer|leaguers|chord|chords|key|keys|scale|scales|detail|details|injury|injuries|"
+    r"\bminor[\s-]*(?:league|leagues|leaguer|leaguers|chord|chords|key|keys|scale|scales|detail|details|injury|injuries|"
     r"scar|scars|scratch|scratches|flaw|flaws|change|changes|adjustment|adjustments|issue|issues|role|roles|"
     r"character|characters|planet|planets|arcana|third|seventh|mode|edit|edits|tweak|tweaks|update|bug|bugs|"
     r"problem|problems|repair|repairs|surgery|damage|error|errors|inconvenience|fix|fixes|difference|differences)\b",
@@ -171,7 +173,7 @@ ALLOWED_PHRASES: tuple[str, ...] = (
     r"\b(?:no|without)\s*(?:kids|children)\s*(?:allowed|policy|zone|around|present)?\b",
     r"\b(?:not\s*(?:suitable|appropriate|intended)\s*for|keep\s*away\s*from|out\s*of\s*reach\s*of|"
     r"protect(?:ing)?|away\s*from)\s*(?:children|kids|minors)\b",
-    r"\bkid\s*gloves\b", r"\bkidding\b",
+    r"\bkid\s*gloves\b", r"\bkidding\b", r"\bnu[\s-]*(?:metal|disco|jazz|soul|wave|age)\b",
     r"\b(?:mom|mother|mum|mommy|momma|mama|milf|dad|father|daddy|dilf|parent|wife|husband|woman|man|lady|"
     r"guy|housewife|stepmom|single\s*mom)s?\s*(?:of|with)\s*(?:a|an|one|two|three|four|five|six|\d{1,2}|"
     r"several|many|grown|adult|two\s*grown)?\s*(?:grown\s*|adult\s*|young\s*|little\s*|small\s*)?"

@@ -96,17 +96,22 @@ def _fold_char(char: str) -> str:
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z][a-z])")
 
 
+def split_camel(text: str) -> str:
+    """Camel case split ("NudeTeen" → "Nude Teen"), a reading of its own: random case ("naKed")
+    must still read whole."""
+    return _CAMEL.sub(" ", text)
+
+
 def fold(text: str) -> str:
-    """The plain form of ``text`` (see the module docstring); camel case is split first
-    ("NudeTeen" → "nude teen")."""
-    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", _CAMEL.sub(" ", text)))
+    """The plain form of ``text`` (see the module docstring)."""
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
     out = "".join(_fold_char(ch) for ch in text.casefold())
     # A folded character may itself have a case or a compatibility form (Cherokee, small capitals).
     return "".join(_fold_char(ch) for ch in unicodedata.normalize("NFKC", out).casefold())
 
 
 # ----------------------------------------------------------------------------- hidden text
-_B64_RUN = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{12,}={0,2}(?![A-Za-z0-9+/=_-])")
+_B64_RUN = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{4,}={0,2}(?![A-Za-z0-9+/=_-])")
 _HEX_RUN = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[\s:]?){8,}(?![0-9A-Fa-f])")
 
 
@@ -120,9 +125,9 @@ def _readable(raw: bytes) -> str | None:
     return text if sum(ch.isalpha() for ch in text) >= 3 else None
 
 
-def decodings(text: str, limit: int = 32) -> list[str]:
-    """Texts hidden in ``text``: base64 (standard or URL-safe) and hex runs decoded, the whole text
-    rot13-decoded and reversed. At most ``limit`` runs are tried (bounded work on long input)."""
+def decodings(text: str, limit: int = 512) -> tuple[list[str], list[str]]:
+    """What ``text`` may hide: (base64 (standard or URL-safe) and hex runs decoded, [the whole text
+    rot13-decoded, reversed]). At most ``limit`` runs are tried (bounded work on long input)."""
     found: list[str] = []
     for count, match in enumerate(_B64_RUN.finditer(text)):
         if count >= limit:
@@ -149,6 +154,4 @@ def decodings(text: str, limit: int = 32) -> list[str]:
             continue
         if decoded:
             found.append(decoded)
-    found.append(codecs.decode(text, "rot13"))
-    found.append(text[::-1])
-    return found
+    return found, [codecs.decode(text, "rot13"), text[::-1]]

@@ -94,7 +94,7 @@ def test_each_signal_alone_passes() -> None:
 
 def test_reason_is_clear_and_non_graphic() -> None:
     reason = check_prompt("nude child").reason
-    assert reason == "refused: the prompt combines sexual content with a reference to a minor"
+    assert reason == "refused for safety: the request combines sexual content with a reference to a minor"
     assert "nude" not in reason and "child" not in reason
 
 
