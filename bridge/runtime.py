@@ -21,6 +21,7 @@ from typing import Any
 
 from bridge import metrics
 from bridge.launcher import TritonServer
+from bridge.prompt_data import load_data
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
 from bridge.reporting import make_reporter
@@ -55,6 +56,9 @@ class Runtime:
     # ------------------------------------------------------------------ start
     async def start(self) -> "Runtime":
         s = self.settings
+        # The data files first: one that would weaken the safety gate (or any malformed one)
+        # stops the start with its DataFileError naming the file and entry (docs/ARCHITECTURE.md).
+        load_data(s.data_dir)
         redis_url = s.redis_url
         if redis_url is None:
             self.redis_server = RedisServer(data_dir=s.output_dir / ".redis")
