@@ -103,7 +103,8 @@ async def prepare(runtime: Any, chat: ChatRequest, template: str | None = None) 
     """Safety gate, then content mode, template (``template`` forces one) and the context budget
     for one request."""
     data = data_of(runtime)
-    refuse_verdict(check_texts(*chat_texts(chat), data=data), "chat")  # every message, as one unit
+    # Every message, as one unit (off the event loop: a long history takes a while to read).
+    refuse_verdict(await asyncio.to_thread(check_texts, *chat_texts(chat), data=data), "chat")
     tokenizer = await tokenizer_of(runtime, chat.model)
     try:
         return await asyncio.to_thread(_prepare_locked, chat, tokenizer, data, template)

@@ -137,12 +137,13 @@ class StreamGuard:
     """Watches an answer as it is generated: :meth:`feed` each delta and send what it returns;
     ``refused`` turns true (and nothing more is returned) once the answer so far, with its
     ``context``, does not pass :func:`check_output`. Text is released only after it was checked,
-    in steps of at least ``step`` characters; :meth:`flush` checks and releases the rest. Each
-    check reads only the text since the last one plus ``overlap`` characters (signals seen earlier
-    are remembered), so a long answer costs a bounded amount per step."""
+    in steps of at least ``step`` characters (default: every delta, so a stream stays as
+    incremental as the model); :meth:`flush` checks and releases the rest. Each check reads only
+    the text since the last one plus ``overlap`` characters (signals seen earlier are remembered),
+    so a long answer costs a bounded amount per step."""
 
-    def __init__(self, *context: str | None, data: PromptData | None = None, step: int = 24,
-                 overlap: int = 256) -> None:
+    def __init__(self, *context: str | None, data: PromptData | None = None, step: int = 1,
+                 overlap: int = 160) -> None:
         self._matcher = _matcher(data)
         joined = "\n".join(c for c in context if c)
         self._context_minor = bool(joined) and self._matcher.signals(joined)[0]
@@ -261,6 +262,7 @@ class _Matcher:
         self.leet = str.maketrans({**{k: v for k, v in extra.leetspeak.items()}, **LEETSPEAK})
         leet_chars = re.escape("".join(LEETSPEAK) + "".join(extra.leetspeak))
         self.leet_token_re = re.compile(rf"[\w{leet_chars}]+")
+        self.leet_near_letter_re = re.compile(rf"[^\W\d_][{leet_chars}]|[{leet_chars}][^\W\d_]")
         seps = "".join(dict.fromkeys(SEPARATORS + extra.separators + "\t\n"))
         sep_class = "[" + re.escape(seps) + "]+"
         unit = rf"[^\W_]|[{leet_chars}]"
@@ -274,6 +276,7 @@ class _Matcher:
         self.signal_words = frozenset(w for w in single if w.isalpha() and len(w) >= 3)
         self.compound_vocab = self.signal_words | {fold(w) for w in builtin.COMPOUND_GLUE}
         self.longest_word = max(map(len, self.compound_vocab))
+        self.split_cache: dict[str, list[str] | None] = {}
 
     # ------------------------------------------------------------------ views
     def _age_regex(self) -> str:
@@ -287,6 +290,9 @@ class _Matcher:
                 rf"|\b(?:{'|'.join(map(re.escape, every))})\b)")
 
     def _deleet(self, text: str) -> str:
+        if not self.leet_near_letter_re.search(text):
+            return text  # no symbol or digit touches a letter: nothing to map
+
         def swap(match: re.Match[str]) -> str:
             token = match.group(0)
             return token.translate(self.leet) if any(ch.isalpha() for ch in token) else token
@@ -306,7 +312,16 @@ class _Matcher:
         return _REPEATS.sub(r"\1\1", joined), runs
 
     def _split(self, word: str) -> list[str] | None:
-        """``word`` as a sequence of the gate's words and glue ("nudechild" → nude, child), or None."""
+        """``word`` as a sequence of the gate's words and glue ("nudechild" → nude, child), or None
+        (remembered: the words of ordinary text repeat)."""
+        if word in self.split_cache:
+            return self.split_cache[word]
+        if len(self.split_cache) > 50_000:
+            self.split_cache.clear()
+        parts = self.split_cache[word] = self._split_word(word)
+        return parts
+
+    def _split_word(self, word: str) -> list[str] | None:
         best: list[list[str] | None] = [None] * (len(word) + 1)
         best[0] = []
         for end in range(1, len(word) + 1):
@@ -361,17 +376,30 @@ class _Matcher:
         for transformed in whole:
             if minor and sexual:
                 break
-            t_minor, t_sexual = self._signals([transformed])
-            if t_minor and t_sexual:
+            if all(self._signals([transformed], both=True)):
                 return True, True
         return minor, sexual
 
-    def _signals(self, sources: list[str]) -> tuple[bool, bool]:
+    def _signals(self, sources: list[str], both: bool = False) -> tuple[bool, bool]:
+        """The two signals in ``sources`` read together; ``both``: only whether both are there
+        (the minor signal is not looked for when the sexual one is missing)."""
         views, runs, written = self._views_and_runs(sources[0], sources)
-        cleared = [self.allowed_re.sub(lambda m: " " * len(m.group(0)), view) for view in views]
-        sexual = any(self.sexual_re.search(view) for view in cleared) or any(
+        cleared: dict[str, str] = {}
+
+        def hit(found, view: str) -> bool:
+            # Exemptions ("minor league") are blanked only in a view where something matched:
+            # most text matches nothing, and blanking is the costlier step.
+            if not found(view):
+                return False
+            if view not in cleared:
+                cleared[view] = self.allowed_re.sub(lambda m: " " * len(m.group(0)), view)
+            return bool(found(cleared[view]))
+
+        sexual = any(hit(self.sexual_re.search, view) for view in views) or any(
             self.sexual_sub_re.search(run) for run in runs)
-        minor = (any(self._minor_in_view(view) for view in cleared)
+        if both and not sexual:
+            return False, False
+        minor = (any(hit(self._minor_in_view, view) for view in views)
                  or any(self.minor_sub_re.search(run) for run in runs)
                  or any(self._named_minor(source) for source in written))
         return minor, sexual

@@ -16,14 +16,12 @@ from bridge.safety import SafetyVerdict, check_image_prompt, check_texts
 
 
 def chat_texts(chat: Any) -> list[str]:
-    """Every text of a :class:`bridge.chat.ChatRequest` that reaches the model: the system prompt,
-    the history (after its limits) and the last turn. The raw fields are read too, so nothing a
-    later step might put back is left out."""
+    """Every text of a :class:`bridge.chat.ChatRequest` that reaches the model: the system prompt
+    (the caller's ``system`` messages or the legacy ``system_prompt``), the history after its
+    limits (what the model is sent) and the last turn."""
     conversation = chat.conversation()
     texts = [conversation.system_prompt or "", *(turn.content for turn in conversation.turns)]
-    texts += [m.content for m in chat.messages or []]
-    texts += [chat.system_prompt or "", chat.message or "", *(t.content for t in chat.conversation_history or [])]
-    return [text for text in dict.fromkeys(texts) if text]
+    return [text for text in texts if text]
 
 
 def job_texts(job: Any) -> list[str]:
