@@ -194,7 +194,7 @@ def test_an_answer_is_read_with_its_request() -> None:
 
 
 def test_the_stream_guard_releases_only_checked_text_and_stops_at_the_line() -> None:
-    guard = safety.StreamGuard("The girl in the story is 12.")
+    guard = safety.StreamGuard("The girl in the story is 12 years old.")
     pieces = ["Once upon ", "a time she ", "walked home. ", "Then she was ", "na"]
     sent = "".join(guard.feed(piece) for piece in pieces)
     assert not guard.refused and sent == "".join(pieces)  # each delta checked and passed on at once
