@@ -39,8 +39,8 @@ from bridge.api_chat import (
 )
 from bridge.api_common import ApiError, probe, runtime_of
 from bridge.chat import MAX_MESSAGE_CHARS
-from bridge.safety import check_output
 from bridge.jobs import JOB_TYPES, QUEUES, peek_id
+from bridge.safety import check_output
 from bridge.textgen import ENHANCE_SAMPLING
 
 router = APIRouter()
