@@ -98,13 +98,6 @@ def check_image_prompt(prompt: str, compel_weights: str | None = None, negative_
     return _REFUSED if minor and sexual else _ALLOWED
 
 
-def check_messages(messages: Iterable[dict[str, str] | str], *extra: str | None,
-                   data: PromptData | None = None) -> SafetyVerdict:
-    """A chat: every message (system, history, the last turn) and ``extra`` texts as one unit."""
-    texts = [m if isinstance(m, str) else str(m.get("content") or "") for m in messages]
-    return check_texts(*texts, *extra, data=data)
-
-
 def check_output(answer: str, *context: str | None, data: PromptData | None = None) -> SafetyVerdict:
     """A model's answer: refused when it combines the two signals itself, or when it brings the
     sexual signal to a context (the request that produced it) that holds the minor one. A
