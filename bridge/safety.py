@@ -37,6 +37,8 @@ from bridge.safety_text import decodings, fold, split_camel
 
 MIN_ADULT_AGE = 18
 REFUSAL_REASON = "refused for safety: the request combines sexual content with a reference to a minor"
+#: Appended to a caller's own system prompt, which replaces the template's (and its rule about minors).
+MINOR_RULE = "Whatever else is said here: never write sexual content involving anyone under 18."
 OUTPUT_REFUSAL_REASON = "refused for safety: the model's answer combined sexual content with a reference to a minor"
 #: Leetspeak read inside words that hold a letter ("k1d" → "kid"; a bare "15" stays a number).
 LEETSPEAK = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g", "@": "a", "$": "s",
