@@ -37,7 +37,8 @@ from bridge.chat import (
 from bridge.model_table import job_cost_s
 from bridge.prompt_data import PromptData, get_data
 from bridge.residency import ResidencyError
-from bridge.safety import check_prompt
+from bridge.safety import OUTPUT_REFUSAL_REASON, SafetyVerdict, StreamGuard, check_output, check_prompt, check_texts
+from bridge.safety_paths import chat_texts
 from bridge.textgen import TextResult
 from bridge.triton_client import InferenceFailed
 from bridge.worker import JobFailed, Waiting
@@ -72,7 +73,12 @@ def data_of(runtime: Any) -> PromptData:
 
 def refuse_unsafe(text: str, data: PromptData, kind: str) -> None:
     """The safety gate: 400 ``content_refused`` (counted in metrics under ``kind``) if refused."""
-    verdict = check_prompt(text, data=data)
+    refuse_verdict(check_prompt(text, data=data), kind)
+
+
+def refuse_verdict(verdict: SafetyVerdict, kind: str) -> None:
+    """A gate's verdict as the answer: 400 ``content_refused`` (counted in metrics under ``kind``,
+    the path: ``chat``, ``chat_output``, ``enhance_output``, ...) if refused."""
     if not verdict.allowed:
         metrics.inc_safety_refusal(kind)
         raise ApiError(400, verdict.reason or "refused by the content-safety gate", type="content_refused")
@@ -95,7 +101,8 @@ async def prepare(runtime: Any, chat: ChatRequest, template: str | None = None) 
     """Safety gate, then content mode, template (``template`` forces one) and the context budget
     for one request."""
     data = data_of(runtime)
-    refuse_unsafe(chat.conversation().latest_user, data, "chat")
+    # Every message, as one unit (off the event loop: a long history takes a while to read).
+    refuse_verdict(await asyncio.to_thread(check_texts, *chat_texts(chat), data=data), "chat")
     tokenizer = await tokenizer_of(runtime, chat.model)
     try:
         return await asyncio.to_thread(_prepare_locked, chat, tokenizer, data, template)
@@ -174,6 +181,7 @@ async def answer_chat(runtime: Any, parsed: ChatRequest, template: str | None = 
     """One chat turn answered in the ``/chat`` shape; ``template`` forces a template."""
     prepared = await prepare(runtime, parsed, template)
     result = await complete(runtime, parsed.model, prepared.messages, prepared.sampling)
+    refuse_verdict(check_output(result.text, *chat_texts(parsed), data=data_of(runtime)), "chat_output")
     return {
         "success": True,
         "response": prepared.finish(result.text, data_of(runtime)),
@@ -209,6 +217,7 @@ async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[st
     tokenizer = await tokenizer_of(runtime, target)
     with _tokenizer_lock:
         enhanced = finish_enhancement(target, result.text, tokenizer, original=prompt, data=data)
+    refuse_verdict(check_output(f"{result.text}\n{enhanced.prompt}", prompt, data=data), "enhance_output")
     text = mask_sfw(enhanced.prompt, data) if parsed.sfw_mode else enhanced.prompt
     return {
         "success": True,
@@ -330,6 +339,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> dic
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         result = await complete(runtime, body.model, prepared.messages, sampling)
+        refuse_verdict(check_output(result.text, *chat_texts(body.chat_request()), data=data_of(runtime)),
+                       "chat_output")
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": prepared.finish(result.text, data_of(runtime))},
@@ -345,14 +356,18 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> dic
         await turn.aclose()
         raise unavailable(str(exc)) from None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunks = _stream_chunks(runtime, prepared, body.model, sampling, completion_id, created, include_usage)
+    guard = StreamGuard(*chat_texts(body.chat_request()), data=data_of(runtime))
+    chunks = _stream_chunks(runtime, prepared, body.model, sampling, completion_id, created, include_usage, guard)
     return EventStream(chunks, on_close=turn.aclose)
 
 
 async def _stream_chunks(
     runtime: Any, prepared: PreparedChat, model: str, sampling: dict[str, Any],
-    completion_id: str, created: int, include_usage: bool,
+    completion_id: str, created: int, include_usage: bool, guard: StreamGuard,
 ) -> AsyncIterator[str]:
+    """The answer's chunks; the safety gate reads it as it grows (``guard``: only text it has
+    passed is sent) and, once it crosses the line, the stream ends with a ``content_filter``
+    finish and a ``content_refused`` error event instead of the rest."""
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else []
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -363,9 +378,13 @@ async def _stream_chunks(
     finish, prompt_tokens, output_tokens = "stop", 0, 0
     yield chunk({"role": "assistant", "content": ""})
     try:
-        async for piece in runtime.text.stream(model, prepared.messages, sampling,
-                                               request_id=f"chat-{uuid.uuid4().hex}"):
-            text = masker.feed(piece.text) if masker else piece.text
+        pieces = runtime.text.stream(model, prepared.messages, sampling, request_id=f"chat-{uuid.uuid4().hex}")
+        async for piece in pieces:
+            checked = guard.feed(piece.text)
+            if guard.refused:
+                await pieces.aclose()  # the model stops generating the rest
+                break
+            text = masker.feed(checked) if masker else checked
             if text:
                 yield chunk({"content": text})
             if piece.finish_reason is not None:
@@ -375,7 +394,13 @@ async def _stream_chunks(
         error = _generation_error(model, exc)
         yield sse({"error": {"message": error.message, "type": error.type, "param": None}})
         return
-    tail = masker.flush() if masker else ""
+    checked = "" if guard.refused else guard.flush()
+    if guard.refused:
+        metrics.inc_safety_refusal("chat_stream_output")
+        yield chunk({}, "content_filter")
+        yield sse({"error": {"message": OUTPUT_REFUSAL_REASON, "type": "content_refused", "param": None}})
+        return
+    tail = (masker.feed(checked) + masker.flush()) if masker else checked
     if tail:
         yield chunk({"content": tail})
     yield chunk({}, _finish_reason(finish))

@@ -35,10 +35,12 @@ from bridge.api_chat import (
     gpu_turn,
     parse_body,
     refuse_unsafe,
+    refuse_verdict,
 )
 from bridge.api_common import ApiError, probe, runtime_of
 from bridge.chat import MAX_MESSAGE_CHARS
 from bridge.jobs import JOB_TYPES, QUEUES, peek_id
+from bridge.safety import check_output
 from bridge.textgen import ENHANCE_SAMPLING
 
 router = APIRouter()
@@ -121,7 +123,7 @@ async def enhance_legacy(request: Request, body: LegacyEnhanceRequest) -> dict[s
     async with gpu_turn(runtime, ENHANCE_MODEL):
         enhanced = await runtime.worker.enhancer.enhance(body.prompt, kind, sampling=QUALITY_SAMPLING[body.quality],
                                                          model=ENHANCE_MODEL)
-    refuse_unsafe(enhanced.prompt, data, "enhance")
+    refuse_verdict(check_output(enhanced.prompt, body.prompt, data=data), "enhance_output")
     return {
         "success": True,
         "original_prompt": body.prompt,

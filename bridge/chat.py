@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bridge.prompt_data import PromptData, Template, get_data
+from bridge.safety import MINOR_RULE
 
 MAX_HISTORY_TURNS = 20
 MAX_TURN_CHARS = 2000
@@ -259,8 +260,13 @@ def template_name(conversation: Conversation, decision: ModeDecision, data: Prom
 def system_prompt_for(conversation: Conversation, template: Template, sfw_mode: bool = False) -> str:
     """The request's own system prompt when it has one, else the template's. ``sfw_mode`` keeps the
     caller's own prompt too (the app's sfw tier sends its own, as the old worker kept it): sfw
-    mode filters the reply (:func:`mask_sfw`), not the instructions."""
-    return conversation.system_prompt or template.system
+    mode filters the reply (:func:`mask_sfw`), not the instructions. A caller's own prompt ends
+    with the safety gate's rule about minors (:data:`bridge.safety.MINOR_RULE`): it replaces the
+    template's."""
+    own = conversation.system_prompt
+    if not own:
+        return template.system
+    return f"{own}\n\n{MINOR_RULE}"
 
 
 # ----------------------------------------------------------------------------- token counting

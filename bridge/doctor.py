@@ -80,6 +80,7 @@ def run_checks(
         ("output dir", lambda: check_output_dir(settings)),
         ("shm", lambda: check_shm(shm_path)),
         ("api access", lambda: check_api_access(settings)),
+        ("data files", lambda: check_data_files(settings)),
     ]
     redact = Redactor(secrets_from_settings(settings))
     results: list[Check] = []
@@ -403,3 +404,14 @@ def render_table(checks: Sequence[Check]):
             status = Text("FAIL", style="bold red")
         table.add_row(check.name, status, Text(check.detail))
     return table
+
+
+def check_data_files(settings: Settings) -> Check:
+    """``DATA_DIR``'s files valid; a ``safety_terms.yaml`` that would weaken the gate is an error."""
+    from bridge.prompt_data import DataFileError, load_data
+
+    try:
+        load_data(settings.data_dir)
+    except DataFileError as exc:
+        return Check("data files", False, str(exc))
+    return Check("data files", True, f"{settings.data_dir}: valid")

@@ -5,11 +5,12 @@ Four YAML files live in ``DATA_DIR`` (default: the packaged ``bridge/data``):
 - ``templates.yaml``     system prompts, sampling defaults and token budgets (:class:`TemplatesFile`)
 - ``content_mode.yaml``  adult-mode trigger phrases and keywords, the sfw mask (:class:`ContentModeFile`)
 - ``scene_rules.yaml``   action / movement / setting / appearance words (:class:`SceneRulesFile`)
-- ``safety_terms.yaml``  the content-safety gate's terms and patterns (:class:`SafetyTermsFile`)
+- ``safety_terms.yaml``  additions to the content-safety gate's built-in terms (:class:`SafetyTermsFile`)
 
 A file missing from ``DATA_DIR`` falls back to the packaged copy. ``safety_terms.yaml`` in
-``DATA_DIR`` is *merged* with the packaged one (it can add terms, never remove them), so no data
-file can switch the safety gate off. A malformed file raises :class:`DataFileError` naming the
+``DATA_DIR`` is *merged* with the packaged one, and both only add to the gate's built-in
+vocabulary (:mod:`bridge.safety_terms`); a file that would remap letters or exempt text is refused,
+so no data file can weaken the safety gate. A malformed file raises :class:`DataFileError` naming the
 file and the key. :func:`get_data` caches and re-reads a file when it changes; a bad edit then is
 logged and the last good copy kept.
 """
@@ -146,15 +147,21 @@ def _check_regex(value: str) -> str:
 
 
 class SafetyTermsFile(_Strict):
-    minor_terms: list[Text] = Field(min_length=1)
-    sexual_terms: list[Text] = Field(min_length=1)
-    age_patterns: list[Text] = Field(min_length=1)
+    """The operator's ADDITIONS to the safety gate's built-in vocabulary (bridge/safety_terms.py).
+    Entries that would weaken the gate are refused (docs/ARCHITECTURE.md, "Content-safety gate"):
+    a homoglyph or leetspeak entry that maps a letter or digit to something else, a separator that
+    is a letter or digit, a number word that reads a different age than the built-in one, and
+    allowed phrases (text the gate would skip) at all."""
+
+    minor_terms: list[Text] = Field(default_factory=list)
+    sexual_terms: list[Text] = Field(default_factory=list)
+    age_patterns: list[Text] = Field(default_factory=list)
     minor_patterns: list[Text] = Field(default_factory=list)
-    number_words: dict[Text, int] = Field(min_length=1)
+    number_words: dict[Text, int] = Field(default_factory=dict)
     leetspeak: dict[Char, Text] = Field(default_factory=dict)
     homoglyphs: dict[Char, Text] = Field(default_factory=dict)
     allowed_phrases: list[Text] = Field(default_factory=list)
-    separators: str = " .-_*"
+    separators: str = ""
 
     @field_validator("age_patterns")
     @classmethod
@@ -170,16 +177,54 @@ class SafetyTermsFile(_Strict):
     def _minor_patterns(cls, values: list[str]) -> list[str]:
         return [_check_regex(value) for value in values]
 
-    @model_validator(mode="after")
-    def _allowed_phrases(self) -> "SafetyTermsFile":
-        sexual = {term.casefold() for term in self.sexual_terms}
-        for phrase in self.allowed_phrases:
-            words = phrase.casefold().split()
-            if len(words) < 2:
-                raise ValueError(f"allowed_phrases: {phrase!r} must have two or more words")
-            if sexual & set(words) or any(term in phrase.casefold() for term in sexual if " " in term):
-                raise ValueError(f"allowed_phrases: {phrase!r} must not contain a sexual term")
-        return self
+    @field_validator("allowed_phrases")
+    @classmethod
+    def _no_exemptions(cls, values: list[str]) -> list[str]:
+        if values:
+            raise ValueError("the safety gate's allowed phrases are built in (bridge/safety_terms.py); a data file "
+                             "may add terms, never exempt text from the gate")
+        return values
+
+    @field_validator("separators")
+    @classmethod
+    def _separators(cls, value: str) -> str:
+        if any(ch.isalnum() for ch in value):
+            raise ValueError("a separator may not be a letter or digit: that would delete letters from every "
+                             "prompt before the safety gate reads it")
+        return value
+
+    @field_validator("leetspeak")
+    @classmethod
+    def _leetspeak(cls, values: dict[str, str]) -> dict[str, str]:
+        for char, replacement in values.items():
+            if char.isalnum() or not replacement.isalpha():
+                raise ValueError(f"{char!r} -> {replacement!r} would remap a letter or digit (only a symbol may be "
+                                 "read as letters)")
+        return values
+
+    @field_validator("homoglyphs")
+    @classmethod
+    def _homoglyphs(cls, values: dict[str, str]) -> dict[str, str]:
+        from bridge.safety_text import fold  # (the gate's own folding; imported late: it loads Unicode data)
+
+        for char, replacement in values.items():
+            plain = fold(char)
+            if char.isascii() or not replacement.isascii() or not replacement.isalpha() \
+                    or (plain != char.casefold() and plain != replacement.casefold()):
+                raise ValueError(f"{char!r} -> {replacement!r} would remap a letter away from what Unicode's "
+                                 "confusables data says it imitates")
+        return values
+
+    @field_validator("number_words")
+    @classmethod
+    def _number_words(cls, values: dict[str, int]) -> dict[str, int]:
+        from bridge.safety_terms import NUMBER_WORDS
+
+        for word, value in values.items():
+            if word.casefold() in NUMBER_WORDS and NUMBER_WORDS[word.casefold()] != value:
+                raise ValueError(f"{word!r} is {NUMBER_WORDS[word.casefold()]}, not {value}: a data file may add "
+                                 "number words, never change the built-in ones")
+        return values
 
     def merged(self, extra: "SafetyTermsFile") -> "SafetyTermsFile":
         """This list plus ``extra``'s entries (an operator's copy extends, never shrinks, the gate)."""
@@ -195,7 +240,6 @@ class SafetyTermsFile(_Strict):
             number_words={**extra.number_words, **self.number_words},
             leetspeak={**extra.leetspeak, **self.leetspeak},
             homoglyphs={**extra.homoglyphs, **self.homoglyphs},
-            allowed_phrases=union(self.allowed_phrases, extra.allowed_phrases),
             separators="".join(dict.fromkeys(self.separators + extra.separators)),
         )
 

@@ -23,6 +23,7 @@ from bridge import metrics
 from bridge.availability import Availability
 from bridge.launcher import TritonServer
 from bridge.memory_ops import MemoryOps
+from bridge.prompt_data import load_data
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
 from bridge.reporting import make_reporter
@@ -61,6 +62,9 @@ class Runtime:
     # ------------------------------------------------------------------ start
     async def start(self) -> "Runtime":
         s = self.settings
+        # The data files first: one that would weaken the safety gate (or any malformed one)
+        # stops the start with its DataFileError naming the file and entry (docs/ARCHITECTURE.md).
+        load_data(s.data_dir)
         await asyncio.to_thread(self.availability.check_start)  # MissingRequiredModels: REQUIRE_MODELS
         redis_url = s.redis_url
         if redis_url is None:

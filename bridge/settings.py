@@ -191,7 +191,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path(__file__).resolve().parent / "data",
         description="Folder of the operator-editable templates.yaml, content_mode.yaml, scene_rules.yaml and "
-        "safety_terms.yaml (a file missing there falls back to the packaged copy; safety terms are merged).",
+        "safety_terms.yaml (a file missing there falls back to the packaged copy; safety_terms.yaml only adds to "
+        "the gate's built-in terms, and one that would weaken it stops the start).",
     )
     # --- end prompt data files -------------------------------------------------------------------
 

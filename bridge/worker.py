@@ -29,7 +29,8 @@ from bridge.model_table import Stage, is_interactive, job_cost_s, job_stages
 from bridge.queue import Begin, Delivery, Queue
 from bridge.reporting import ProgressThrottle, Reporter, ReportingDeadline, ReportingError
 from bridge.residency import ResidencyError, ResidencyManager
-from bridge.safety import check_prompt
+from bridge.safety import REFUSAL_REASON, check_output
+from bridge.safety_paths import job_texts, job_verdict
 from bridge.scheduler import Running, Scheduler, WaitingGroup, wanted_next
 from bridge.settings import Settings
 from bridge.spool import JobOutputs, OutputAsset, Spool, SpoolEntry, SpoolError
@@ -393,7 +394,7 @@ class Worker:
         began = asyncio.ensure_future(self.queue.begin(job.id, delivery))
         try:
             await asyncio.sleep(0)  # the script is sent before the checks below take the loop
-            spooled, refusal = self.spool.has(job.id), _safety_refusal(job.prompt) if _gated(job) else None
+            spooled, refusal = self.spool.has(job.id), _job_refusal(job)
         except BaseException:
             await began  # (also when cancelled meanwhile: the claim is known, then released)
             raise
@@ -534,7 +535,7 @@ class Worker:
                 enhancement = await self.enhancer.enhance(job.prompt, kind="wan")  # falls back, never fails
                 enhance_s = time.monotonic() - started
             prompt = enhancement.prompt
-            _check_safety(prompt)
+            _check_output(prompt, job)
         held = head.waiting if head is not None else None
         async with self._holding_gpu(delivery, job, render.models, render, throttle, held) as throttle:
             if head is not None:
@@ -660,6 +661,7 @@ class Worker:
                     details = {**prepared.metadata(), "finish_reason": result.finish_reason,
                                "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
                                "tokens_generated": result.output_tokens}
+        _check_output(response, job)  # an answer or a rewrite: the gate reads what a model wrote too
         metadata = {"job_type": job.requested_type, "model": model, "response": response,
                     "generation_time": round(time.monotonic() - started, 3), **details}
         outputs = JobOutputs(job.user_id, job.requested_type, [], metadata)
@@ -948,24 +950,24 @@ def _previews(outputs: dict, count: int) -> list[bytes | None]:
 
 
 def _gated(job: Job) -> bool:
-    """Whether the job's own prompt passes the safety gate before it goes to a model: every
-    generation, and a chat-queue prompt enhancement."""
+    """Whether the job is a generation or a chat-queue prompt enhancement (not a chat answer).
+    (Every job passes the safety gate: :func:`_job_refusal`.)"""
     template = job.type.template
     return job.type.output != "text" or (template is not None and template.endswith("_enhance"))
 
 
-def _safety_refusal(prompt: str) -> JobFailed | None:
-    """The content-safety gate's refusal of ``prompt`` (a clear, non-graphic reason), or None."""
-    verdict = check_prompt(prompt)
-    if verdict.allowed:
-        return None
-    return JobFailed(verdict.reason or "refused by the content-safety gate", "content_refused")
+def _job_refusal(job: Job) -> JobFailed | None:
+    """The gate on everything the job sends to its models, every queue and type
+    (:func:`bridge.safety_paths.job_verdict`), or None."""
+    verdict = job_verdict(job)
+    return None if verdict.allowed else JobFailed(verdict.reason or REFUSAL_REASON, "content_refused")
 
 
-def _check_safety(prompt: str) -> None:
-    refusal = _safety_refusal(prompt)
-    if refusal is not None:
-        raise refusal
+def _check_output(text: str, job: Job) -> None:
+    """The gate on a model's answer or rewrite, with the job's own texts as its context."""
+    verdict = check_output(text, *job_texts(job))
+    if not verdict.allowed:
+        raise JobFailed(verdict.reason or REFUSAL_REASON, "content_refused")
 
 
 def _monotonic_since(wall_time: float) -> float:

@@ -27,6 +27,7 @@ from bridge.chat import (
     parse_chat_request,
 )
 from bridge.prompt_data import PACKAGED_DATA_DIR, get_data, load_data
+from bridge.safety import MINOR_RULE
 from model_kit import layout
 
 QUALITY_TAGS = ["score_9", "score_8_up", "masterpiece", "best quality"]
@@ -180,7 +181,7 @@ def test_build_messages_fits_without_trimming(qwen_tok) -> None:
     built = build_messages(conversation, template, qwen_tok, context_tokens=4096, max_new_tokens=256)
     messages, trimmed, dropped = built
     assert not trimmed and dropped == 0
-    assert messages[0] == {"role": "system", "content": "You are a helpful test assistant."}
+    assert messages[0] == {"role": "system", "content": f"You are a helpful test assistant.\n\n{MINOR_RULE}"}
     assert [m["content"] for m in messages[1:]] == [t.content for t in conversation.turns]
     assert built.prompt_tokens == count_chat_tokens(qwen_tok, messages)
     rendered = qwen_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -197,7 +198,7 @@ def test_build_messages_drops_oldest_first_and_keeps_system(qwen_tok) -> None:
     built = build_messages(conversation, template, qwen_tok, context_tokens=context, max_new_tokens=new_tokens)
     messages, trimmed, dropped = built
     assert trimmed and 0 < dropped < 20 and not built.user_message_trimmed
-    assert messages[0]["content"] == conversation.system_prompt
+    assert messages[0]["content"] == f"{conversation.system_prompt}\n\n{MINOR_RULE}"  # the gate's rule stays
     assert messages[-1]["content"] == conversation.latest_user
     kept = [m["content"] for m in messages[1:-1]]
     assert kept == [t.content for t in conversation.history[dropped:]]  # the newest turns, oldest dropped
@@ -217,7 +218,7 @@ def test_build_messages_cuts_start_of_long_latest_message(qwen_tok) -> None:
     assert built.trimmed and built.user_message_trimmed and built.dropped_turns == 1
     assert built.prompt_tokens <= 500
     assert [m["role"] for m in built.messages] == ["system", "user"]
-    assert built.messages[0]["content"] == "Short system."
+    assert built.messages[0]["content"] == f"Short system.\n\n{MINOR_RULE}"
     kept = built.messages[1]["content"]
     assert kept.endswith("w799") and (" ".join(words)).endswith(" " + kept)  # whole words, the newest ones
     assert len(kept.split()) > 50
@@ -258,12 +259,14 @@ def test_prepare_chat_sfw_mode_keeps_the_callers_system_prompt_and_masks(qwen_to
     )
     prepared = chat.prepare_chat(request, qwen_tok)
     assert prepared.mode.mode == "general" and prepared.template == "chat"
-    assert prepared.messages[0]["content"] == "You are Vex, a flirt."  # the caller's prompt kept as sent
+    # the caller's prompt kept as sent, with the gate's rule about minors after it
+    assert prepared.messages[0]["content"] == f"You are Vex, a flirt.\n\n{MINOR_RULE}"
     assert prepared.sampling["max_tokens"] == 64
     assert prepared.finish("A sexy reply") == "A [filtered] reply"
     unmasked = chat.prepare_chat(request.model_copy(update={"sfw_mode": False}), qwen_tok)
     assert unmasked.finish("A sexy reply") == "A sexy reply"
-    assert unmasked.messages[0]["content"] == "You are Vex, a flirt."  # the request's own system prompt
+    # the request's own system prompt, ending with the gate's rule about minors (it replaces the template's)
+    assert unmasked.messages[0]["content"] == f"You are Vex, a flirt.\n\n{MINOR_RULE}"
 
 
 # ----------------------------------------------------------------------------- content mode

@@ -85,21 +85,39 @@ def test_missing_file_falls_back_to_packaged_copy(data_dir: Path) -> None:
 
 
 def test_operator_safety_copy_extends_but_never_shrinks_the_gate(data_dir: Path) -> None:
-    def shrink(d: dict) -> None:
+    def extend(d: dict) -> None:
         d["minor_terms"] = ["operatorword"]
-        d["sexual_terms"] = ["nude"]
+        d["sexual_terms"] = ["operatorlewd"]
 
-    _edit(data_dir / "safety_terms.yaml", shrink)
+    _edit(data_dir / "safety_terms.yaml", extend)
     data = load_data(data_dir)
-    assert "child" in data.safety.minor_terms and "operatorword" in data.safety.minor_terms
-    assert not check_prompt("nude child", data=data).allowed
+    assert not check_prompt("nude child", data=data).allowed  # the built-in vocabulary stays
     assert not check_prompt("nude operatorword", data=data).allowed
+    assert not check_prompt("operatorlewd kid", data=data).allowed
 
 
-def test_allowed_phrase_cannot_carry_a_sexual_term(data_dir: Path) -> None:
-    _edit(data_dir / "safety_terms.yaml", lambda d: d["allowed_phrases"].append("nude child"))
-    with pytest.raises(DataFileError, match="allowed_phrases"):
+def test_allowed_phrases_in_a_data_file_are_refused(data_dir: Path) -> None:
+    _edit(data_dir / "safety_terms.yaml", lambda d: d.update(allowed_phrases=["minor detail"]))
+    with pytest.raises(DataFileError, match="allowed_phrases.*never exempt"):
         load_data(data_dir)
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"homoglyphs": {"i": "x"}}, "homoglyphs.*remap"),  # a Latin letter mapped away
+    ({"homoglyphs": {"\u0456": "x"}}, "homoglyphs.*remap"),  # Cyrillic i is an i, not an x
+    ({"leetspeak": {"k": "x"}}, "leetspeak.*remap"),
+    ({"separators": "id"}, "separators.*letter"),  # letters deleted from every prompt
+    ({"number_words": {"fourteen": 40}}, "number_words.*never change"),
+])
+def test_a_data_file_that_weakens_the_gate_is_refused(data_dir: Path, entry: dict, match: str) -> None:
+    _edit(data_dir / "safety_terms.yaml", lambda d: d.update(entry))
+    with pytest.raises(DataFileError, match=match):
+        load_data(data_dir)
+
+
+def test_a_data_file_may_add_a_look_alike_unicode_agrees_with(data_dir: Path) -> None:
+    _edit(data_dir / "safety_terms.yaml", lambda d: d.update(homoglyphs={"\u0456": "i"}, leetspeak={"%": "x"}))
+    assert load_data(data_dir).safety.homoglyphs == {"\u0456": "i"}
 
 
 def test_data_dir_environment_variable(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from bridge import chat
 from bridge.prompt_data import get_data
+from bridge.safety import REFUSAL_REASON
 from bridge.scene import CharacterDesc, SceneResult, detect_scene, detect_scene_rules, parse_model_answer, scene_messages
 from model_kit import layout
 
@@ -113,7 +114,7 @@ def test_unsafe_reply_is_refused_without_a_prompt(clip_tok) -> None:
     child = CharacterDesc(name="Pip", appearance="a small child")
     result = detect_scene_rules("*Pip walks into the bedroom, nude.*", [child], tokenizer=clip_tok)
     assert result.refused and not result.has_scene and result.prompt == ""
-    assert result.note == "refused: the prompt combines sexual content with a reference to a minor"
+    assert result.note == REFUSAL_REASON
 
 
 # ----------------------------------------------------------------------------- model pass
