@@ -12,10 +12,12 @@
 - the rest of the old API: ``POST /chat/unrestricted``, ``/enhance/legacy``, ``GET /enhancement/info``,
   ``/chat/health``, ``/model/info``, ``/status``, ``/memory/report`` (:mod:`bridge.api_legacy`),
   ``POST /admin``, ``/emergency/operation``, ``GET /debug/env`` (secrets redacted; :mod:`bridge.api_admin`);
-- scene detection: ``POST /scene/detect``, ``/scene/generate`` (:mod:`bridge.api_scene`).
+- scene detection: ``POST /scene/detect``, ``/scene/generate`` (:mod:`bridge.api_scene`);
+- the operator's page: ``GET /ui`` and its ``/ui/...`` routes (:mod:`bridge.api_ui`).
 
-Every path but ``/health`` requires ``Authorization: Bearer <WORKER_API_KEY>`` (compared in
-constant time; 401 otherwise). Without a key the API only starts bound to a loopback address, and
+Every path but ``/health`` (and the operator page's own login, page, script and style) requires
+``Authorization: Bearer <WORKER_API_KEY>`` (compared in constant time; 401 otherwise); the page's
+``/ui/...`` routes also take its session cookie. Without a key the API only starts bound to a loopback address, and
 then lets every request in (local development, logged as a warning). There are no docs routes, and
 no answer carries an environment value, a key, a token or a stack trace.
 """
@@ -28,6 +30,7 @@ import ipaddress
 import logging
 import time
 from importlib import metadata as package_metadata
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -43,6 +46,8 @@ from bridge.api_common import ApiError, error_response, field_name, is_legacy, p
 from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
 from bridge.api_scene import router as scene_router
+from bridge.api_ui import Sessions, ui_authorized
+from bridge.api_ui import router as ui_router
 from bridge.jobs import JOB_TYPES, QUEUES
 from bridge.residency import ResidencyError
 
@@ -99,7 +104,7 @@ class BearerAuth:
         self._digest = None if key is None else _digest(key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._digest is None or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or self._digest is None or scope["path"] in PUBLIC_PATHS or ui_authorized(scope):
             await self.app(scope, receive, send)
             return
         if not self._authorized(Headers(scope=scope).get("authorization", "")):
@@ -115,6 +120,15 @@ class BearerAuth:
         scheme, _, token = header.partition(" ")
         matches = hmac.compare_digest(_digest(token.strip()), self._digest)  # type: ignore[arg-type]
         return matches and scheme.lower() == "bearer"
+
+
+def api_key_check(key: str | None) -> Callable[[str], bool] | None:
+    """Whether a key given another way than the header (the operator page's login form) is
+    the API key, compared like the header; None when no key is configured."""
+    if key is None:
+        return None
+    digest = _digest(key)
+    return lambda given: hmac.compare_digest(_digest(given.strip()), digest)
 
 
 def _api_key(settings: Any) -> str | None:
@@ -294,8 +308,10 @@ def create_app(runtime: Any) -> FastAPI:
     app = FastAPI(title="gpu-worker", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.state.started = time.monotonic()
+    app.state.api_key_check = api_key_check(key)  # the operator's page logs in with it (bridge/api_ui.py)
+    app.state.ui_sessions = Sessions()
     app.add_middleware(BearerAuth, key=key)
     _install_error_handlers(app)
-    for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router):
+    for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router, ui_router):
         app.include_router(router)
     return app

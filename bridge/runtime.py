@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 from bridge import metrics
+from bridge.activity import Activity
 from bridge.launcher import TritonServer
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
@@ -51,6 +52,7 @@ class Runtime:
         self.api_server: Any = None
         self._api_task: asyncio.Task | None = None
         self._triton_restart = asyncio.Lock()
+        self.activity = Activity()  # what the operator's page shows (bridge/api_ui.py)
 
     # ------------------------------------------------------------------ start
     async def start(self) -> "Runtime":
@@ -72,7 +74,8 @@ class Runtime:
         self.queue = Queue.from_settings(s, url=redis_url)
         self.triton = TritonClient(triton_url, s.triton_api_key)
         self.residency = ResidencyManager.from_settings(
-            s, TritonModelControl(triton_url, s.triton_api_key), observer=metrics_observer(metrics.observe_model_op)
+            s, TritonModelControl(triton_url, s.triton_api_key),
+            observer=self.activity.observer(metrics_observer(metrics.observe_model_op)),
         )
         await self.residency.start()
         self.text = TextService(s, self.triton, self.residency)
@@ -83,6 +86,7 @@ class Runtime:
             s, queue=self.queue, triton=self.triton, residency=self.residency, reporter=reporter,
             spool=Spool(s.spool_dir), enhancer=Enhancer(self.text, s.enhance_timeout_s),
             on_triton_failure=self.restart_triton if self.triton_server is not None else None,
+            activity=self.activity,
         )
         if self.with_jobs:
             await self.worker.start_jobs()
