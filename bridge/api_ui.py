@@ -300,7 +300,8 @@ async def _snapshots(runtime: Any) -> AsyncIterator[str]:
     cache: dict[str, dict[str, Any]] = {}
     changed = runtime.activity.changed
     last, last_sent = None, time.monotonic()
-    while True:
+    # Ends when the server shuts down: uvicorn waits for open responses, and the page never closes this one.
+    while not getattr(runtime.api_server, "should_exit", False):
         current = await snapshot(runtime, cache)
         text = json.dumps(current, separators=(",", ":"), default=str)
         if text != last:

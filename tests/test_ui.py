@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.stack import API_KEY
+from tests.stack import API_KEY, client
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -140,6 +140,12 @@ async def test_model_loads_and_unloads_show_in_the_residency_view(page, stack):
     await page.wait_for_function("s => document.querySelector(s).textContent === 'ready'", arg=state, timeout=120_000)
     await page.wait_for_selector("#model-ops li[data-model=qwen_base][data-op=load][data-phase=done]")
     assert stack.residency.state("qwen_base") == "ready"
+
+    # An interactive text turn on the loaded model shows in the chat figures.
+    async with client(stack) as http:
+        assert (await http.post("/enhance/legacy", json={"prompt": "a cat on a wall"})).status_code == 200
+    await page.wait_for_function("() => document.querySelector('#chat-rate').textContent === '1'")
+
     await page.click("#unload")
     await page.wait_for_function("s => document.querySelector(s).textContent === 'unloaded'", arg=state, timeout=60_000)
     await page.wait_for_selector("#model-ops li[data-model=qwen_base][data-op=unload][data-phase=done]")

@@ -159,7 +159,7 @@ function render(s) {
   fill($("#models tbody"), gpu.models.map((m) => el("tr", { "data-model": m.name },
     el("td", {}, m.name), el("td", { class: `state state-${m.state}`, title: m.last_error || "" }, m.state),
     el("td", { class: "muted" }, m.policy), el("td", { class: "num" }, gb(m.measured_gb ?? m.vram_gb)),
-    el("td", { class: "num" }, m.in_flight), el("td", { class: "num" }, `${m.loads} / ${m.unloads}`))));
+    el("td", { class: "num" }, m.in_flight), el("td", { class: "num" }, m.loads), el("td", { class: "num" }, m.unloads))));
   $("#model-ops").replaceChildren(...(gpu.operations.length ? gpu.operations.slice(0, 8).map((o) => el("li",
     { class: `op op-${o.phase}`, "data-model": o.model, "data-op": o.op, "data-phase": o.phase },
     el("span", { class: "muted" }, clock(o.at)), ` ${o.op} ${o.model} `,
@@ -197,7 +197,7 @@ $("#submit").addEventListener("submit", async (event) => {
   result.textContent = "submitting…";
   try {
     const job = await call("POST", "/ui/jobs", body);
-    result.textContent = `queued ${job.type} ${job.id} on ${job.queue}`;
+    result.textContent = `queued ${job.type} ${short(job.id)} on ${job.queue} (position ${job.position})`;
     result.dataset.jobId = job.id;
     result.className = "muted";
   } catch (error) {
