@@ -74,11 +74,14 @@ class Activity:
             job.stage = stage
             self._touch()
 
-    def end(self, job_id: str) -> None:
-        """The job left this worker (terminal, requeued or handed back); its outcome is read from
-        its record in Redis when shown."""
+    def end(self, job_id: str, *, requeued: bool = False) -> None:
+        """The job left this worker: ended (listed with the jobs that ended here; its outcome is
+        read from its record in Redis when shown), or ``requeued`` (it will run again: not listed)."""
         job = self.running.pop(job_id, None)
         if job is None:
+            return
+        if requeued:
+            self._touch()
             return
         self.finished.appendleft({"id": job.job_id, "type": job.job_type, "model": job.model, "queue": job.queue,
                                   "started": job.started, "ended": self._clock()})

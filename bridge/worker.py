@@ -847,7 +847,7 @@ class Worker:
         # was still registered as running it, the new delivery was acknowledged as a duplicate (lost).
         if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
             del self._running[delivery.job_id]
-            self.activity.end(delivery.job_id)
+            self.activity.end(delivery.job_id, requeued=True)
             self._started.discard(delivery.job_id)
         await self.queue.requeue(delivery, count_attempt=count_attempt)
         if delivery.job_id:
