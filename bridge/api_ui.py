@@ -149,8 +149,14 @@ async def login(request: Request, body: Login) -> JSONResponse:
         raise ApiError(401, "invalid API key", type="authentication_error", param="key")
     response = JSONResponse({"authenticated": True}, headers={"Cache-Control": "no-store"})
     response.set_cookie(COOKIE, request.app.state.ui_sessions.new(), max_age=SESSION_TTL_S, path="/ui",
-                        httponly=True, samesite="strict", secure=request.url.scheme == "https")
+                        httponly=True, samesite="strict", secure=_https(request))
     return response
+
+
+def _https(request: Request) -> bool:
+    """Whether the browser reached us over HTTPS: directly, or through a proxy that says so
+    (RunPod's; trusting the header can only make the cookie stricter)."""
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
 
 
 @router.delete("/session")

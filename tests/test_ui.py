@@ -158,3 +158,8 @@ async def test_model_loads_and_unloads_show_in_the_residency_view(page, stack):
         cookie = {"Cookie": f"{session['name']}={session['value']}"}
         assert (await bare.get("/memory/status", headers=cookie)).status_code == 401
         assert (await bare.get("/ui/events", headers={"Cookie": "bridge_ui_session=forged"})).status_code == 401
+        # Behind an HTTPS proxy (RunPod's) the cookie is Secure as well.
+        proxied = await bare.post("/ui/session", json={"key": API_KEY}, headers={"X-Forwarded-Proto": "https"})
+        cookie_line = proxied.headers["set-cookie"].lower()
+        assert "secure" in cookie_line and "httponly" in cookie_line and "samesite=strict" in cookie_line
+        assert API_KEY.lower() not in cookie_line
