@@ -12,12 +12,15 @@
 - the rest of the old API: ``POST /chat/unrestricted``, ``/enhance/legacy``, ``GET /enhancement/info``,
   ``/chat/health``, ``/model/info``, ``/status``, ``/memory/report`` (:mod:`bridge.api_legacy`),
   ``POST /admin``, ``/emergency/operation``, ``GET /debug/env`` (secrets redacted; :mod:`bridge.api_admin`);
-- scene detection: ``POST /scene/detect``, ``/scene/generate`` (:mod:`bridge.api_scene`).
+- scene detection: ``POST /scene/detect``, ``/scene/generate`` (:mod:`bridge.api_scene`);
+- the operator's page: ``GET /ui`` and its ``/ui/...`` routes (:mod:`bridge.api_ui`).
 
-Every path but ``/health`` and ``/ready`` (and the routes ``API_OPEN_ROUTES`` opens) requires
-``Authorization: Bearer <key>`` with one of the keys of ``WORKER_API_KEY``; the checks, the
-per-address limits and the key-less development mode are :mod:`bridge.api_auth`'s. There are no
-docs routes, and no answer carries an environment value, a key, a token or a stack trace.
+Every path but ``/health`` and ``/ready`` (and the routes ``API_OPEN_ROUTES`` opens, and the
+operator page's own login, page, script and style) requires ``Authorization: Bearer <key>`` with
+one of the keys of ``WORKER_API_KEY``; the page's ``/ui/...`` routes also take its session cookie.
+The checks, the per-address limits and the key-less development mode are :mod:`bridge.api_auth`'s.
+There are no docs routes, and no answer carries an environment value, a key, a token or a stack
+trace.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from importlib import metadata as package_metadata
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -33,12 +37,20 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge import metrics
-from bridge.api_auth import ApiConfigError, ApiGuard, check_config  # noqa: F401 - ApiConfigError re-exported
+from bridge.api_auth import (  # noqa: F401 - ApiConfigError re-exported
+    ApiConfigError,
+    ApiGuard,
+    RateLimiter,
+    check_config,
+    key_check,
+)
 from bridge.api_chat import legacy_router, openai_router
 from bridge.api_common import ApiError, error_response, field_name, is_legacy, probe, runtime_of, unavailable
 from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
 from bridge.api_scene import router as scene_router
+from bridge.api_ui import Sessions, ui_authorized
+from bridge.api_ui import router as ui_router
 from bridge.jobs import JOB_TYPES, QUEUES
 from bridge.memory_ops import QUICK_S
 
@@ -284,8 +296,11 @@ def create_app(runtime: Any) -> FastAPI:
     app.state.runtime = runtime
     app.state.started = time.monotonic()
     app.state.startup_models_seen = set()  # /ready: start-up models that have been resident once
-    app.add_middleware(ApiGuard, config=access)
+    app.state.api_key_check = key_check(access)  # the operator's page logs in with it (bridge/api_ui.py)
+    app.state.login_limit = RateLimiter(access.failures_per_min)  # wrong keys typed into the page's login
+    app.state.ui_sessions = Sessions()
+    app.add_middleware(ApiGuard, config=access, also_allowed=ui_authorized)
     _install_error_handlers(app)
-    for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router):
+    for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router, ui_router):
         app.include_router(router)
     return app

@@ -220,9 +220,12 @@ def retry_after(seconds: float) -> str:
 class ApiGuard:
     """ASGI middleware applying :class:`AuthConfig` to every HTTP request (see the module doc)."""
 
-    def __init__(self, app: ASGIApp, config: AuthConfig) -> None:
+    def __init__(self, app: ASGIApp, config: AuthConfig,
+                 also_allowed: Callable[[Scope], bool] | None = None) -> None:
         self.app = app
         self.config = config
+        # A second way in for some paths (the operator page's session cookie, bridge/api_ui.py).
+        self.also_allowed = also_allowed
         self.open_limit = RateLimiter(config.open_rate_per_min)
         self.failure_limit = RateLimiter(config.failures_per_min)
 
@@ -244,7 +247,7 @@ class ApiGuard:
         path = scope["path"]
         if not self.config.digests:
             return _development_refusal(scope, headers)
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or (self.also_allowed is not None and self.also_allowed(scope)):
             return None
         client = _client(scope)
         header = headers.get("authorization")
@@ -269,6 +272,19 @@ class ApiGuard:
     def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
         return _matches_any(_digest(token.strip()), self.config.digests) and scheme.lower() == "bearer"
+
+
+def key_check(config: AuthConfig) -> Callable[[str], bool] | None:
+    """Whether a key given another way than the header (the operator page's login form) is one
+    of the keys, compared like the header; None when no key is configured."""
+    if not config.digests:
+        return None
+    return lambda given: _matches_any(_digest(given.strip()), config.digests)
+
+
+def client_address(scope: Scope) -> str:
+    """The client address the per-address limits count (after uvicorn's trusted-proxy rewrite)."""
+    return _client(scope)
 
 
 def _matches_any(digest: bytes, digests: Iterable[bytes]) -> bool:

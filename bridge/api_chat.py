@@ -129,10 +129,13 @@ async def gpu_turn(runtime: Any, model: str) -> AsyncIterator[None]:
         raise unavailable(exc.message) from None
     except TimeoutError:
         raise unavailable(f"{model}: the GPU stayed busy for {wait_s:g}s; try again") from None
+    ok = False
     try:
         yield
+        ok = True
     finally:
         dispatcher.release(item)
+        runtime.activity.chat_turn(time.monotonic() - item.since, ok)  # the operator's page (/ui)
 
 
 def _generation_error(model: str, exc: Exception) -> ApiError:

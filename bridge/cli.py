@@ -326,8 +326,11 @@ def chat(
 def demo(
     models_dir: Optional[Path] = typer.Option(None, help="Weights (default: tiny models in .cache/tiny-models)."),
     out: Path = typer.Option(Path("outputs"), help="Where the outputs go."),
+    stay: bool = typer.Option(False, "--stay", help="Keep the system (and its operator's page) running "
+                              "after the jobs, on API_PORT, until Ctrl-C."),
 ) -> None:
-    """Run the whole system locally (embedded Triton + Redis, local mode) on one job of each kind."""
+    """Run the whole system locally (embedded Triton + Redis, local mode) on one job of each kind.
+    Prints the operator's page's address (``/ui``) as it starts."""
     import asyncio
 
     from bridge.demo import run_demo
@@ -343,7 +346,7 @@ def demo(
     settings = _settings(models_dir=models_dir, output_dir=out, redis_url=None, triton_url=None,
                          supabase_url=None, model_threads=1)
     out_console = Console() if Console().is_terminal else Console(width=140)  # whole table in a log file
-    ok = asyncio.run(run_demo(settings, out_console))
+    ok = asyncio.run(run_demo(settings, out_console, stay=stay))
     raise typer.Exit(0 if ok else 1)
 
 

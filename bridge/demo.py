@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import uuid
 from typing import Any
@@ -98,15 +99,38 @@ def _describe_outputs(settings: Settings, assets: list[dict[str, Any]]) -> str:
     return f"{folder}/\n" + " ".join(a["url"].rsplit("/", 1)[-1] for a in assets)
 
 
-async def run_demo(settings: Settings, console: Console, timeout: float = 1800) -> bool:
-    """Run the demo; True when every job completed."""
+def page_address(runtime: Runtime) -> str:
+    """The operator's page of a running runtime (``GET /ui``), as a browser on this machine reaches it."""
+    host = runtime.settings.api_host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{host}:{runtime.api_port}/ui"
+
+
+async def _until_interrupted() -> None:
+    """Wait for Ctrl-C (SIGINT) or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def run_demo(settings: Settings, console: Console, timeout: float = 1800, stay: bool = False) -> bool:
+    """Run the demo; True when every job completed. ``stay``: then keep the system running (the
+    operator's page stays up) until Ctrl-C, on ``API_PORT`` instead of a free port."""
     tiny = (settings.models_dir / ".tiny").exists()
     table = Table(title="demo summary")
     for column in ("job", "type", "status", "generation s", "outputs"):
         table.add_column(column, overflow="fold")
     ok = True
     console.print("starting redis-server, tritonserver and the bridge (local mode)…")
-    async with Runtime(settings.model_copy(update={"api_port": 0})) as runtime:
+    async with Runtime(settings if stay else settings.model_copy(update={"api_port": 0})) as runtime:
+        key_note = " (log in with WORKER_API_KEY)" if settings.worker_api_key is not None else ""
+        console.print(f"operator's page: {page_address(runtime)}{key_note}")
         with progress_bar(console) as progress:
             payloads = demo_jobs(tiny)
             started = time.monotonic()
@@ -126,5 +150,9 @@ async def run_demo(settings: Settings, console: Console, timeout: float = 1800) 
         status, seconds, text = await _chat_turn(runtime)
         ok = ok and status == "completed"
         table.add_row("-", "chat (qwen_instruct)", status, f"{seconds:.1f}", text)
-    console.print(table)
+        console.print(table)
+        if stay:
+            console.print(f"the system keeps running: {page_address(runtime)}{key_note}; Ctrl-C stops it")
+            await _until_interrupted()
+            console.print("stopping…")
     return ok

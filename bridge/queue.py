@@ -767,6 +767,12 @@ class Queue:
         index = 0 if self.pop_side == "left" else -1
         return await self._retrying(lambda: self._client.lindex(queue, index))
 
+    async def peek_waiting(self, queue: str, count: int) -> list[bytes]:
+        """Up to ``count`` jobs of ``queue`` in the order :meth:`take` serves them (the operator's page)."""
+        if self.pop_side == "left":
+            return await self._retrying(lambda: self._client.lrange(queue, 0, count - 1))
+        return list(reversed(await self._retrying(lambda: self._client.lrange(queue, -count, -1))))
+
     # --- internals --------------------------------------------------------------------------
 
     @property

@@ -21,6 +21,7 @@ from typing import Any
 
 from bridge import metrics
 from bridge.availability import Availability
+from bridge.activity import Activity
 from bridge.launcher import TritonServer
 from bridge.memory_ops import MemoryOps
 from bridge.prompt_data import load_data
@@ -58,6 +59,7 @@ class Runtime:
         self.availability = Availability(settings, on_change=self._weights_appeared)
         self.memory_ops = MemoryOps()
         self._background: list[asyncio.Task] = []
+        self.activity = Activity()  # what the operator's page shows (bridge/api_ui.py)
 
     # ------------------------------------------------------------------ start
     async def start(self) -> "Runtime":
@@ -85,7 +87,8 @@ class Runtime:
         self.queue = Queue.from_settings(s, url=redis_url)
         self.triton = TritonClient(triton_url, s.triton_api_key)
         self.residency = ResidencyManager.from_settings(
-            s, TritonModelControl(triton_url, s.triton_api_key), observer=metrics_observer(metrics.observe_model_op)
+            s, TritonModelControl(triton_url, s.triton_api_key),
+            observer=self.activity.observer(metrics_observer(metrics.observe_model_op)),
         )
         await self.residency.start()
         self.text = TextService(s, self.triton, self.residency)
@@ -96,6 +99,7 @@ class Runtime:
             s, queue=self.queue, triton=self.triton, residency=self.residency, reporter=reporter,
             spool=Spool(s.spool_dir), enhancer=Enhancer(self.text, s.enhance_timeout_s),
             on_triton_failure=self.restart_triton if self.triton_server is not None else None,
+            activity=self.activity,
         )
         self.worker.missing_models = lambda: self.availability.missing
         if self.with_jobs:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from bridge import metrics
+from bridge.activity import Activity
 from bridge.chat import prepare_chat
 from bridge.fetch import FetchError, fetch_reference_image
 from bridge.jobs import JOB_TYPES, DeadLetter, InvalidJob, Job, parse_job
@@ -235,8 +236,10 @@ class Worker:
         spool: Spool,
         enhancer: Enhancer,
         on_triton_failure: Callable[[], Awaitable[None]] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self.settings = settings
+        self.activity = activity if activity is not None else Activity()  # what the operator's page shows
         self.queue = queue
         self.triton = triton
         self.residency = residency
@@ -360,6 +363,7 @@ class Worker:
             # Only the task that registered the job forgets it (a duplicate delivery must not).
             if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
                 del self._running[delivery.job_id]
+                self.activity.end(delivery.job_id)
                 self._cancelled.discard(delivery.job_id)
                 self._started.discard(delivery.job_id)
                 self._progress_sends.pop(delivery.job_id, None)
@@ -461,6 +465,7 @@ class Worker:
         assert delivery.job_id is not None
         delivery = dataclasses.replace(delivery, attempt=begin.attempt or delivery.attempt)
         self._running[job.id] = asyncio.current_task()  # type: ignore[assignment]
+        self.activity.begin(job.id, job.requested_type, job.model, delivery.queue)
         try:
             # (issue 7) An unreadable spool is requeued like an unwritable one, not counted as an
             # attempt by the catch-all. (A stat first: most jobs have no entry, no thread needed.)
@@ -531,6 +536,7 @@ class Worker:
             prompt = enhancement.prompt
         elif enhance_stage:
             async with self._holding_gpu(delivery, job, enhance_stage[0].models, enhance_stage[0]) as throttle:
+                self.activity.stage(job.id, "enhancing")
                 started = time.monotonic()
                 enhancement = await self.enhancer.enhance(job.prompt, kind="wan")  # falls back, never fails
                 enhance_s = time.monotonic() - started
@@ -538,6 +544,7 @@ class Worker:
             _check_output(prompt, job)
         held = head.waiting if head is not None else None
         async with self._holding_gpu(delivery, job, render.models, render, throttle, held) as throttle:
+            self.activity.stage(job.id, "generating")
             if head is not None:
                 head.adopted = True  # the grant is released with this block, the request ends in it
                 started = head.started
@@ -645,6 +652,7 @@ class Worker:
         model = request.model
         enhance = _gated(job)  # (and the gate passed job.prompt before)
         async with self._holding_gpu(delivery, job, {model}):
+            self.activity.stage(job.id, "generating")
             started = time.monotonic()
             async with self._triton_errors(job, model):
                 if enhance:
@@ -735,6 +743,7 @@ class Worker:
     async def finish_job(self, delivery: Delivery, job: Job, entry: SpoolEntry) -> None:
         """Upload, send the terminal callback, then (only then) ack and forget the spool."""
         self._started.add(job.id)  # a shutdown now waits for it: its end may already be reported
+        self.activity.stage(job.id, "uploading")
         await self._quiet_progress(job.id)
         self._sync_spool(job.id)
         try:
@@ -859,6 +868,7 @@ class Worker:
         # was still registered as running it, the new delivery was acknowledged as a duplicate (lost).
         if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
             del self._running[delivery.job_id]
+            self.activity.end(delivery.job_id, requeued=True)
             self._started.discard(delivery.job_id)
         await self.queue.requeue(delivery, count_attempt=count_attempt)
         if delivery.job_id:

@@ -99,6 +99,11 @@ async def test_without_a_key_on_localhost_requests_pass_and_a_warning_is_logged(
             assert (await http.get("/v1/models")).status_code == 200
 
 
+#: Routes without the key: liveness, and the operator page's page, script, style and login (no data
+#: in them; tests/test_ui.py checks the page shows nothing without a session).
+PUBLIC = frozenset({"/health", "/ui", "/ui/", "/ui/session", "/ui/static/{name}"})
+
+
 async def test_every_protected_route_answers_401_without_or_with_a_wrong_key(stack) -> None:
     routes = _routes(stack.api_server.config.app)
     paths = {path for path, _ in routes}
@@ -107,7 +112,7 @@ async def test_every_protected_route_answers_401_without_or_with_a_wrong_key(sta
     checked = 0
     async with client(stack, RECORDER, key=None) as http:
         for path, methods in routes:
-            if path in PUBLIC_PATHS:
+            if path in PUBLIC:
                 continue
             for method in methods:
                 for header in headers:
@@ -119,7 +124,7 @@ async def test_every_protected_route_answers_401_without_or_with_a_wrong_key(sta
                     else:
                         assert _new_error(response, 401)["type"] == "authentication_error"
                     checked += 1
-        assert checked == sum(len(methods) for path, methods in routes if path not in PUBLIC_PATHS) * len(headers)
+        assert checked == sum(len(methods) for path, methods in routes if path not in PUBLIC) * len(headers)
         # a path that does not exist is not revealed either
         _new_error(await http.get("/debug/env"), 401)
         health = await http.get("/health")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,13 +35,34 @@ def _bridge(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess
 
 
 def test_demo_runs_every_kind_of_job_with_nothing_configured(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """With ``--stay`` it then leaves the system running, its operator's page up, until Ctrl-C."""
     out = tmp_path / "outputs"
-    env = _env(TRITON_HTTP_PORT=free_port(), TRITON_GRPC_PORT=free_port(), TRITON_METRICS_PORT=free_port())
-    result = _bridge("demo", "--models-dir", str(tiny_models_dir), "--out", str(out), env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
+    api_port = free_port()
+    env = _env(TRITON_HTTP_PORT=free_port(), TRITON_GRPC_PORT=free_port(), TRITON_METRICS_PORT=free_port(),
+               API_PORT=api_port, PYTHONUNBUFFERED=1)
+    demo = subprocess.Popen([sys.executable, "-m", "bridge", "demo", "--stay", "--models-dir", str(tiny_models_dir),
+                             "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = []
+        for line in demo.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        stdout = "".join(lines)
+        assert f"operator's page: http://127.0.0.1:{api_port}/ui" in stdout, stdout
+        page = httpx.get(f"http://127.0.0.1:{api_port}/ui", timeout=10)
+        assert page.status_code == 200 and "operator" in page.text
+        demo.send_signal(signal.SIGINT)
+        rest, stderr = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+    assert demo.returncode == 0, stdout + rest + stderr
     for kind in ("sdxl_image_fast", "video_fast", "image_fast", "video7b_fast_enhanced", "chat (qwen_instruct)"):
-        assert kind in result.stdout
-    assert result.stdout.count("completed") == 5
+        assert kind in stdout
+    assert stdout.count("completed") == 5
     pngs = sorted(out.glob("demo/*/*.png"))
     videos = sorted(out.glob("demo/*/0.mp4"))
     assert len(pngs) == 4 and len(videos) == 2  # SDXL batch of 3 + one WAN image; two videos
