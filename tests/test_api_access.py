@@ -27,6 +27,7 @@ from bridge.api_auth import RateLimiter
 from bridge.chat import count_chat_tokens
 from bridge.logs import Redactor, secrets_from_settings
 from bridge.runtime import Runtime
+from bridge.safety import MINOR_RULE
 from bridge.settings import Settings
 from tests.stack import API_KEY, client, running
 
@@ -180,6 +181,11 @@ def test_open_routes_are_checked_and_shown_by_doctor() -> None:
 
 
 # ----------------------------------------------------------------------------- what reaches the model
+def with_minor_rule(messages: list[dict]) -> list[dict]:
+    """The caller's messages as the model gets them: its system message ends with the gate's rule."""
+    return [{**m, "content": f"{m['content']}\n\n{MINOR_RULE}"} if m["role"] == "system" else m for m in messages]
+
+
 async def test_enhance_with_the_callers_system_message_is_a_plain_completion(http: httpx.AsyncClient, stack) -> None:
     tokenizer = stack.text.tokenizer("qwen_instruct")
     # Greedy, and 150 new tokens (the app asks 500; over the 100-token budget of our enhancement).
@@ -188,8 +194,9 @@ async def test_enhance_with_the_callers_system_message_is_a_plain_completion(htt
     enhanced = await http.post("/enhance", json=body)
     assert enhanced.status_code == 200, enhanced.text
     result = enhanced.json()
-    # The model saw exactly the caller's two messages (no template, no rewrite request of ours).
-    assert result["model_info"]["input_tokens"] == count_chat_tokens(tokenizer, body["messages"])
+    # The model saw the caller's two messages (no template, no rewrite request of ours), the system
+    # message ending with the safety gate's rule about minors (docs/ARCHITECTURE.md).
+    assert result["model_info"]["input_tokens"] == count_chat_tokens(tokenizer, with_minor_rule(body["messages"]))
     assert result["enhancement"]["mode"] == "plain_completion" and result["enhancement"]["max_tokens"] == 150
     # ...and its text comes back as the model wrote it: what a plain chat completion of the same
     # messages gives (greedy), not cleaned, squashed or cut to a prompt budget.
@@ -212,7 +219,8 @@ async def test_sfw_roleplay_keeps_the_callers_system_prompt(http: httpx.AsyncCli
     answer = await http.post("/chat", json=body)
     assert answer.status_code == 200, answer.text
     info = answer.json()["prompt_info"]
-    assert info["sfw_mode"] is True and info["prompt_tokens"] == count_chat_tokens(tokenizer, body["messages"])
+    assert info["sfw_mode"] is True
+    assert info["prompt_tokens"] == count_chat_tokens(tokenizer, with_minor_rule(body["messages"]))
 
 
 # ----------------------------------------------------------------------------- a busy GPU
