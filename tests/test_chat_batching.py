@@ -187,3 +187,44 @@ def test_prefix_reuse_gives_the_cold_text_and_metrics_show_it(url: str, one_at_a
         assert _metric(triton.metrics_url, name, "qwen_instruct") > 0, name
     for name in ("qwen_sequences_running", "qwen_sequences_waiting"):
         assert _metric(triton.metrics_url, name, "qwen_instruct") >= 0
+
+
+# ----------------------------------------------------------------------------- through the bridge
+async def _chat_stream(http, max_tokens: int) -> list:
+    from tests.stack import read_sse
+
+    body = {"model": "qwen_instruct", "messages": [{"role": "user", "content": "Tell me of the sea."}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, (await response.aread()).decode()
+        return [e for e in await read_sse(response) if '"content":"' in e["data"] and '"content":""' not in e["data"]]
+
+
+async def test_chat_turns_through_the_bridge_run_at_once_and_are_counted(http) -> None:
+    import asyncio
+
+    streams = await asyncio.gather(*(_chat_stream(http, 150) for _ in range(4)))
+    assert all(len(events) >= 20 for events in streams)
+    # every stream had started before any had ended: the turns shared the model, not took turns
+    assert max(events[0].at for events in streams) < min(events[-1].at for events in streams)
+    body = (await http.get("/metrics")).text
+    match = re.search(r'^gpu_worker_chat_turns_total\{outcome="ok",route="/v1/chat/completions"\} (\S+)$', body, re.M)
+    assert match and float(match.group(1)) >= 4, body[-2000:]
+
+
+async def test_text_completion_on_the_base_model(http) -> None:
+    from tests.stack import read_sse
+
+    body = {"model": "qwen_base", "prompt": "The lighthouse keeper", "max_tokens": 20, "temperature": 0}
+    whole = (await http.post("/v1/completions", json=body)).json()
+    assert whole["object"] == "text_completion" and whole["choices"][0]["finish_reason"] in ("stop", "length")
+    assert whole["usage"]["completion_tokens"] >= 1 and whole["usage"]["prompt_tokens"] >= 3
+    async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        events = await read_sse(response)
+    assert events[-1]["data"] == "[DONE]"
+    chunks = [e.json() for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    too_long = await http.post("/v1/completions", json={**body, "prompt": "word " * 9000})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt", too_long.text
+    missing = await http.post("/v1/completions", json={"model": "qwen_base"})
+    assert missing.status_code == 422
