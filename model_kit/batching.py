@@ -38,6 +38,11 @@ from typing import Any, Callable, Protocol
 log = logging.getLogger("model_kit.batching")
 
 
+#: Running sequences are checked for cancellation every this many steps: a check is a round trip
+#: to the Triton server per sequence; a few decode steps are a few milliseconds.
+CANCEL_CHECK_EVERY = 4
+
+
 class QueueFull(RuntimeError):
     """The queue in front of the model is full; the caller should try again later."""
 
@@ -166,6 +171,7 @@ class BatchEngine:
         self._mask: Any = None  # [batch, columns]: 1 where a row's KV is real
         self._stopping = False
         self._reported = (-1, -1)
+        self._steps = 0
         self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
         self._thread.start()
 
@@ -331,23 +337,27 @@ class BatchEngine:
         # every running sequence got a token this step: one gap per step (one metric call, not
         # one per sequence), the longest of them (a sequence that just joined has a shorter one)
         self.observer.token_gap(now - min(s.last_token_at for s in self._running))
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every plain greedy row
         leaving = []
         for row, seq in enumerate(self._running):
             seq.last_token_at = now
-            if not self._take(seq, logits[row]):
+            token = greedy[row] if _plain_greedy(seq.params) else None
+            if not self._take(seq, logits[row], token):
                 leaving.append(row)
         if leaving:
             self._leave(leaving)
 
-    def _take(self, seq: Sequence, logits: Any) -> bool:
-        """Pick ``seq``'s next token from its logits; False when the sequence has ended (it got its
-        final answer)."""
+    def _take(self, seq: Sequence, logits: Any, token_id: int | None = None) -> bool:
+        """Pick ``seq``'s next token from its logits (``token_id``: already picked, greedy); False
+        when the sequence has ended (it got its final answer)."""
         import torch  # noqa: PLC0415
 
         from model_kit.llm import FINISH_LENGTH, FINISH_STOP  # noqa: PLC0415
 
-        ids = torch.tensor([seq.ids], dtype=torch.long, device=logits.device)
-        token_id = int(self.engine.pick(logits.unsqueeze(0), ids, seq.processors, seq.rng, seq.params.temperature).item())
+        if token_id is None:
+            ids = torch.tensor([seq.ids], dtype=torch.long, device=logits.device)
+            token_id = int(self.engine.pick(logits.unsqueeze(0), ids, seq.processors, seq.rng,
+                                            seq.params.temperature).item())
         seq.produced += 1
         if token_id in self.engine.eos_ids:
             seq.reason = FINISH_STOP
@@ -381,6 +391,9 @@ class BatchEngine:
             self._prefilling.remove(seq)
             seq.reason = FINISH_CANCELLED
             self._finish(seq)
+        self._steps += 1
+        if self._steps % CANCEL_CHECK_EVERY:
+            return
         rows = [i for i, s in enumerate(self._running) if s.cancelled()]
         for i in rows:
             self._running[i].reason = FINISH_CANCELLED
@@ -451,6 +464,11 @@ class BatchEngine:
             self._finish(seq)
         self._batch_cache = None
         self.prefix.clear()
+
+
+def _plain_greedy(params: Any) -> bool:
+    """Greedy with no logits processor: the argmax of the raw logits (as ``QwenEngine.pick``)."""
+    return params.temperature == 0 and params.repetition_penalty == 1.0
 
 
 def _layers(cache: Any) -> list[tuple[Any, Any]]:
