@@ -1,7 +1,7 @@
 """Chat benchmark: concurrent streamed chat turns through the real stack (HTTP API → bridge →
 tritonserver → qwen_instruct), continuous batching against the one-at-a-time engine.
 
-    python bench/chat.py [--streams 1,4,16,64] [--max-tokens 128] [--turns 10] [--full-size]
+    python bench/chat.py [--streams 1,4,16,64] [--max-tokens 128] [--turns 10] [--stream-interval-ms 0] [--full-size]
 
 Two servers, one after the other, on the same models: the batching engine (defaults, prefix
 reuse on) and today's one-at-a-time engine (``QWEN_MAX_BATCH=1``, ``QWEN_PREFIX_CACHE_GB=0``,
@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +141,19 @@ async def _conversation(http: httpx.AsyncClient, turns: int, tag: str) -> list[f
     return ttfts
 
 
+def _in_app(port: int, what: str, *call_args) -> Round | list[float]:
+    """Run a round or a conversation against the API on ``port`` (in the callers' process)."""
+
+    async def run() -> Round | list[float]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as http:
+            if what == "round":
+                return await _round(http, *call_args)
+            return await _conversation(http, *call_args)
+
+    return asyncio.run(run())
+
+
 @contextmanager
 def _environment(values: dict[str, str]) -> Iterator[None]:
     """The engine settings, read by the model processes tritonserver starts from here."""
@@ -161,16 +176,20 @@ async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Nam
     try:
         settings = Settings(**base, **ports, triton_url=triton.grpc_url)
         async with Runtime(settings) as runtime:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{runtime.api_port}",
-                                         headers={"Authorization": f"Bearer {KEY}"},
-                                         timeout=httpx.Timeout(600.0)) as http:
-                await _round(http, 2, 8)  # warm-up
+            # The callers run in a process of their own, as the app does: their HTTP work is not
+            # done on the bridge's event loop.
+            loop = asyncio.get_running_loop()
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as app:
+                def call(*call_args):
+                    return loop.run_in_executor(app, _in_app, runtime.api_port, *call_args)
+
+                await call("round", 2, 8)  # warm-up
                 rounds = []
                 for streams in args.streams:
-                    rounds.append(await _round(http, streams, args.max_tokens))
+                    rounds.append(await call("round", streams, args.max_tokens))
                     r = rounds[-1]
                     console.print(f"{name}: {streams} streams, {r.tokens} tokens in {r.seconds:.1f}s")
-                turns = await _conversation(http, args.turns, name)
+                turns = await call("conversation", args.turns, name)
     finally:
         triton.stop()
     return rounds, turns
@@ -202,11 +221,12 @@ async def main(args: argparse.Namespace) -> None:
     results = {}
     try:
         for name, env in ENGINES.items():
-            results[name] = await _engine(name, env, base, args)
+            results[name] = await _engine(name, {**env, "QWEN_STREAM_INTERVAL_MS": str(args.stream_interval_ms)}, base, args)
     finally:
         redis.stop()
     table = Table(title=f"chat: {MODEL} ({'full-size, ' + device if args.full_size else 'tiny, CPU'}), "
-                        f"{args.max_tokens} new tokens per stream, load {os.getloadavg()[0]:.1f}")
+                        f"{args.max_tokens} new tokens per stream, deltas every {args.stream_interval_ms:.0f} ms at most, "
+                        f"load {os.getloadavg()[0]:.1f}")
     for column in ("streams", "engine", "tokens/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "failed", "tokens/s ×"):
         table.add_column(column, justify="right")
     for i, streams in enumerate(args.streams):
@@ -233,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--full-size", action="store_true", help="random-weight Qwen 2.5-7B on the GPU")
     parser.add_argument("--models-dir", type=Path)
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0,
+                        help="QWEN_STREAM_INTERVAL_MS for both engines (deltas joined for this long)")
     return parser.parse_args(argv)
 
 

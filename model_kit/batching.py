@@ -43,6 +43,10 @@ log = logging.getLogger("model_kit.batching")
 CANCEL_CHECK_EVERY = 4
 
 
+#: A shorter shared prefix (a chat template's first tokens) is prefilled again: not worth a copy.
+MIN_REUSE = 16
+
+
 class QueueFull(RuntimeError):
     """The queue in front of the model is full; the caller should try again later."""
 
@@ -56,6 +60,8 @@ class Limits:
     kv_tokens: int = 100_000  # padded KV positions of the batch (batch size x longest sequence)
     prefix_tokens: int = 32_000  # KV positions kept for prefix reuse
     prefill_chunk: int = 512  # prompt tokens prefilled per step
+    # a stream's deltas are sent at most this often (joined meanwhile); 0: every delta at once
+    stream_interval_s: float = 0.0
 
 
 class Observer(Protocol):
@@ -99,6 +105,8 @@ class Sequence:
     rng: Any = None
     processors: Any = None
     reason: str | None = None
+    unsent: str = ""  # final text not sent yet (``stream_interval_s``)
+    sent_at: float = 0.0
 
 
 class PrefixCache:
@@ -258,8 +266,9 @@ class BatchEngine:
         seq.processors = _processors(seq.params)
         # at least the last prompt token is run: its logits give the first new token
         reused, layers = self.prefix.longest(seq.prompt_ids[:-1])
-        self.observer.prefix_lookup(reused > 0)
-        if layers is not None:
+        hit = layers is not None and reused >= MIN_REUSE
+        self.observer.prefix_lookup(hit)
+        if hit:
             seq.cache = _cache_of(layers)
             seq.prefilled = seq.reused = reused
 
@@ -367,11 +376,15 @@ class BatchEngine:
             if seq.text.stopped:
                 seq.reason = FINISH_STOP
             elif seq.on_delta is not None and (piece := seq.text.delta()):
-                try:
-                    seq.on_delta(piece)
-                except Exception as exc:  # noqa: BLE001 - the client is gone: end this one
-                    log.warning("sending a delta failed: %s", exc)
-                    seq.reason = "cancelled"
+                seq.unsent += piece
+                now = time.monotonic()
+                if now - seq.sent_at >= self.limits.stream_interval_s:
+                    piece, seq.unsent, seq.sent_at = seq.unsent, "", now
+                    try:
+                        seq.on_delta(piece)
+                    except Exception as exc:  # noqa: BLE001 - the client is gone: end this one
+                        log.warning("sending a delta failed: %s", exc)
+                        seq.reason = "cancelled"
         if seq.reason is None and seq.produced >= seq.budget:
             seq.reason = FINISH_LENGTH
         if seq.reason is None:
@@ -429,7 +442,7 @@ class BatchEngine:
     def _finish(self, seq: Sequence) -> None:
         from model_kit.llm import FINISH_LENGTH, FINISH_STOP, Generation  # noqa: PLC0415
 
-        tail = seq.text.finish() if seq.text is not None else ""
+        tail = seq.unsent + (seq.text.finish() if seq.text is not None else "")
         if seq.text is not None and seq.text.stopped and seq.reason == FINISH_LENGTH:
             seq.reason = FINISH_STOP  # a stop string in the last, pending piece
         text = seq.text.text if seq.text is not None else ""

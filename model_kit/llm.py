@@ -393,6 +393,7 @@ def engine_limits(engine: QwenEngine) -> Limits:
         kv_tokens=int(_env_float("QWEN_KV_CACHE_GB", 6.0) * 1e9 // per_token),
         prefix_tokens=int(_env_float("QWEN_PREFIX_CACHE_GB", 2.0) * 1e9 // per_token),
         prefill_chunk=_env_int("QWEN_PREFILL_CHUNK", defaults.prefill_chunk),
+        stream_interval_s=_env_float("QWEN_STREAM_INTERVAL_MS", 0.0) / 1000,
     )
 
 
