@@ -38,9 +38,9 @@ from typing import Any, Callable, Protocol
 log = logging.getLogger("model_kit.batching")
 
 
-#: Running sequences are checked for cancellation every this many steps: a check is a round trip
-#: to the Triton server per sequence; a few decode steps are a few milliseconds.
-CANCEL_CHECK_EVERY = 4
+#: Running sequences are checked for cancellation at most this often (seconds): a check is a
+#: round trip to the Triton server per sequence, which on a busy CPU costs far more than a step.
+CANCEL_CHECK_S = 0.05
 
 
 #: A shorter shared prefix (a chat template's first tokens) is prefilled again: not worth a copy.
@@ -179,7 +179,7 @@ class BatchEngine:
         self._mask: Any = None  # [batch, columns]: 1 where a row's KV is real
         self._stopping = False
         self._reported = (-1, -1)
-        self._steps = 0
+        self._checked_at = 0.0
         self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
         self._thread.start()
 
@@ -404,9 +404,10 @@ class BatchEngine:
             self._prefilling.remove(seq)
             seq.reason = FINISH_CANCELLED
             self._finish(seq)
-        self._steps += 1
-        if self._steps % CANCEL_CHECK_EVERY:
+        now = time.monotonic()
+        if now - self._checked_at < CANCEL_CHECK_S:
             return
+        self._checked_at = now
         rows = [i for i, s in enumerate(self._running) if s.cancelled()]
         for i in rows:
             self._running[i].reason = FINISH_CANCELLED

@@ -33,9 +33,11 @@ def url(triton) -> str:
 @pytest.fixture(scope="module")
 def one_at_a_time(triton, tiny_models_dir, tmp_path_factory, monkeypatch_module):
     """A second server whose engine takes one sequence at a time, queues one more and keeps no
-    prefixes: the old engine's behaviour, and the cold reference for prefix reuse. (After the
-    session server, which must not see these settings.)"""
-    for name, value in {"QWEN_MAX_BATCH": "1", "QWEN_MAX_WAITING": "1", "QWEN_PREFIX_CACHE_GB": "0"}.items():
+    prefixes (the old engine's behaviour, and the cold reference for prefix reuse), and joins a
+    stream's deltas for 100 ms. (After the session server, which must not see these settings.)"""
+    settings = {"QWEN_MAX_BATCH": "1", "QWEN_MAX_WAITING": "1", "QWEN_PREFIX_CACHE_GB": "0",
+                "QWEN_STREAM_INTERVAL_MS": "100"}
+    for name, value in settings.items():
         monkeypatch_module.setenv(name, value)
     server = TritonServer(triton_settings(tiny_models_dir),
                           log_path=tmp_path_factory.mktemp("triton-solo") / "tritonserver.log").start()
@@ -155,6 +157,15 @@ def test_a_full_queue_is_refused_as_unavailable(one_at_a_time: str) -> None:
     assert queued.finish().last("output_tokens") == 3  # the queued one is served once there is room
 
 
+def test_deltas_joined_over_the_stream_interval_give_the_same_text(one_at_a_time: str) -> None:
+    request = {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 200}}
+    streamed = stream(one_at_a_time, "qwen_instruct", request)
+    whole = stream(one_at_a_time, "qwen_instruct", {**request, "stream": False})
+    assert text_of(streamed) == text_of(whole)
+    assert streamed.last("output_tokens") == 200
+    assert len(streamed.responses) < 100  # far fewer responses than tokens
+
+
 def _conversation(tag: str, reply: str | None = None) -> list[dict]:
     messages = [{"role": "system", "content": f"{tag}: you are a ship's cook. " + "Speak of the sea. " * 30},
                 {"role": "user", "content": "What is for dinner?"}]
@@ -203,7 +214,7 @@ async def _chat_stream(http, max_tokens: int) -> list:
 async def test_chat_turns_through_the_bridge_run_at_once_and_are_counted(http) -> None:
     import asyncio
 
-    streams = await asyncio.gather(*(_chat_stream(http, 150) for _ in range(4)))
+    streams = await asyncio.gather(*(_chat_stream(http, 80) for _ in range(4)))
     assert all(len(events) >= 20 for events in streams)
     # every stream had started before any had ended: the turns shared the model, not took turns
     assert max(events[0].at for events in streams) < min(events[-1].at for events in streams)
