@@ -34,6 +34,7 @@ from bridge.chat import (
     parse_chat_request,
     prepare_chat,
 )
+from bridge.chat_turns import counted
 from bridge.model_table import job_cost_s
 from bridge.prompt_data import PromptData, get_data
 from bridge.residency import ResidencyError
@@ -174,6 +175,7 @@ def model_info(model: str, result: TextResult) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- old contract
 @legacy_router.post("/chat")
 @legacy_router.post("/generate")
+@counted
 async def chat(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """One chat turn: ``{messages | message, max_tokens, temperature, top_p, model, sfw_mode}``
     → ``{success, response, generation_time, tokens_generated, model_info, prompt_info}``."""
@@ -197,6 +199,7 @@ async def answer_chat(runtime: Any, parsed: ChatRequest, template: str | None = 
 
 
 @legacy_router.post("/enhance")
+@counted
 async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """Rewrite a prompt for an image (``target: "sdxl"``) or video (``"wan"``, the default) model;
     the prompt is the (last) user message. Sampling defaults: max_tokens 200, T 0.7, top_p 0.9.
@@ -333,6 +336,7 @@ async def list_models() -> dict[str, Any]:
 
 
 @openai_router.post("/chat/completions", response_model=None)
+@counted
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> dict[str, Any] | EventStream:
     """OpenAI chat completion; ``stream: true`` answers server-sent ``chat.completion.chunk``
     events, then ``data: [DONE]``."""
@@ -455,3 +459,97 @@ class SfwStream:
         """The rest, masked (at the end of the reply)."""
         out, self._pending = self._mask(self._pending), ""
         return out
+
+
+# ----------------------------------------------------------------------------- OpenAI text completion
+class CompletionRequest(BaseModel):
+    """OpenAI's (legacy) text completion: the model continues ``prompt`` as it is, no chat
+    template; meant for ``qwen_base``. Unknown fields are ignored, as in the chat route."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Literal["qwen_base", "qwen_instruct"]
+    prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int = Field(16, ge=1, le=8192)  # OpenAI's default
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ApiError(422, "prompt: give one prompt (a list of exactly one)", param="prompt")
+        return self.prompt[0]
+
+    def sampling(self) -> dict[str, Any]:
+        sampling: dict[str, Any] = {"max_tokens": self.max_tokens}
+        for key in ("temperature", "top_p", "seed"):
+            if getattr(self, key) is not None:
+                sampling[key] = getattr(self, key)
+        if self.stop:
+            sampling["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return sampling
+
+
+@openai_router.post("/completions", response_model=None)
+@counted
+async def completions(request: Request, body: CompletionRequest) -> dict[str, Any] | EventStream:
+    """OpenAI text completion; ``stream: true`` answers server-sent ``text_completion`` events,
+    then ``data: [DONE]``. A prompt longer than the model's context is a 400 naming ``prompt``."""
+    runtime = runtime_of(request)
+    prompt = body.text()
+    refuse_unsafe(prompt, data_of(runtime), "completion")
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def event(text: str, finish: str | None, **extra: Any) -> dict[str, Any]:
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
+
+    if not body.stream:
+        try:
+            result = await complete(runtime, body.model, prompt, body.sampling())
+        except ApiError as exc:
+            raise _prompt_error(exc) from None
+        return event(result.text, _finish_reason(result.finish_reason),
+                     usage=_usage(result.input_tokens, result.output_tokens))
+    turn = AsyncExitStack()
+    await turn.enter_async_context(gpu_turn(runtime, body.model))
+    try:
+        await runtime.residency.ensure({body.model})
+    except ResidencyError as exc:
+        await turn.aclose()
+        raise unavailable(str(exc)) from None
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        finish, usage = "stop", _usage(0, 0)
+        try:
+            async for piece in runtime.text.stream(body.model, prompt, body.sampling(),
+                                                   request_id=f"cmpl-{uuid.uuid4().hex}"):
+                if piece.text:
+                    yield sse(event(piece.text, None))
+                if piece.finish_reason is not None:
+                    finish = piece.finish_reason
+                    usage = _usage(piece.input_tokens or 0, piece.output_tokens or 0)
+        except (ResidencyError, InferenceFailed) as exc:
+            error = _prompt_error(_generation_error(body.model, exc))
+            yield sse({"error": {"message": error.message, "type": error.type, "param": error.param}})
+            return
+        yield sse(event("", _finish_reason(finish)))
+        if include_usage:
+            yield sse({**event("", None), "choices": [], "usage": usage})
+        yield sse("[DONE]")
+
+    return EventStream(events(), on_close=turn.aclose)
+
+
+def _prompt_error(error: ApiError) -> ApiError:
+    """The model's refusal of a too-long prompt (``text_input: ...``) as a 400 naming ``prompt``."""
+    if error.status == 500 and ": text_input:" in error.message:
+        return ApiError(400, error.message.replace("text_input:", "prompt:", 1), param="prompt")
+    return error

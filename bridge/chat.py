@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -314,7 +315,11 @@ def load_tokenizer(model_dir: Path | str) -> Any:
         from model_kit.common import resolve_hf_folder  # noqa: PLC0415
 
         path = resolve_hf_folder(path)
-    return _load_tokenizer_cached(str(path.resolve()))
+    with _tokenizer_load_lock:  # first loads at once from threads: transformers' lazy import is not thread-safe
+        return _load_tokenizer_cached(str(path.resolve()))
+
+
+_tokenizer_load_lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- context budget

@@ -105,6 +105,10 @@ class Metrics:
         self.redis_reconnects = Counter(
             "redis_reconnects", "Reconnections to Redis after a lost connection.", namespace=ns, registry=reg
         )
+        self.chat_turns = Counter(
+            "chat_turns", "Chat and completion requests of the HTTP API, by route and outcome.", ["route", "outcome"],
+            namespace=ns, registry=reg,
+        )
 
     # ------------------------------------------------------------------ helpers
     def set_queue_depth(self, queue: str, depth: int) -> None:
@@ -208,6 +212,12 @@ def inc_safety_refusal(job_type: str) -> None:
 
 def inc_redis_reconnect() -> None:
     METRICS.inc_redis_reconnect()
+
+
+def inc_chat_turn(route: str, outcome: str) -> None:
+    """One chat / completion request ended: ``ok``, ``bad_request``, ``unavailable``, ``timeout``,
+    ``error`` or ``cancelled`` (the client left a stream)."""
+    METRICS.chat_turns.labels(route=route, outcome=outcome).inc()
 
 
 def render() -> bytes:

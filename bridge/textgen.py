@@ -70,10 +70,11 @@ class TextService:
         return load_tokenizer(self.settings.weights_path(model))
 
     async def stream(
-        self, model: TextModel, messages: list[dict[str, str]], sampling: dict[str, Any], *, request_id: str = ""
+        self, model: TextModel, messages: list[dict[str, str]] | str, sampling: dict[str, Any], *, request_id: str = ""
     ) -> AsyncIterator[TextChunk]:
-        """Stream a reply token by token; leaving early cancels the request on the server."""
-        inputs = {"messages": messages, "stream": True, "sampling_parameters": sampling}
+        """Stream a reply token by token (``messages`` a plain string: a text completion of it);
+        leaving early cancels the request on the server."""
+        inputs = {**_prompt(messages), "stream": True, "sampling_parameters": sampling}
         async with self.residency.use(model):
             async for outputs in self.triton.responses(model, inputs, request_id=request_id):
                 yield TextChunk(
@@ -84,12 +85,12 @@ class TextService:
                 )
 
     async def complete(
-        self, model: TextModel, messages: list[dict[str, str]], sampling: dict[str, Any], *,
+        self, model: TextModel, messages: list[dict[str, str]] | str, sampling: dict[str, Any], *,
         timeout: float | None = None, request_id: str = "",
     ) -> TextResult:
         """One non-streaming request; the whole reply at once."""
         started = time.monotonic()
-        inputs = {"messages": messages, "stream": False, "sampling_parameters": sampling}
+        inputs = {**_prompt(messages), "stream": False, "sampling_parameters": sampling}
         async with self.residency.use(model):
             outputs = await self.triton.run(model, inputs, timeout=timeout, request_id=request_id)
         return TextResult(
@@ -99,6 +100,11 @@ class TextService:
             output_tokens=_int(_first(outputs, "output_tokens")) or 0,
             seconds=time.monotonic() - started,
         )
+
+
+def _prompt(messages: list[dict[str, str]] | str) -> dict[str, Any]:
+    """Chat messages, or a plain text to continue (``/v1/completions``)."""
+    return {"text_input": messages} if isinstance(messages, str) else {"messages": messages}
 
 
 def _int(value: Any) -> int | None:

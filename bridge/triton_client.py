@@ -29,7 +29,8 @@ OnResponse = Callable[[Outputs], Awaitable[None] | None]
 
 # Messages that mean the model (or the server) is gone rather than the request being wrong.
 _TRANSIENT_MARKERS = ("is not healthy", "failed to connect", "unavailable", "connection",
-                      "socket closed", "is not ready", "unknown model", "has been unloaded")
+                      "socket closed", "is not ready", "unknown model", "has been unloaded",
+                      "queue is full")  # a Qwen model's refusal when busy (model_kit/batching.py)
 
 
 class InferenceFailed(RuntimeError):

@@ -2,12 +2,12 @@
 
 The interface follows Triton's vLLM backend (docs/ARCHITECTURE.md): ``text_input`` or ``messages``
 (JSON list of ``{role, content}``, rendered with the tokenizer's chat template), ``stream`` and
-``sampling_parameters`` (JSON). Generation is our own token-by-token loop over the model's KV
-cache, so that every token is seen as it is made:
+``sampling_parameters`` (JSON). Generation is the continuous-batching step loop of
+:mod:`model_kit.batching` (many sequences decoded together, each token seen as it is made):
 
 - streaming sends one response per new piece of text, holding back an incomplete UTF-8 sequence
   and anything that may be the start of a stop string;
-- cancellation is checked before every token;
+- cancellation is checked before every step;
 - a stop string, an end-of-sequence token or ``max_tokens`` ends the loop, and the final response
   (always sent) says why, with the token counts.
 
@@ -17,24 +17,27 @@ Only :class:`TritonPythonModel` touches Triton; :class:`QwenEngine` is plain tor
 from __future__ import annotations
 
 import json
-import secrets
+import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterator, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from model_kit.batching import BatchEngine, Limits, QueueFull, Sequence
 from model_kit.common import (
+    Cancelled,
     ParamError,
     Request,
     StreamingModel,
     resolve_hf_folder,
     scalar,
     strings,
+    _error_code,
     weights_path,
 )
+from model_kit.llm_metrics import ChatMetrics
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 # Qwen's end-of-turn token: ends generation for the base model too when it is given chat messages.
@@ -242,61 +245,22 @@ class QwenEngine:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.encode_text(prompt)
 
-    # generation
-    def generate(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParameters,
-        cancelled: Callable[[], bool],
-        on_delta: Callable[[str], None] | None = None,
-    ) -> Generation:
-        """Generate from ``prompt_ids``; ``on_delta`` gets each new piece of text as it is final."""
-        import torch  # noqa: PLC0415
-
-        budget = min(params.max_tokens, self.context - len(prompt_ids))
-        text = TextStream(self.tokenizer, params.stop)
-        rng = torch.Generator(device=self.device).manual_seed(
-            params.seed if params.seed is not None else secrets.randbits(63)
-        )
-        processors = _processors(params)
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        step_input, cache, produced, reason = ids, None, 0, FINISH_LENGTH
-        with torch.inference_mode():
-            while produced < budget:
-                if cancelled():
-                    reason = FINISH_CANCELLED
-                    break
-                logits, cache = self._forward(step_input, cache)
-                token = self._pick(logits, ids, processors, rng, params.temperature)
-                produced += 1
-                token_id = int(token.item())
-                if token_id in self.eos_ids:
-                    reason = FINISH_STOP
-                    break
-                text.add(token_id)
-                if text.stopped:
-                    reason = FINISH_STOP
-                    break
-                if on_delta is not None and (piece := text.delta()):
-                    on_delta(piece)
-                step_input = token.view(1, 1)
-                ids = torch.cat([ids, step_input], dim=1)
-        tail = text.finish()
-        if text.stopped and reason == FINISH_LENGTH:  # a stop string in the last, pending piece
-            reason = FINISH_STOP
-        return Generation(text.text, tail, reason, len(prompt_ids), produced)
-
-    def _forward(self, step_input: Any, cache: Any) -> tuple[Any, Any]:
-        """Logits of the last position, and the KV cache to continue from."""
-        kwargs = {} if cache is None else {self._cache_arg: cache}
-        out = self.model(input_ids=step_input, use_cache=True, logits_to_keep=1, **kwargs)
+    # one forward, for model_kit/batching.py's step loop
+    def forward(self, input_ids: Any, cache: Any, attention_mask: Any = None, position_ids: Any = None) -> tuple[Any, Any]:
+        """Logits of each row's last position ([rows, vocab]), and the KV cache to continue from."""
+        kwargs = {self._cache_arg: cache}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
         cache = getattr(out, "cache", None)
         if cache is None:
             cache = out.past_key_values  # transformers before 5.2x names it so
         return out.logits[:, -1, : self.vocab_size], cache
 
     @staticmethod
-    def _pick(logits: Any, ids: Any, processors: Any, rng: Any, temperature: float) -> Any:
+    def pick(logits: Any, ids: Any, processors: Any, rng: Any, temperature: float) -> Any:
         """The next token (shape [1]): greedy at temperature 0, else sampled with ``rng``."""
         import torch  # noqa: PLC0415
 
@@ -337,26 +301,13 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@contextmanager
-def _out_of_memory_errors() -> Iterator[None]:
-    """Make any allocation failure read "out of memory" (the bridge's OOM path) and free the cache."""
-    import torch  # noqa: PLC0415
-
-    try:
-        yield
-    except torch.OutOfMemoryError as exc:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise RuntimeError(f"out of memory: {exc}") from None
-    except RuntimeError as exc:
-        if "can't allocate memory" in str(exc).lower():  # CPU allocator
-            raise RuntimeError(f"out of memory: {exc}") from None
-        raise
-
-
 # ----------------------------------------------------------------------------- the Triton model
 class TritonPythonModel(StreamingModel):
-    """``qwen_instruct`` and ``qwen_base``: the model name comes from config.pbtxt."""
+    """``qwen_instruct`` and ``qwen_base``: the model name comes from config.pbtxt.
+
+    ``execute`` only validates each request and queues it on the :class:`BatchEngine`, whose
+    thread generates and sends every response (as Triton's vLLM backend does), so a request never
+    waits for another to finish before it joins the batch."""
 
     def load(self) -> None:
         import torch  # noqa: PLC0415
@@ -366,23 +317,48 @@ class TritonPythonModel(StreamingModel):
             self.dtype = torch.bfloat16
         folder = resolve_hf_folder(weights_path(self.name, self.parameters))
         self.pipe = QwenEngine(folder, self.device, self.dtype, context=int(self.parameters.get("max_model_len") or 0))
+        self.batcher = BatchEngine(self.pipe, engine_limits(self.pipe), ChatMetrics(self.name))
 
-    def run(self, request: Request) -> None:
+    def execute(self, requests: list) -> None:
+        for raw in requests:
+            request = Request(raw)
+            try:
+                request.check_cancelled()
+                self._submit(request)
+            except ParamError as exc:
+                request.fail(str(exc), "INVALID_ARG")
+            except QueueFull as exc:
+                request.fail(f"{self.name}: the queue is full ({exc}); try again shortly", "UNAVAILABLE")
+            except Cancelled:
+                request.close()
+            except Exception as exc:  # noqa: BLE001 - every error must end the stream
+                request.fail(f"{type(exc).__name__}: {exc}", _error_code(exc))
+        return None
+
+    def _submit(self, request: Request) -> None:
         params = parse_sampling_parameters(request.bytes("sampling_parameters"))
         field, prompt_ids = self._prompt(request)
         if len(prompt_ids) >= self.pipe.context:
             raise ParamError(f"{field}: the prompt is {len(prompt_ids)} tokens; the context holds {self.pipe.context}")
         stream = request.bool("stream")
-        on_delta = (lambda piece: request.send({"text_output": strings([piece])})) if stream else None
         started = time.monotonic()
-        with _out_of_memory_errors():
-            result = self.pipe.generate(prompt_ids, params, request.cancelled, on_delta)
-        request.send(_final_outputs(result, stream), final=True)
-        _log_info(
-            f"{self.name} request '{request.request.request_id()}': finish_reason={result.finish_reason} "
-            f"input_tokens={result.input_tokens} output_tokens={result.output_tokens} "
-            f"seconds={time.monotonic() - started:.3f}"
-        )
+
+        def on_delta(piece: str) -> None:
+            request.send({"text_output": strings([piece])})
+
+        def on_done(result: Generation) -> None:
+            request.send(_final_outputs(result, stream), final=True)
+            _log_info(
+                f"{self.name} request '{request.request.request_id()}': finish_reason={result.finish_reason} "
+                f"input_tokens={result.input_tokens} output_tokens={result.output_tokens} "
+                f"seconds={time.monotonic() - started:.3f}"
+            )
+
+        def on_error(exc: Exception) -> None:
+            request.fail(f"{type(exc).__name__}: {exc}", _error_code(exc))
+
+        self.batcher.submit(Sequence(prompt_ids, params, request.cancelled, on_delta if stream else None,
+                                     on_done, on_error))
 
     def _prompt(self, request: Request) -> tuple[str, list[int]]:
         """Which input holds the prompt, and its token ids."""
@@ -395,7 +371,38 @@ class TritonPythonModel(StreamingModel):
         return "messages", self.pipe.encode_messages(parse_messages(raw_messages))
 
     def unload(self) -> None:
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.stop()  # every request still held gets its final response
+        self.batcher = None
         self.pipe = None
+
+
+def engine_limits(engine: QwenEngine) -> Limits:
+    """The engine's bounds from the model process's environment (README, settings): memory
+    budgets in GB are turned into KV positions with the model's own size per position."""
+    config = engine.model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * engine.model.dtype.itemsize
+    batching = os.environ.get("QWEN_BATCHING", "on").lower() not in ("off", "0", "false", "no")
+    defaults = Limits()
+    return Limits(
+        max_batch=_env_int("QWEN_MAX_BATCH", defaults.max_batch) if batching else 1,
+        max_waiting=_env_int("QWEN_MAX_WAITING", defaults.max_waiting),
+        kv_tokens=int(_env_float("QWEN_KV_CACHE_GB", 6.0) * 1e9 // per_token),
+        prefix_tokens=int(_env_float("QWEN_PREFIX_CACHE_GB", 2.0) * 1e9 // per_token),
+        prefill_chunk=_env_int("QWEN_PREFILL_CHUNK", defaults.prefill_chunk),
+        stream_interval_s=_env_float("QWEN_STREAM_INTERVAL_MS", 0.0) / 1000,
+    )
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
 
 
 def _final_outputs(result: Generation, stream: bool) -> dict[str, np.ndarray]:

@@ -1,0 +1,518 @@
+"""Continuous batching of Qwen sequences: one engine thread owns the model and runs a step loop.
+
+Every step (docs/ARCHITECTURE.md, "Chat at scale"):
+
+1. new sequences are admitted from the waiting queue while the batch has room (``max_batch``) and
+   the padded KV of the batch stays within ``kv_tokens``;
+2. admitted sequences are prefilled, batch-1, at most ``prefill_chunk`` prompt tokens in all per
+   step, so a long prompt is spread over several steps and the running streams keep getting
+   tokens in between; a prompt starts from the longest matching prefix in :class:`PrefixCache`;
+3. a sequence whose prefill is done picks its first token and joins the batch: its KV is
+   left-padded to the batch's length (or the batch's to its), with an attention mask that hides
+   the padding and per-sequence position ids, so a sequence's logits do not depend on what else
+   is in the batch;
+4. one decode forward for the whole batch; each sequence then picks its token with its own
+   logits processors and ``torch.Generator`` (its seed), adds it to its own
+   :class:`~model_kit.llm.TextStream` (stop strings, held-back UTF-8) and streams the delta;
+5. finished and cancelled sequences leave the batch (their rows are dropped, and columns that
+   only padding uses any more are trimmed); their prompt + reply KV goes to the prefix cache.
+
+Why our own loop and not transformers' ``ContinuousBatchingManager`` (``generate_batch``): it
+samples every request with one global seed and generator, so a request's ``seed`` could not give
+the same text twice, and it has no per-request stop strings; the KV here is transformers'
+``DynamicCache``, and the attention transformers' own (SDPA with the padding mask).
+
+This module is plain torch + transformers; :mod:`model_kit.llm` wires it to Triton.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+log = logging.getLogger("model_kit.batching")
+
+
+#: Running sequences are checked for cancellation at most this often (seconds): a check is a
+#: round trip to the Triton server per sequence, which on a busy CPU costs far more than a step.
+CANCEL_CHECK_S = 0.05
+
+
+#: A shorter shared prefix (a chat template's first tokens) is prefilled again: not worth a copy.
+MIN_REUSE = 16
+
+
+class QueueFull(RuntimeError):
+    """The queue in front of the model is full; the caller should try again later."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of one engine (settings: model_kit/llm.py ``engine_limits``)."""
+
+    max_batch: int = 32  # sequences decoded together
+    max_waiting: int = 64  # sequences admitted to the queue but not yet in the batch
+    kv_tokens: int = 100_000  # padded KV positions of the batch (batch size x longest sequence)
+    prefix_tokens: int = 32_000  # KV positions kept for prefix reuse
+    prefill_chunk: int = 512  # prompt tokens prefilled per step
+    # a stream's deltas are sent at most this often (joined meanwhile); 0: every delta at once
+    stream_interval_s: float = 0.0
+
+
+class Observer(Protocol):
+    """What the engine reports (model_kit/llm.py turns it into Triton metrics)."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def token_gap(self, seconds: float) -> None: ...
+    def finished(self, input_tokens: int, output_tokens: int, reused_tokens: int) -> None: ...
+    def occupancy(self, running: int, waiting: int) -> None: ...
+    def prefix_lookup(self, hit: bool) -> None: ...
+
+
+class NullObserver:
+    def first_token(self, seconds: float) -> None: ...
+    def token_gap(self, seconds: float) -> None: ...
+    def finished(self, input_tokens: int, output_tokens: int, reused_tokens: int) -> None: ...
+    def occupancy(self, running: int, waiting: int) -> None: ...
+    def prefix_lookup(self, hit: bool) -> None: ...
+
+
+@dataclass
+class Sequence:
+    """One request in the engine. The callbacks run on the engine thread."""
+
+    prompt_ids: list[int]
+    params: Any  # model_kit.llm.SamplingParameters
+    cancelled: Callable[[], bool]
+    on_delta: Callable[[str], None] | None
+    on_done: Callable[[Any], None]  # gets a model_kit.llm.Generation
+    on_error: Callable[[Exception], None]
+    # engine state
+    budget: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+    ids: list[int] = field(default_factory=list)  # prompt + generated
+    produced: int = 0
+    reused: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefilled: int = 0  # prompt tokens in ``cache``
+    cache: Any = None  # batch-1 DynamicCache while prefilling
+    last_token_at: float = 0.0
+    text: Any = None
+    rng: Any = None
+    processors: Any = None
+    reason: str | None = None
+    unsent: str = ""  # final text not sent yet (``stream_interval_s``)
+    sent_at: float = 0.0
+
+
+class PrefixCache:
+    """KV of recent prompts (+ replies), least recently used out first, at most ``capacity``
+    positions in all. :meth:`longest` finds the entry sharing the longest token prefix."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        self._size = 0
+
+    def longest(self, ids: list[int]) -> tuple[int, list[tuple[Any, Any]] | None]:
+        best, best_key = 0, None
+        for key in self._entries:
+            n = _common_prefix(key, ids)
+            if n > best:
+                best, best_key = n, key
+        if best_key is None:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        layers = self._entries[best_key]
+        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
+
+    def put(self, ids: list[int], layers: list[tuple[Any, Any]]) -> None:
+        size = len(ids)
+        if size == 0 or size > self.capacity:
+            return
+        key = tuple(ids)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        for other in list(self._entries):  # a stored prefix of this one adds nothing
+            if len(other) <= size and key[: len(other)] == other:
+                self._drop(other)
+        while self._entries and self._size + size > self.capacity:
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = [(k.clone(), v.clone()) for k, v in layers]
+        self._size += size
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        del self._entries[key]
+        self._size -= len(key)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._size = 0
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class BatchEngine:
+    """The step loop over a :class:`model_kit.llm.QwenEngine`'s model, on its own thread."""
+
+    def __init__(self, engine: Any, limits: Limits, observer: Observer | None = None) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.observer = observer or NullObserver()
+        self.prefix = PrefixCache(limits.prefix_tokens)
+        self._lock = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []  # rows of the batch cache, in order
+        self._batch_cache: Any = None
+        self._mask: Any = None  # [batch, columns]: 1 where a row's KV is real
+        self._stopping = False
+        self._reported = (-1, -1)
+        self._checked_at = 0.0
+        self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the caller's side
+    def submit(self, seq: Sequence) -> None:
+        """Queue ``seq``; :class:`QueueFull` when ``max_waiting`` sequences already wait."""
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the model is shutting down")
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} sequences already wait for the model")
+            self._waiting.append(seq)
+            self._lock.notify()
+        self._report()
+
+    def stop(self) -> None:
+        """End the loop; every sequence still held gets its final answer (cancelled)."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout=30)
+
+    def counts(self) -> tuple[int, int]:
+        return len(self._running) + len(self._prefilling), len(self._waiting)
+
+    def _report(self) -> None:
+        counts = self.counts()
+        if counts != self._reported:  # a metric call only when it changed
+            self._reported = counts
+            self.observer.occupancy(*counts)
+
+    # ------------------------------------------------------------------ the engine thread
+    def _loop(self) -> None:
+        import torch  # noqa: PLC0415
+
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stopping and not (self._waiting or self._prefilling or self._running):
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - every held sequence must get an answer
+                    log.exception("engine step failed")
+                    self._fail_all(_as_oom(exc))
+        self._shutdown()
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        if self._running:
+            self._decode()
+        self._report()
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and len(self._running) + len(self._prefilling) < self.limits.max_batch:
+                seq = self._waiting[0]
+                if (self._running or self._prefilling) and not self._kv_fits(seq):
+                    break
+                self._waiting.popleft()
+                self._prefilling.append(seq)
+                self._start(seq)
+
+    def _kv_fits(self, new: Sequence) -> bool:
+        """The batch's padded KV (rows x longest sequence, at its worst) with ``new`` in it."""
+        members = [*self._running, *self._prefilling, new]
+        longest = max(len(s.prompt_ids) + s.params.max_tokens for s in members)
+        return len(members) * min(longest, self.engine.context) <= self.limits.kv_tokens
+
+    def _start(self, seq: Sequence) -> None:
+        import torch  # noqa: PLC0415
+
+        from model_kit.llm import TextStream, _processors  # noqa: PLC0415
+
+        seq.budget = min(seq.params.max_tokens, self.engine.context - len(seq.prompt_ids))
+        seq.ids = list(seq.prompt_ids)
+        seq.text = TextStream(self.engine.tokenizer, seq.params.stop)
+        seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(63)
+        seq.rng = torch.Generator(device=self.engine.device).manual_seed(seed)
+        seq.processors = _processors(seq.params)
+        # at least the last prompt token is run: its logits give the first new token
+        reused, layers = self.prefix.longest(seq.prompt_ids[:-1])
+        hit = layers is not None and reused >= MIN_REUSE
+        self.observer.prefix_lookup(hit)
+        if hit:
+            seq.cache = _cache_of(layers)
+            seq.prefilled = seq.reused = reused
+
+    def _prefill(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens in all, oldest sequence first."""
+        budget = self.limits.prefill_chunk
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            end = min(len(seq.prompt_ids), seq.prefilled + budget)
+            try:
+                logits = self._forward_one(seq, seq.prompt_ids[seq.prefilled : end])
+            except Exception as exc:  # noqa: BLE001 - this sequence fails, the batch goes on
+                self._prefilling.remove(seq)
+                self._finish_error(seq, _as_oom(exc))
+                continue
+            budget -= end - seq.prefilled
+            seq.prefilled = end
+            if end == len(seq.prompt_ids):
+                self._prefilling.remove(seq)
+                self.prefix.put(seq.prompt_ids, _layers(seq.cache))  # shared by concurrent turns
+                self.observer.first_token(time.monotonic() - seq.arrived)
+                seq.last_token_at = time.monotonic()
+                if self._take(seq, logits[0]):
+                    self._join(seq)
+
+    def _forward_one(self, seq: Sequence, chunk: list[int]) -> Any:
+        import torch  # noqa: PLC0415
+
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        if seq.cache is None:
+            seq.cache = DynamicCache()
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.engine.device)
+        positions = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.engine.device).unsqueeze(0)
+        logits, seq.cache = self.engine.forward(ids, seq.cache, position_ids=positions)
+        return logits
+
+    def _join(self, seq: Sequence) -> None:
+        """Add a prefilled sequence's KV as a new row of the batch cache, left-padded."""
+        import torch  # noqa: PLC0415
+
+        own = _layers(seq.cache)
+        seq.cache = None
+        length = own[0][0].shape[-2]
+        device = self.engine.device
+        if self._batch_cache is None:
+            self._running = [seq]
+            self._mask = torch.ones((1, length), dtype=torch.long, device=device)
+            self._batch_cache = _cache_of(own)
+            return
+        batch = _layers(self._batch_cache)
+        columns = batch[0][0].shape[-2]
+        if length > columns:
+            batch = [(_pad_left(k, length - columns), _pad_left(v, length - columns)) for k, v in batch]
+            self._mask = _pad_left(self._mask, length - columns)
+            columns = length
+        own = [(_pad_left(k, columns - length), _pad_left(v, columns - length)) for k, v in own]
+        row = torch.zeros((1, columns), dtype=torch.long, device=device)
+        row[:, columns - length :] = 1
+        self._batch_cache = _cache_of([(torch.cat([bk, k]), torch.cat([bv, v])) for (bk, bv), (k, v) in zip(batch, own)])
+        self._mask = torch.cat([self._mask, row])
+        self._running.append(seq)
+
+    def _decode(self) -> None:
+        import torch  # noqa: PLC0415
+
+        device = self.engine.device
+        tokens = torch.tensor([[s.ids[-1]] for s in self._running], dtype=torch.long, device=device)
+        positions = torch.tensor([[len(s.ids) - 1] for s in self._running], dtype=torch.long, device=device)
+        self._mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=torch.long, device=device)], dim=1)
+        logits, self._batch_cache = self.engine.forward(tokens, self._batch_cache, attention_mask=self._mask,
+                                                        position_ids=positions)
+        now = time.monotonic()
+        # every running sequence got a token this step: one gap per step (one metric call, not
+        # one per sequence), the longest of them (a sequence that just joined has a shorter one)
+        self.observer.token_gap(now - min(s.last_token_at for s in self._running))
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every plain greedy row
+        leaving = []
+        for row, seq in enumerate(self._running):
+            seq.last_token_at = now
+            token = greedy[row] if _plain_greedy(seq.params) else None
+            if not self._take(seq, logits[row], token):
+                leaving.append(row)
+        if leaving:
+            self._leave(leaving)
+
+    def _take(self, seq: Sequence, logits: Any, token_id: int | None = None) -> bool:
+        """Pick ``seq``'s next token from its logits (``token_id``: already picked, greedy); False
+        when the sequence has ended (it got its final answer)."""
+        import torch  # noqa: PLC0415
+
+        from model_kit.llm import FINISH_LENGTH, FINISH_STOP  # noqa: PLC0415
+
+        if token_id is None:
+            ids = torch.tensor([seq.ids], dtype=torch.long, device=logits.device)
+            token_id = int(self.engine.pick(logits.unsqueeze(0), ids, seq.processors, seq.rng,
+                                            seq.params.temperature).item())
+        seq.produced += 1
+        if token_id in self.engine.eos_ids:
+            seq.reason = FINISH_STOP
+        else:
+            seq.ids.append(token_id)
+            seq.text.add(token_id)
+            if seq.text.stopped:
+                seq.reason = FINISH_STOP
+            elif seq.on_delta is not None and (piece := seq.text.delta()):
+                seq.unsent += piece
+                now = time.monotonic()
+                if now - seq.sent_at >= self.limits.stream_interval_s:
+                    piece, seq.unsent, seq.sent_at = seq.unsent, "", now
+                    try:
+                        seq.on_delta(piece)
+                    except Exception as exc:  # noqa: BLE001 - the client is gone: end this one
+                        log.warning("sending a delta failed: %s", exc)
+                        seq.reason = "cancelled"
+        if seq.reason is None and seq.produced >= seq.budget:
+            seq.reason = FINISH_LENGTH
+        if seq.reason is None:
+            return True
+        self._finish(seq)
+        return False
+
+    def _drop_cancelled(self) -> None:
+        from model_kit.llm import FINISH_CANCELLED  # noqa: PLC0415
+
+        with self._lock:
+            for seq in [s for s in self._waiting if s.cancelled()]:
+                self._waiting.remove(seq)
+                seq.reason = FINISH_CANCELLED
+                self._finish(seq)
+        for seq in [s for s in self._prefilling if s.cancelled()]:
+            self._prefilling.remove(seq)
+            seq.reason = FINISH_CANCELLED
+            self._finish(seq)
+        now = time.monotonic()
+        if now - self._checked_at < CANCEL_CHECK_S:
+            return
+        self._checked_at = now
+        rows = [i for i, s in enumerate(self._running) if s.cancelled()]
+        for i in rows:
+            self._running[i].reason = FINISH_CANCELLED
+            self._finish(self._running[i])
+        if rows:
+            self._leave(rows)
+
+    def _leave(self, rows: list[int]) -> None:
+        """Drop batch rows; trim columns that are padding in every remaining row."""
+        import torch  # noqa: PLC0415
+
+        # a finished sequence's prompt + reply, for the next turn of its conversation
+        for i in rows:
+            seq = self._running[i]
+            if seq.reason != "cancelled":
+                real = int(self._mask[i].sum())  # the tokens fed so far (the last picked one is not)
+                start = self._mask.shape[1] - real
+                self.prefix.put(seq.ids[:real], [(k[i : i + 1, :, start:], v[i : i + 1, :, start:])
+                                                 for k, v in _layers(self._batch_cache)])
+        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._batch_cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        self._mask = mask[:, first:]
+        self._batch_cache = _cache_of([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                                       for k, v in _layers(self._batch_cache)])
+
+    def _finish(self, seq: Sequence) -> None:
+        from model_kit.llm import FINISH_LENGTH, FINISH_STOP, Generation  # noqa: PLC0415
+
+        tail = seq.unsent + (seq.text.finish() if seq.text is not None else "")
+        if seq.text is not None and seq.text.stopped and seq.reason == FINISH_LENGTH:
+            seq.reason = FINISH_STOP  # a stop string in the last, pending piece
+        text = seq.text.text if seq.text is not None else ""
+        self.observer.finished(len(seq.prompt_ids), seq.produced, seq.reused)
+        try:
+            seq.on_done(Generation(text, tail, seq.reason, len(seq.prompt_ids), seq.produced))
+        except Exception as exc:  # noqa: BLE001 - a client gone away must not stop the engine
+            log.warning("sending the final answer failed: %s", exc)
+
+    def _finish_error(self, seq: Sequence, exc: Exception) -> None:
+        try:
+            seq.on_error(exc)
+        except Exception as send_exc:  # noqa: BLE001
+            log.warning("sending an error failed: %s", send_exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq in [*self._prefilling, *self._running]:
+            self._finish_error(seq, exc)
+        self._prefilling, self._running = [], []
+        self._batch_cache, self._mask = None, None
+        self.prefix.clear()  # its tensors may be what filled the memory
+
+    def _shutdown(self) -> None:
+        from model_kit.llm import FINISH_CANCELLED  # noqa: PLC0415
+
+        with self._lock:
+            held = [*self._waiting, *self._prefilling, *self._running]
+            self._waiting.clear()
+        self._prefilling, self._running = [], []
+        for seq in held:
+            seq.reason = FINISH_CANCELLED
+            self._finish(seq)
+        self._batch_cache = None
+        self.prefix.clear()
+
+
+def _plain_greedy(params: Any) -> bool:
+    """Greedy with no logits processor: the argmax of the raw logits (as ``QwenEngine.pick``)."""
+    return params.temperature == 0 and params.repetition_penalty == 1.0
+
+
+def _layers(cache: Any) -> list[tuple[Any, Any]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_of(layers: list[tuple[Any, Any]]) -> Any:
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _pad_left(tensor: Any, count: int) -> Any:
+    """``count`` zero columns before ``tensor``'s sequence axis (-2 for KV, -1 for a mask)."""
+    import torch  # noqa: PLC0415
+
+    if count <= 0:
+        return tensor
+    axis = -1 if tensor.dim() == 2 else -2
+    shape = list(tensor.shape)
+    shape[axis] = count
+    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=axis)
+
+
+def _as_oom(exc: Exception) -> Exception:
+    """An allocation failure reads "out of memory" (the bridge's OOM path)."""
+    import torch  # noqa: PLC0415
+
+    if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc).lower():
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return RuntimeError(f"out of memory: {exc}")
+    return exc

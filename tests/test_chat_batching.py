@@ -1,0 +1,241 @@
+"""Continuous batching in qwen_instruct / qwen_base (model_kit/batching.py) on a real tritonserver
+with the tiny Qwen: concurrent streams equal their solo runs, per-sequence settings and
+cancellation, joining mid-batch, the queue-full refusal, prefix reuse, the custom metrics."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from bridge.launcher import TritonServer
+from bridge.triton_client import InferenceFailed
+from tests.conftest import triton_settings
+from tests.triton_helpers import Streamed, _collect, infer_input, load_model, stream, unload_model
+
+LONG = {"text_input": "Hello", "stream": True}  # greedy on the tiny model runs to max_tokens
+
+
+@pytest.fixture(scope="module")
+def url(triton) -> str:
+    for model in ("qwen_instruct", "qwen_base"):
+        load_model(triton.grpc_url, model)
+    yield triton.grpc_url
+    for model in ("qwen_instruct", "qwen_base"):
+        unload_model(triton.grpc_url, model)
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(triton, tiny_models_dir, tmp_path_factory, monkeypatch_module):
+    """A second server whose engine takes one sequence at a time, queues one more and keeps no
+    prefixes (the old engine's behaviour, and the cold reference for prefix reuse), and joins a
+    stream's deltas for 100 ms. (After the session server, which must not see these settings.)"""
+    settings = {"QWEN_MAX_BATCH": "1", "QWEN_MAX_WAITING": "1", "QWEN_PREFIX_CACHE_GB": "0",
+                "QWEN_STREAM_INTERVAL_MS": "100"}
+    for name, value in settings.items():
+        monkeypatch_module.setenv(name, value)
+    server = TritonServer(triton_settings(tiny_models_dir),
+                          log_path=tmp_path_factory.mktemp("triton-solo") / "tritonserver.log").start()
+    load_model(server.grpc_url, "qwen_instruct")
+    yield server.grpc_url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+class Live:
+    """A streaming request running in the background, with the time of each response."""
+
+    def __init__(self, url: str, model: str, inputs: dict) -> None:
+        self.result = Streamed()
+        self.times: list[float] = []
+        self.done = threading.Event()
+        self._client = grpcclient.InferenceServerClient(url)
+        self._client.start_stream(callback=self._on)
+        tensors = [infer_input(k, v) for k, v in inputs.items() if v is not None]
+        self._client.async_stream_infer(model, tensors, enable_empty_final_response=True)
+
+    def _on(self, result, error) -> None:
+        _collect(self.result, result, error)
+        self.times.append(time.monotonic())
+        if self.result.final or self.result.error:
+            self.done.set()
+
+    def wait_for(self, responses: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.result.responses) < responses and not self.done.is_set():
+            assert time.monotonic() < deadline, "no responses in time"
+            time.sleep(0.01)
+
+    def finish(self, timeout: float = 120) -> Streamed:
+        assert self.done.wait(timeout), "no final response in time"
+        self._client.stop_stream()
+        self._client.close()
+        return self.result
+
+    def cancel(self) -> None:
+        self._client.stop_stream(cancel_requests=True)
+        self._client.close()
+
+
+def text_of(result: Streamed) -> str:
+    assert result.error is None and result.final, result.error
+    return "".join(result.strings("text_output"))
+
+
+def _requests(tag: str, stop: str) -> list[dict]:
+    """Eight requests of mixed prompt length and settings, streamed."""
+    out = []
+    for i in range(8):
+        sampling: dict = {"temperature": 0, "max_tokens": 12 + 5 * i}
+        if i == 5:
+            sampling = {"temperature": 0.9, "top_p": 0.9, "seed": 7, "max_tokens": 30}
+        if i == 6:
+            sampling = {"temperature": 0, "max_tokens": 60, "stop": [stop]}
+        prompt = f"{tag} {i}: " + "a fox in the snow " * (1 + 6 * i)
+        out.append({"text_input": prompt, "stream": True, "sampling_parameters": sampling})
+    return out
+
+
+def test_eight_concurrent_streams_equal_each_run_alone(url: str) -> None:
+    unstopped = text_of(stream(url, "qwen_base", _requests("concurrent", "\x00")[6]))
+    stop = unstopped[len(unstopped) // 2 :][:2]
+    requests = _requests("concurrent", stop)
+    alone = [stream(url, "qwen_base", r) for r in requests]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda r: stream(url, "qwen_base", r), requests))
+    assert [text_of(r) for r in together] == [text_of(r) for r in alone]
+    for request, result in zip(requests, together):
+        limit = request["sampling_parameters"]["max_tokens"]
+        assert result.last("output_tokens") <= limit
+        assert result.last("finish_reason") in ("stop", "length")
+    assert text_of(together[6]) == unstopped[: unstopped.find(stop)]  # cut at the stop string
+    assert together[6].last("finish_reason") == "stop"
+    assert together[0].last("output_tokens") == 12 and together[0].last("finish_reason") == "length"
+
+
+def test_cancelling_one_stream_leaves_the_others_running(url: str) -> None:
+    sampling = {"temperature": 0, "max_tokens": 150}
+    streams = [Live(url, "qwen_base", {**LONG, "sampling_parameters": sampling}) for _ in range(3)]
+    streams[1].wait_for(3)
+    streams[1].cancel()
+    for live in (streams[0], streams[2]):
+        result = live.finish()
+        assert result.last("finish_reason") == "length" and result.last("output_tokens") == 150
+    assert not streams[1].result.final
+
+
+def test_a_request_arriving_mid_batch_streams_before_the_batch_ends(url: str) -> None:
+    long = Live(url, "qwen_base", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 1500}})
+    long.wait_for(5)
+    short = Live(url, "qwen_base", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 5}})
+    short_result = short.finish()
+    assert short_result.last("output_tokens") == 5
+    assert not long.done.is_set(), "the short request waited for the long one"
+    long.cancel()
+
+
+def test_a_full_queue_is_refused_as_unavailable(one_at_a_time: str) -> None:
+    running = Live(one_at_a_time, "qwen_instruct", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 3000}})
+    running.wait_for(2)
+    queued = Live(one_at_a_time, "qwen_instruct", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 3}})
+    time.sleep(0.5)  # it sits in the queue behind the running one (batch of one)
+    refused = stream(one_at_a_time, "qwen_instruct", {**LONG, "sampling_parameters": {"max_tokens": 3}})
+    assert refused.error is not None and "queue is full" in refused.error, refused.error
+    assert InferenceFailed("qwen_instruct", refused.error).transient  # the bridge answers 503 + Retry-After
+    assert not queued.done.is_set()
+    running.cancel()
+    assert queued.finish().last("output_tokens") == 3  # the queued one is served once there is room
+
+
+def test_deltas_joined_over_the_stream_interval_give_the_same_text(one_at_a_time: str) -> None:
+    request = {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 200}}
+    streamed = stream(one_at_a_time, "qwen_instruct", request)
+    whole = stream(one_at_a_time, "qwen_instruct", {**request, "stream": False})
+    assert text_of(streamed) == text_of(whole)
+    assert streamed.last("output_tokens") == 200
+    assert len(streamed.responses) < 100  # far fewer responses than tokens
+
+
+def _conversation(tag: str, reply: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": f"{tag}: you are a ship's cook. " + "Speak of the sea. " * 30},
+                {"role": "user", "content": "What is for dinner?"}]
+    if reply is not None:
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And after that?"}]
+    return messages
+
+
+def _metric(url: str, name: str, model: str) -> float:
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    match = re.search(rf'^{name}\{{model="{model}"\}} (\S+)$', body, re.M)
+    assert match, f"{name} for {model} not on {url}"
+    return float(match.group(1))
+
+
+def test_prefix_reuse_gives_the_cold_text_and_metrics_show_it(url: str, one_at_a_time: str, triton) -> None:
+    greedy = {"temperature": 0, "max_tokens": 20}
+    first = {"messages": _conversation("reuse"), "sampling_parameters": greedy}
+    reply = text_of(stream(url, "qwen_instruct", first))
+    second = {"messages": _conversation("reuse", reply), "sampling_parameters": greedy}
+    reused_before = _metric(triton.metrics_url, "qwen_prefix_reused_tokens_total", "qwen_instruct")
+    warm = stream(url, "qwen_instruct", second)
+    reused = _metric(triton.metrics_url, "qwen_prefix_reused_tokens_total", "qwen_instruct") - reused_before
+    assert reused >= 100, reused  # the system prompt and the first turn came from the cache
+    # the same turns on the server that keeps no prefixes and runs one sequence at a time
+    assert text_of(stream(one_at_a_time, "qwen_instruct", first)) == reply
+    assert text_of(stream(one_at_a_time, "qwen_instruct", second)) == text_of(warm)
+    for name in ("qwen_time_to_first_token_seconds_count", "qwen_inter_token_latency_seconds_count",
+                 "qwen_prompt_tokens_total", "qwen_generated_tokens_total", "qwen_prefix_cache_hits_total"):
+        assert _metric(triton.metrics_url, name, "qwen_instruct") > 0, name
+    for name in ("qwen_sequences_running", "qwen_sequences_waiting"):
+        assert _metric(triton.metrics_url, name, "qwen_instruct") >= 0
+
+
+# ----------------------------------------------------------------------------- through the bridge
+async def _chat_stream(http, max_tokens: int) -> list:
+    from tests.stack import read_sse
+
+    body = {"model": "qwen_instruct", "messages": [{"role": "user", "content": "Tell me of the sea."}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, (await response.aread()).decode()
+        return [e for e in await read_sse(response) if '"content":"' in e["data"] and '"content":""' not in e["data"]]
+
+
+async def test_chat_turns_through_the_bridge_run_at_once_and_are_counted(http) -> None:
+    import asyncio
+
+    streams = await asyncio.gather(*(_chat_stream(http, 80) for _ in range(4)))
+    assert all(len(events) >= 20 for events in streams)
+    # every stream had started before any had ended: the turns shared the model, not took turns
+    assert max(events[0].at for events in streams) < min(events[-1].at for events in streams)
+    body = (await http.get("/metrics")).text
+    match = re.search(r'^gpu_worker_chat_turns_total\{outcome="ok",route="/v1/chat/completions"\} (\S+)$', body, re.M)
+    assert match and float(match.group(1)) >= 4, body[-2000:]
+
+
+async def test_text_completion_on_the_base_model(http) -> None:
+    from tests.stack import read_sse
+
+    body = {"model": "qwen_base", "prompt": "The lighthouse keeper", "max_tokens": 20, "temperature": 0}
+    whole = (await http.post("/v1/completions", json=body)).json()
+    assert whole["object"] == "text_completion" and whole["choices"][0]["finish_reason"] in ("stop", "length")
+    assert whole["usage"]["completion_tokens"] >= 1 and whole["usage"]["prompt_tokens"] >= 3
+    async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        events = await read_sse(response)
+    assert events[-1]["data"] == "[DONE]"
+    chunks = [e.json() for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    too_long = await http.post("/v1/completions", json={**body, "prompt": "word " * 9000})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt", too_long.text
+    missing = await http.post("/v1/completions", json={"model": "qwen_base"})
+    assert missing.status_code == 422
