@@ -38,7 +38,15 @@ from bridge.chat_turns import counted
 from bridge.model_table import job_cost_s
 from bridge.prompt_data import PromptData, get_data
 from bridge.residency import ResidencyError
-from bridge.safety import OUTPUT_REFUSAL_REASON, SafetyVerdict, StreamGuard, check_output, check_prompt, check_texts
+from bridge.safety import (
+    MINOR_RULE,
+    OUTPUT_REFUSAL_REASON,
+    SafetyVerdict,
+    StreamGuard,
+    check_output,
+    check_prompt,
+    check_texts,
+)
 from bridge.safety_paths import chat_texts
 from bridge.textgen import TextResult
 from bridge.triton_client import InferenceFailed
@@ -241,21 +249,26 @@ async def plain_enhance(runtime: Any, parsed: ChatRequest) -> dict[str, Any]:
     output specification and parses the JSON it gets back): a plain completion of the caller's
     messages, answered in ``/enhance``'s shape. No template, no cleaning or one-line squashing, no
     token budget of ours; the caller's sampling (``max_tokens`` 200 when not given) is honoured,
-    and with ``sfw_mode`` the text is masked like a chat reply."""
+    and with ``sfw_mode`` the text is masked like a chat reply. The safety gate reads every
+    message as one unit, then the answer, and the caller's system message ends with its rule about
+    minors, as on every chat route (docs/ARCHITECTURE.md, "Content-safety gate")."""
     data = data_of(runtime)
     conversation = parsed.conversation()
-    refuse_unsafe(conversation.latest_user, data, "enhance")
+    refuse_verdict(await asyncio.to_thread(check_texts, *chat_texts(parsed), data=data), "enhance")
     if parsed.messages is not None:
         messages = [{"role": m.role, "content": m.content} for m in parsed.messages]
     else:
         messages = [{"role": "system", "content": conversation.system_prompt or ""},
                     *({"role": t.role, "content": t.content} for t in conversation.turns)]
+    messages = [{**m, "content": f"{m['content']}\n\n{MINOR_RULE}"} if m["role"] == "system" else m
+                for m in messages]
     sampling = {
         "max_tokens": parsed.max_tokens or ENHANCE_DEFAULTS["max_tokens"],
         "temperature": ENHANCE_DEFAULTS["temperature"] if parsed.temperature is None else parsed.temperature,
         "top_p": parsed.top_p or ENHANCE_DEFAULTS["top_p"],
     }
     result = await complete(runtime, parsed.model, messages, sampling)
+    refuse_verdict(check_output(result.text, *chat_texts(parsed), data=data), "enhance_output")
     text = mask_sfw(result.text, data) if parsed.sfw_mode else result.text
     return {
         "success": True,

@@ -99,9 +99,9 @@ async def test_without_a_key_on_localhost_requests_pass_and_a_warning_is_logged(
             assert (await http.get("/v1/models")).status_code == 200
 
 
-#: Routes without the key: liveness, and the operator page's page, script, style and login (no data
-#: in them; tests/test_ui.py checks the page shows nothing without a session).
-PUBLIC = frozenset({"/health", "/ui", "/ui/", "/ui/session", "/ui/static/{name}"})
+#: Routes without the key: liveness and readiness, and the operator page's page, script, style and
+#: login (no data in them; tests/test_ui.py checks the page shows nothing without a session).
+PUBLIC = PUBLIC_PATHS | {"/ui", "/ui/", "/ui/session", "/ui/static/{name}"}
 
 
 async def test_every_protected_route_answers_401_without_or_with_a_wrong_key(stack) -> None:

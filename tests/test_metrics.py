@@ -139,11 +139,11 @@ def test_dashboard_queries_only_metrics_that_exist(triton) -> None:
 
     dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json").read_text())
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    names = {name for expr in exprs for name in re.findall(r"\b((?:gpu_worker|nv)_[a-z_]+)\b", expr)}
+    names = {name for expr in exprs for name in re.findall(r"\b((?:gpu_worker|nv|qwen)_[a-z_]+)\b", expr)}
     assert any(n.startswith("gpu_worker_") for n in names) and any(n.startswith("nv_") for n in names)
 
     bridge = {family.name for family in text_string_to_metric_families(Metrics().render().decode())}
-    load_model(triton.grpc_url, "qwen_base")  # Triton lists a model's metrics once it is loaded
+    load_model(triton.grpc_url, "qwen_base")  # Triton lists a model's metrics (ours too) once it is loaded
     try:
         served = httpx.get(triton.metrics_url, timeout=10).text
     finally:
