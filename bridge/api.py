@@ -42,6 +42,7 @@ from bridge.api_chat import legacy_router, openai_router
 from bridge.api_common import ApiError, error_response, field_name, is_legacy, probe, runtime_of, unavailable
 from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
+from bridge.api_limits import BodyLimit, StreamSlots
 from bridge.api_scene import router as scene_router
 from bridge.jobs import JOB_TYPES, QUEUES
 from bridge.residency import ResidencyError
@@ -294,6 +295,9 @@ def create_app(runtime: Any) -> FastAPI:
     app = FastAPI(title="gpu-worker", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.state.started = time.monotonic()
+    app.state.event_slots = StreamSlots(runtime.settings.event_streams_max)
+    # Added first, so it runs inside the key check: an unauthenticated body is never read.
+    app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_request_bytes)
     app.add_middleware(BearerAuth, key=key)
     _install_error_handlers(app)
     for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router):

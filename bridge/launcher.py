@@ -23,6 +23,7 @@ import sysconfig
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,29 @@ def speedup_environment(settings: Settings) -> dict[str, str]:
     }
 
 
+#: Variables tritonserver and the model stubs keep from the bridge's environment: what Triton,
+#: torch, CUDA, Hugging Face and the C runtime read. Everything else (the bridge's secrets:
+#: WORKER_API_KEY, SUPABASE_SERVICE_KEY, JOB_CALLBACK_SECRET, TRITON_API_KEY, REDIS_URL, ...)
+#: stays out of processes that run model code (docs/DEPLOY.md, "Secrets").
+CHILD_ENV_NAMES = frozenset({
+    "PATH", "LD_LIBRARY_PATH", "LD_PRELOAD", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ",
+    "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+    "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+})
+CHILD_ENV_PREFIXES = (
+    "CUDA_", "NVIDIA_", "CUBLAS_", "CUBLASLT_", "CUDNN_", "NCCL_", "TORCH", "PYTORCH_",
+    "TRITON_CACHE_DIR", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TOKENIZERS_", "SAFETENSORS_",
+    "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LC_", "XDG_",
+)
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``environ`` a model process may see (:data:`CHILD_ENV_NAMES`, names starting
+    with :data:`CHILD_ENV_PREFIXES`)."""
+    return {name: value for name, value in environ.items()
+            if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)}
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for tests and ad-hoc servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -182,7 +206,9 @@ class TritonServer:
         return cmd
 
     def environment(self, install: TritonInstall) -> dict[str, str]:
-        env = dict(os.environ)
+        """What tritonserver and its model stubs run with: the bridge's environment filtered by
+        :func:`child_environment` (never its secrets), plus what the models read."""
+        env = child_environment(os.environ)
         lib_path = [str(p) for p in install.lib_dirs] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
         env["LD_LIBRARY_PATH"] = ":".join(lib_path)
         # The stub runs the first `python3` it finds: make it ours (venv packages included).

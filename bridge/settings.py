@@ -180,6 +180,16 @@ class Settings(BaseSettings):
     )
     # --- end prompt data files -------------------------------------------------------------------
 
+    # --- Request limits (bridge/limits.py; docs/API.md "Limits") ------------------------------
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body the API reads (bytes); larger ones get a 413."
+    )
+    event_streams_max: int = Field(
+        32, ge=1, description="Job event streams (GET /jobs/{id}/events) open at once, each holding one Redis "
+        "connection of their own bounded pool; one more gets a 503 with Retry-After."
+    )
+    # --- end request limits ---------------------------------------------------------------------
+
     @field_validator("triton_startup_models", "fetch_allowed_hosts", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:

@@ -509,6 +509,8 @@ class Worker:
         """
         *enhance_stage, render = job_stages(job.type.name)  # (the gate passed job.prompt before)
         prompt, enhancement, enhance_s, throttle = job.prompt, None, 0.0, None
+        # Downloaded before asking for the GPU (up to REFERENCE_TIMEOUT_S): never while holding it.
+        reference = await self._reference_image(job) if head is None else None
         if enhance_stage:
             async with self._holding_gpu(delivery, job, enhance_stage[0].models, enhance_stage[0]) as throttle:
                 started = time.monotonic()
@@ -525,7 +527,6 @@ class Worker:
                 outputs = await head.request
             else:
                 started = time.monotonic() - enhance_s  # generation_time: the enhancement and the render
-                reference = await self._reference_image(job)
                 outputs = await self._infer(job, _render_inputs(job, prompt, reference),
                                             self._on_progress(job, lambda: throttle))
             elapsed = time.monotonic() - started
