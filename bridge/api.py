@@ -39,7 +39,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge import metrics
 from bridge.api_chat import legacy_router, openai_router
-from bridge.api_common import ApiError, error_response, field_name, is_legacy, probe, runtime_of, unavailable
+from bridge.api_common import (
+    ApiError,
+    error_response,
+    field_name,
+    is_legacy,
+    probe,
+    public_failure,
+    runtime_of,
+    unavailable,
+)
 from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
 from bridge.api_limits import BodyLimit, StreamSlots
@@ -230,7 +239,8 @@ def _memory(runtime: Any) -> dict[str, Any]:
         "models_loaded": resident,
         "budget_gb": report.budget_gb,
         "gpu": {"total_gb": report.gpu_total_gb, "free_gb": report.gpu_free_gb, "used_gb": report.gpu_used_gb},
-        "models": {name: m.model_dump() for name, m in report.models.items()},
+        "models": {name: {**m.model_dump(), "last_error": public_failure(m.last_error)}
+                   for name, m in report.models.items()},
         "loads": report.loads,
         "unloads": report.unloads,
         "load_failures": report.load_failures,

@@ -116,8 +116,11 @@ async def _resolve_checked(url: httpx.URL, hop: int, allowed: set[str]) -> list[
         if _is_public(address) or _is_allowed(host, address, port, allowed):
             continue
         where = "redirect to" if hop else "request to"
-        shown = address if str(address) == host else f"{address} (host {host!r})"
-        raise FetchError(f"{_FIELD}: {where} private address {shown} refused")
+        if str(address) == host:
+            raise FetchError(f"{_FIELD}: {where} private address {address} refused")
+        # The address a name resolved to stays in the log: the job's error reaches the client.
+        log.warning("reference image host %r resolved to private address %s; refused", host, address)
+        raise FetchError(f"{_FIELD}: {where} host {host!r} refused: it resolves to a private address")
     return addresses
 
 

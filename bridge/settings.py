@@ -188,6 +188,10 @@ class Settings(BaseSettings):
         32, ge=1, description="Job event streams (GET /jobs/{id}/events) open at once, each holding one Redis "
         "connection of their own bounded pool; one more gets a 503 with Retry-After."
     )
+    secret_args_shim: Path | None = Field(
+        None, description="Prebuilt bridge/native/secret_args.c (the image's); unset: compiled with cc at each "
+        "Triton start. Keeps TRITON_API_KEY off tritonserver's command line (docs/DEPLOY.md, Secrets)."
+    )
     # --- end request limits ---------------------------------------------------------------------
 
     @field_validator("triton_startup_models", "fetch_allowed_hosts", mode="before")
