@@ -214,3 +214,19 @@ async def test_huge_or_deep_queued_payloads_are_dead_lettered_and_the_next_job_r
     reasons = [entry["reason"] for entry in await stack.queue.dead_letters()]
     assert any("bytes; at most 1048576" in reason for reason in reasons), reasons
     assert any("nested 501 levels deep" in reason for reason in reasons), reasons
+
+
+# --------------------------------------------------------------------------- what answers leave out
+async def test_info_answers_carry_no_file_paths(http: httpx.AsyncClient, stack, tiny_models_dir) -> None:
+    """/enhancement/info and /model/info say which data copy and whether weights are present, not
+    where they are on disk (they used to answer the data folder and each weights path)."""
+    from bridge.settings import REPO_ROOT
+
+    enhancement = await http.get("/enhancement/info")
+    models = await http.get("/model/info")
+    assert enhancement.status_code == models.status_code == 200
+    assert enhancement.json()["source"] == "packaged"
+    assert all(m["weights_present"] is True for m in models.json()["models"].values())
+    for text in (enhancement.text, models.text, (await http.get("/memory/status")).text):
+        for path in (str(tiny_models_dir), str(REPO_ROOT), "/bridge/data"):
+            assert path not in text, path
