@@ -16,6 +16,8 @@ Starlette has no body limit of its own; this is the small piece it lacks.
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,6 +27,7 @@ from bridge.limits import MAX_JSON_DEPTH, json_depth
 
 #: Seconds a client is told to wait for an event stream slot.
 STREAM_RETRY_AFTER_S = 5
+_SCAN_INLINE_BYTES = 64 * 1024
 
 
 class _Refused(Exception):
@@ -88,7 +91,8 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        depth = json_depth(body)
+        # A scan of up to MAX_REQUEST_BYTES: in a thread when large, so it never stalls the loop.
+        depth = await asyncio.to_thread(json_depth, body) if len(body) > _SCAN_INLINE_BYTES else json_depth(body)
         if depth > MAX_JSON_DEPTH:
             raise _Refused(422, f"body: JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
         return body

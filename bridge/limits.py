@@ -7,9 +7,7 @@ Python's ``json`` recurses once per nesting level and raises ``RecursionError`` 
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
 
 #: Deepest JSON nesting a request or queued job may have (the deepest legitimate body, a job's
 #: ``metadata``, is a few levels).
@@ -36,14 +34,3 @@ def json_depth(body: bytes | str) -> int:
         else:
             depth -= 1
     return deepest
-
-
-def loads_bounded(raw: bytes | str) -> Any:
-    """``json.loads`` that refuses (``ValueError``) a document nested deeper than
-    :data:`MAX_JSON_DEPTH` instead of overflowing the stack."""
-    depth = json_depth(raw)
-    if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
-    return json.loads(raw)
-
-
