@@ -17,10 +17,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge import metrics
 from bridge.api_common import ApiError, EventStream, runtime_of, sse, unavailable
@@ -270,9 +270,19 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
-    stop: str | list[Annotated[str, Field(max_length=MAX_TURN_CHARS)]] | None = Field(None, max_length=MAX_STOP)
+    stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
     sfw_mode: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        sequences = value if isinstance(value, list) else [] if value is None else [value]
+        if len(sequences) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are accepted, got {len(sequences)}")
+        if any(len(sequence) > MAX_TURN_CHARS for sequence in sequences):
+            raise ValueError(f"a stop sequence may have at most {MAX_TURN_CHARS} characters")
+        return value
 
     def chat_request(self) -> ChatRequest:
         return parse_body({

@@ -108,7 +108,10 @@ async def test_list_lengths_are_limited(http: httpx.AsyncClient) -> None:
     assert api_error(too_many, 422, "messages")
     stops = await http.post("/v1/chat/completions",
                             json={"model": "qwen_instruct", "messages": [message], "stop": ["x"] * 17})
-    assert api_error(stops, 422, "stop")["fields"]
+    assert "at most 16 stop sequences" in api_error(stops, 422, "stop")["message"]
+    long_stop = await http.post("/v1/chat/completions",
+                                json={"model": "qwen_instruct", "messages": [message], "stop": "x" * 2001})
+    assert api_error(long_stop, 422, "stop")
     history = await http.post("/chat", json={"message": "hi", "conversation_history": [message] * 201})
     assert history.status_code == 400 and "conversation_history" in history.json()["error"], history.text
     legacy = await http.post("/chat", json={"messages": [message] * 201})
