@@ -339,8 +339,9 @@ class Worker:
             log.exception("job %s: unexpected error; requeued", delivery.job_id)
             if delivery.job_id:
                 with suppress(Exception):
-                    await self.queue.set_state(delivery.job_id, error=f"internal error: {type(exc).__name__}: {exc}",
-                                               event=False)
+                    # The exception's text (paths, internals) stays in the log; the job's state reaches clients.
+                    await self.queue.set_state(delivery.job_id, event=False,
+                                               error=f"internal error ({type(exc).__name__}); the worker's log has the details")
             await self._requeue(delivery, count_attempt=True)
         finally:
             # Only the task that registered the job forgets it (a duplicate delivery must not).
