@@ -68,6 +68,13 @@ assert stub.exists(), stub; print('python backend stub:', stub)"
 COPY bridge /app/bridge
 COPY model_kit /app/model_kit
 RUN pip install --no-deps --force-reinstall /app && rm -rf /app/build /app/*.egg-info
+# The secret-args shim (bridge/native/secret_args.c): keeps TRITON_API_KEY off tritonserver's
+# command line (docs/DEPLOY.md, "Secrets"). Built here; the compiler does not stay in the image.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && mkdir -p /opt/gpu-worker \
+ && gcc -shared -fPIC -O2 -o /opt/gpu-worker/secret_args.so /app/bridge/native/secret_args.c \
+ && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+ENV SECRET_ARGS_SHIM=/opt/gpu-worker/secret_args.so
 COPY model_repository /app/model_repository
 COPY docker/start.sh /app/docker/start.sh
 RUN chmod 0755 /app/docker/start.sh

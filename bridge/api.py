@@ -45,9 +45,19 @@ from bridge.api_auth import (  # noqa: F401 - ApiConfigError re-exported
     key_check,
 )
 from bridge.api_chat import legacy_router, openai_router
-from bridge.api_common import ApiError, error_response, field_name, is_legacy, probe, runtime_of, unavailable
+from bridge.api_common import (
+    ApiError,
+    error_response,
+    field_name,
+    is_legacy,
+    probe,
+    public_failure,
+    runtime_of,
+    unavailable,
+)
 from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
+from bridge.api_limits import BodyLimit, StreamSlots
 from bridge.api_scene import router as scene_router
 from bridge.api_ui import Sessions, ui_authorized
 from bridge.api_ui import router as ui_router
@@ -209,7 +219,8 @@ def _memory(runtime: Any) -> dict[str, Any]:
         "models_loaded": resident,
         "budget_gb": report.budget_gb,
         "gpu": {"total_gb": report.gpu_total_gb, "free_gb": report.gpu_free_gb, "used_gb": report.gpu_used_gb},
-        "models": {name: m.model_dump() for name, m in report.models.items()},
+        "models": {name: {**m.model_dump(), "last_error": public_failure(m.last_error)}
+                   for name, m in report.models.items()},
         "loads": report.loads,
         "unloads": report.unloads,
         "load_failures": report.load_failures,
@@ -299,6 +310,9 @@ def create_app(runtime: Any) -> FastAPI:
     app.state.api_key_check = key_check(access)  # the operator's page logs in with it (bridge/api_ui.py)
     app.state.login_limit = RateLimiter(access.failures_per_min)  # wrong keys typed into the page's login
     app.state.ui_sessions = Sessions()
+    app.state.event_slots = StreamSlots(runtime.settings.event_streams_max)
+    # Added first, so it runs inside the key check: an unauthenticated body is never read.
+    app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_request_bytes)
     app.add_middleware(ApiGuard, config=access, also_allowed=ui_authorized)
     _install_error_handlers(app)
     for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router, ui_router):

@@ -11,6 +11,7 @@ sfw masking (:meth:`PreparedChat.finish`). A model that cannot be made resident 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -19,11 +20,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge import metrics
 from bridge.api_common import ApiError, EventStream, runtime_of, sse, unavailable
 from bridge.chat import (
+    MAX_MESSAGES,
+    MAX_TURN_CHARS,
     BudgetError,
     ChatRequest,
     ChatRequestError,
@@ -52,6 +55,8 @@ from bridge.textgen import TextResult
 from bridge.triton_client import InferenceFailed
 from bridge.worker import JobFailed, Waiting
 
+log = logging.getLogger(__name__)
+
 CHAT_MODELS = ("qwen_instruct", "qwen_base")
 DISPLAY_NAMES = {"qwen_instruct": "Qwen2.5-7B-Instruct", "qwen_base": "Qwen2.5-7B"}
 #: Time limit of one non-streaming generation.
@@ -62,6 +67,9 @@ ENHANCE_DEFAULTS = {"max_tokens": 200, "temperature": 0.7, "top_p": 0.9}
 legacy_router = APIRouter()
 openai_router = APIRouter(prefix="/v1")
 _tokenizer_lock = threading.Lock()  # one tokenizer call at a time (fast tokenizers are not re-entrant)
+tokenizer_lock = _tokenizer_lock  # the same lock, for the scene routes (bridge.api_scene)
+#: Stop sequences one request may give (OpenAI's own limit is 4).
+MAX_STOP = 16
 
 
 # ----------------------------------------------------------------------------- the shared path
@@ -97,8 +105,9 @@ async def tokenizer_of(runtime: Any, model: str) -> Any:
     """``runtime.text.tokenizer(model)`` off the event loop; 503 when it cannot be read."""
     try:
         return await asyncio.to_thread(runtime.text.tokenizer, model)
-    except Exception as exc:  # noqa: BLE001 - the model's files are missing or unreadable
-        raise unavailable(f"{model}: its tokenizer cannot be read: {exc}") from None
+    except Exception:  # noqa: BLE001 - the model's files are missing or unreadable
+        log.exception("%s: its tokenizer cannot be read", model)  # the path and cause: for the log only
+        raise unavailable(f"{model}: its tokenizer cannot be read (the worker's log says why)") from None
 
 
 def _prepare_locked(chat: ChatRequest, tokenizer: Any, data: PromptData, template: str | None) -> PreparedChat:
@@ -229,8 +238,12 @@ async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[st
     }
     result = await complete(runtime, parsed.model, enhancement_messages(target, prompt, data), sampling)
     tokenizer = await tokenizer_of(runtime, target)
-    with _tokenizer_lock:
-        enhanced = finish_enhancement(target, result.text, tokenizer, original=prompt, data=data)
+
+    def finish() -> Any:  # the tokenizer: CPU work, off the event loop
+        with _tokenizer_lock:
+            return finish_enhancement(target, result.text, tokenizer, original=prompt, data=data)
+
+    enhanced = await asyncio.to_thread(finish)
     refuse_verdict(check_output(f"{result.text}\n{enhanced.prompt}", prompt, data=data), "enhance_output")
     text = mask_sfw(enhanced.prompt, data) if parsed.sfw_mode else enhanced.prompt
     return {
@@ -312,7 +325,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Literal["qwen_instruct", "qwen_base"]
-    messages: list[OpenAIMessage] = Field(min_length=1)
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=8192)
@@ -323,6 +336,16 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
     sfw_mode: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        sequences = value if isinstance(value, list) else [] if value is None else [value]
+        if len(sequences) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are accepted, got {len(sequences)}")
+        if any(len(sequence) > MAX_TURN_CHARS for sequence in sequences):
+            raise ValueError(f"a stop sequence may have at most {MAX_TURN_CHARS} characters")
+        return value
 
     def chat_request(self) -> ChatRequest:
         return parse_body({

@@ -54,6 +54,12 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def public_failure(detail: str | None) -> str | None:
+    """What a client is told of an internal failure (``detail``: an exception's text, which may
+    hold file paths): that it happened, not its text; the worker's log has that."""
+    return None if not detail else "failed; the worker's log has the details"
+
+
 def unavailable(message: str) -> ApiError:
     """503 with ``Retry-After``: a model is not resident and cannot be made resident now."""
     return ApiError(503, message, type="model_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})

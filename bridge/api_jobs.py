@@ -6,6 +6,7 @@
 - ``GET /jobs/{id}``: the state the worker keeps in Redis (status, progress, assets, error, ...).
 - ``GET /jobs/{id}/events``: that state's changes as server-sent events until a terminal status
   (``Last-Event-ID`` resumes); a ``: keep-alive`` comment every few seconds while nothing happens.
+  At most ``EVENT_STREAMS_MAX`` streams are open at once; one more is a 503 with ``Retry-After``.
 - ``POST /jobs/{id}/cancel``: asks the worker to stop the job; it ends ``cancelled``.
 """
 
@@ -95,7 +96,13 @@ async def job_events(request: Request, job_id: JobId) -> EventStream:
     terminal status (``completed``, ``failed`` or ``cancelled``)."""
     queue: Queue = runtime_of(request).queue
     await _known_state(queue, job_id)
-    return EventStream(_events(queue, job_id, request.headers.get("last-event-id") or "0"))
+    slots = request.app.state.event_slots  # bounded like the queue's event pool: 503 past it
+    slots.take()
+
+    async def give_back() -> None:
+        slots.give_back()
+
+    return EventStream(_events(queue, job_id, request.headers.get("last-event-id") or "0"), on_close=give_back)
 
 
 async def _events(queue: Queue, job_id: str, last_id: str) -> AsyncIterator[str]:

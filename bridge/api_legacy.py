@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Request
@@ -37,9 +38,10 @@ from bridge.api_chat import (
     refuse_unsafe,
     refuse_verdict,
 )
-from bridge.api_common import ApiError, probe, runtime_of
+from bridge.api_common import ApiError, probe, public_failure, runtime_of
 from bridge.chat import MAX_MESSAGE_CHARS
 from bridge.jobs import JOB_TYPES, QUEUES, peek_id
+from bridge.prompt_data import PACKAGED_DATA_DIR
 from bridge.safety import check_output
 from bridge.textgen import ENHANCE_SAMPLING
 
@@ -154,7 +156,8 @@ async def enhancement_info(request: Request) -> dict[str, Any]:
                               "auto": "sdxl_enhance for job types sdxl_*, else wan_enhance"},
         "qualities": QUALITY_SAMPLING,
         "model": ENHANCE_MODEL,
-        "source": str(data.source),
+        # Which copy, not where: file paths stay out of answers.
+        "source": "packaged" if Path(data.source).resolve() == PACKAGED_DATA_DIR.resolve() else "DATA_DIR",
     }
 
 
@@ -198,8 +201,8 @@ async def model_info(request: Request) -> dict[str, Any]:
         weights = runtime.settings.weights_path(name)
         models[name] = {
             "state": m.state, "kind": _KINDS.get(name), "policy": m.policy, "vram_gb": m.vram_gb,
-            "measured_gb": m.measured_gb, "in_flight": m.in_flight, "weights_path": str(weights),
-            "weights_present": weights.exists(), "last_error": m.last_error,
+            "measured_gb": m.measured_gb, "in_flight": m.in_flight,
+            "weights_present": weights.exists(), "last_error": public_failure(m.last_error),
         }
     return {"success": True, "budget_gb": report.budget_gb, "models": models}
 

@@ -21,6 +21,7 @@ the ``safety_refusals`` metric (``job_type="scene"``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge import metrics
+from bridge.api_chat import _tokenizer_lock as tokenizer_lock
 from bridge.api_chat import complete, data_of, refuse_unsafe, tokenizer_of
 from bridge.api_common import ApiError, runtime_of
 from bridge.api_jobs import queue_job
@@ -102,10 +104,15 @@ async def _detect(runtime: Any, body: SceneRequest) -> SceneResult:
     tokenizer = await tokenizer_of(runtime, "sdxl")
     if body.use_model:
         result = await detect_scene(body.text, body.characters, _generator(runtime, data), tokenizer, data=data,
-                                    timeout_s=MODEL_TIMEOUT_S)
+                                    timeout_s=MODEL_TIMEOUT_S, lock=tokenizer_lock)
     else:
-        result = detect_scene_rules(body.text, body.characters, tokenizer=tokenizer, data=data,
-                                    note="use_model is false: rules only")
+        # Regular expressions and the CLIP tokenizer: CPU work, kept off the event loop.
+        def rules() -> SceneResult:
+            with tokenizer_lock:
+                return detect_scene_rules(body.text, body.characters, tokenizer=tokenizer, data=data,
+                                          note="use_model is false: rules only")
+
+        result = await asyncio.to_thread(rules)
     if result.refused:
         metrics.inc_safety_refusal(_SAFETY_KIND)
         raise ApiError(400, REFUSAL_REASON, type="content_refused")

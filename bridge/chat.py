@@ -32,6 +32,9 @@ from bridge.safety import MINOR_RULE
 MAX_HISTORY_TURNS = 20
 MAX_TURN_CHARS = 2000
 MAX_MESSAGE_CHARS = 32_000
+#: Messages (and history turns) one request may carry; the context is trimmed to the model's window
+#: anyway, this bounds the work of reading them (docs/API.md, "Limits").
+MAX_MESSAGES = 200
 CLIP_USABLE_TOKENS = 75  # CLIP reads 77 tokens, two of which are BOS and EOS
 _USER_SENDERS = {"user", "human", "you", "me"}
 
@@ -100,12 +103,12 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     message: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
     system_prompt: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
     conversation_id: str | None = None
     context_type: str | None = None
-    conversation_history: list[HistoryTurn] | None = None
+    conversation_history: list[HistoryTurn] | None = Field(None, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)

@@ -109,15 +109,18 @@ async def _resolve_checked(url: httpx.URL, hop: int, allowed: set[str]) -> list[
     """Resolve the URL's host; every address must be public or its ``host:port`` allowed."""
     host, port = url.host, _port_of(url)
     try:
-        addresses = [ipaddress.ip_address(host)]
+        addresses, literal = [ipaddress.ip_address(host)], True
     except ValueError:
-        addresses = await _resolve(host, port)
+        addresses, literal = await _resolve(host, port), False
     for address in addresses:
         if _is_public(address) or _is_allowed(host, address, port, allowed):
             continue
         where = "redirect to" if hop else "request to"
-        shown = address if str(address) == host else f"{address} (host {host!r})"
-        raise FetchError(f"{_FIELD}: {where} private address {shown} refused")
+        if literal:
+            raise FetchError(f"{_FIELD}: {where} private address {host} refused")
+        # The address a name resolved to stays in the log: the job's error reaches the client.
+        log.warning("reference image host %r resolved to private address %s; refused", host, address)
+        raise FetchError(f"{_FIELD}: {where} host {host!r} refused: it resolves to a private address")
     return addresses
 
 

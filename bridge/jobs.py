@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from bridge.limits import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, json_depth
+
 Model = Literal["sdxl", "wan", "qwen_instruct", "qwen_base"]
 Output = Literal["image", "video", "text"]
 
@@ -373,6 +375,12 @@ def _decode(raw: bytes | str) -> dict[str, Any]:
         text = raw
     else:
         raise DeadLetter(f"payload must be bytes or text, got {type(raw).__name__}")
+    if len(text) > MAX_PAYLOAD_BYTES:  # characters: a cheap bound before the exact byte count
+        raise DeadLetter(f"payload is {len(text.encode('utf-8', 'surrogatepass'))} bytes; at most "
+                         f"{MAX_PAYLOAD_BYTES} are accepted")
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:  # refused by name, before the parser recurses that deep
+        raise DeadLetter(f"payload is JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
     value: Any = text
     for _ in range(3):  # text -> object, or text -> ["text"] -> object
         if isinstance(value, str):

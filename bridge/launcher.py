@@ -23,12 +23,13 @@ import sysconfig
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from bridge.settings import Settings
+from bridge.settings import MODEL_NAMES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,54 @@ def speedup_environment(settings: Settings) -> dict[str, str]:
     }
 
 
+#: Variables tritonserver and the model stubs keep from the bridge's environment: what Triton,
+#: torch, CUDA, Hugging Face and the C runtime read. Everything else (the bridge's secrets:
+#: WORKER_API_KEY, SUPABASE_SERVICE_KEY, JOB_CALLBACK_SECRET, TRITON_API_KEY, REDIS_URL, ...)
+#: stays out of processes that run model code (docs/DEPLOY.md, "Secrets").
+CHILD_ENV_NAMES = frozenset({
+    "PATH", "LD_LIBRARY_PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ",
+    "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+    "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+})
+CHILD_ENV_PREFIXES = (
+    "CUDA_", "NVIDIA_", "CUBLAS_", "CUBLASLT_", "CUDNN_", "NCCL_", "TORCH", "PYTORCH_",
+    "TRITON_CACHE_DIR", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TOKENIZERS_", "SAFETENSORS_",
+    "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LC_", "XDG_",
+    # <MODEL>_<KEY>: a model's weights or config folder (model_kit.common.weights_path)
+    *(f"{name.upper()}_" for name in MODEL_NAMES),
+)
+
+
+#: What tritonserver's command line shows in place of a secret argument (bridge/native/secret_args.c).
+SECRET_ARG = "--secret-arg-from-file"
+_SHIM_SOURCE = Path(__file__).resolve().parent / "native" / "secret_args.c"
+
+
+def secret_args_shim(settings: Settings, workdir: Path) -> Path | None:
+    """The LD_PRELOAD library that hands tritonserver its secret arguments from a file: the
+    prebuilt ``SECRET_ARGS_SHIM``, else ``bridge/native/secret_args.c`` compiled with ``cc`` into
+    ``workdir``; ``None`` when neither is possible."""
+    if settings.secret_args_shim is not None:
+        return settings.secret_args_shim if settings.secret_args_shim.exists() else None
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    target = workdir / "secret_args.so"
+    done = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(target), str(_SHIM_SOURCE)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        log.warning("compiling %s failed: %s", _SHIM_SOURCE.name, done.stderr.strip()[-500:])
+        return None
+    return target
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``environ`` a model process may see (:data:`CHILD_ENV_NAMES`, names starting
+    with :data:`CHILD_ENV_PREFIXES`)."""
+    return {name: value for name, value in environ.items()
+            if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)}
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for tests and ad-hoc servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -134,6 +183,7 @@ class TritonServer:
     process: subprocess.Popen | None = field(default=None, init=False)
     _workdir: Path | None = field(default=None, init=False)
     _shm_prefix: str = field(default="", init=False)
+    _secret_env: dict[str, str] = field(default_factory=dict, init=False)
 
     @property
     def host(self) -> str:
@@ -182,12 +232,33 @@ class TritonServer:
         if s.triton_api_key is not None:
             # Restrict model control (load/unload/index) to callers that send the key.
             restricted = f"model-repository:{API_KEY_HEADER}={s.triton_api_key.get_secret_value()}"
-            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+            cmd += self._secret_args([f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"])
         cmd += [f"--load-model={name}" for name in self.startup_models]
         return cmd
 
+    def _secret_args(self, args: list[str]) -> list[str]:
+        """``args`` as tritonserver's command line shows them: placeholders, the real ones in a
+        0600 file of the private working directory that the shim reads (and removes) before
+        tritonserver's main(); as they are, with a warning, when no shim can be had."""
+        shim = secret_args_shim(self.settings, self._workdir) if self._workdir is not None else None
+        if shim is None:
+            log.warning("no secret-args shim (set SECRET_ARGS_SHIM or install cc): TRITON_API_KEY is on "
+                        "tritonserver's command line, visible to local users (docs/DEPLOY.md, Secrets)")
+            return args
+        assert self._workdir is not None
+        if any("\n" in arg for arg in args):
+            raise TritonStartError("TRITON_API_KEY must not contain a line break")
+        path = self._workdir / "secret-args"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write("".join(f"{arg}\n" for arg in args))
+        self._secret_env = {"LD_PRELOAD": str(shim), "SECRET_ARGS_FILE": str(path)}
+        return [SECRET_ARG] * len(args)
+
     def environment(self, install: TritonInstall) -> dict[str, str]:
-        env = dict(os.environ)
+        """What tritonserver and its model stubs run with: the bridge's environment filtered by
+        :func:`child_environment` (never its secrets), plus what the models read."""
+        env = child_environment(os.environ)
         lib_path = [str(p) for p in install.lib_dirs] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
         env["LD_LIBRARY_PATH"] = ":".join(lib_path)
         # The stub runs the first `python3` it finds: make it ours (venv packages included).
@@ -197,6 +268,7 @@ class TritonServer:
         env["MODEL_THREADS"] = str(self.settings.model_threads)
         env.update(speedup_environment(self.settings))  # model_kit.speedups reads these
         env.update(self.extra_env)
+        env.update(self._secret_env)  # the shim and its file (no secret itself)
         return env
 
     def _prepare_backend_dir(self, install: TritonInstall) -> Path | None:

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any, TextIO
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 from pydantic import SecretStr
 
@@ -37,8 +37,10 @@ REDACTED = "***"
 MIN_SECRET_LENGTH = 4
 
 _GENERIC_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # Authorization: Bearer <token>
-    (re.compile(r"(?i)\b(Bearer\s+)[A-Za-z0-9\-._~+/]+=*"), r"\1" + REDACTED),
+    # Authorization: Bearer <token> (any characters up to a space, quote, comma or bracket)
+    (re.compile(r"(?i)\b(Bearer\s+)[^\s\"',;}\]\\]+"), r"\1" + REDACTED),
+    # Authorization: Basic <base64 of user:password>
+    (re.compile(r"(?i)\b(Basic\s+)[A-Za-z0-9+/=_\-]{4,}"), r"\1" + REDACTED),
     # X-Callback-Signature: sha256=<hex>
     (re.compile(r"(?i)\b(sha256=)[0-9a-f]{8,}"), r"\1" + REDACTED),
     # scheme://user:password@host
@@ -47,7 +49,7 @@ _GENERIC_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(
             r"(?i)([?&;](?:password|passwd|pwd|pass|secret|token|access_token|refresh_token|"
-            r"api_key|apikey|key|sig|signature)=)[^&\s#\"']+"
+            r"api_key|apikey|key|sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s#\"']+"
         ),
         r"\1" + REDACTED,
     ),
@@ -88,6 +90,26 @@ def secrets_from_settings(settings: Any) -> list[str]:
     return found
 
 
+def _repr_forms(text: str) -> set[str]:
+    """``text`` as it shows inside a Python ``repr()``: quotes escaped (``\\'``) or not, depending
+    on the quotes of the whole string it is part of; backslashes and control characters escaped."""
+    pieces = re.split(r"(['\"])", text)
+    single = "".join({"'": "\\'", '"': '"'}.get(piece) or repr(piece)[1:-1] for piece in pieces)
+    plain = "".join(piece if piece in ("'", '"') else repr(piece)[1:-1] for piece in pieces)
+    return {single, plain, repr(text.encode("utf-8", "surrogatepass"))[2:-1]}
+
+
+def secret_forms(text: str) -> set[str]:
+    """Every way the logs may print ``text``: as is, URL-encoded (a password in ``REDIS_URL``) or
+    decoded, escaped by ``repr()`` or JSON, and those escaped once more (a payload or header dict
+    printed inside another repr or JSON string)."""
+    forms = {text, quote(text, safe=""), quote(text), quote_plus(text), unquote(text), unquote_plus(text)}
+    escaped = _repr_forms(text) | {_json.dumps(text)[1:-1], _json.dumps(text, ensure_ascii=False)[1:-1]}
+    for once in list(escaped):
+        escaped |= _repr_forms(once) | {_json.dumps(once)[1:-1], _json.dumps(once, ensure_ascii=False)[1:-1]}
+    return forms | escaped
+
+
 class Redactor:
     """Replaces known secrets and credential-shaped text with ``***``."""
 
@@ -97,8 +119,7 @@ class Redactor:
             if secret is None:
                 continue
             text = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
-            # The same secret may appear URL-encoded (a password in REDIS_URL) or decoded.
-            for variant in (text, quote(text, safe=""), unquote(text)):
+            for variant in secret_forms(text):
                 if len(variant) >= MIN_SECRET_LENGTH:
                     values.add(variant)
         # Longest first, so a secret that contains another is masked whole.

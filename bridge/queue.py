@@ -342,6 +342,7 @@ class Queue:
         backoff_cap_s: float = 5.0,
         give_up_after_s: float | None = None,
         max_connections: int = 64,
+        event_connections: int = 32,
     ) -> None:
         secret = url.get_secret_value() if isinstance(url, SecretStr) else url
         if pop_side not in ("left", "right"):
@@ -368,6 +369,12 @@ class Queue:
             secret, socket_timeout=BLOCK_CHUNK_S + 10.0, socket_connect_timeout=5.0,
             retry=Retry(NoBackoff(), 0),
         )
+        # Event streams (SSE) block on their own pool, bounded: the API refuses streams past its
+        # size with a 503 (bridge/limits.py), so a client cannot open Redis connections at will.
+        self._events = Redis.from_url(
+            secret, socket_timeout=BLOCK_CHUNK_S + 10.0, socket_connect_timeout=5.0,
+            retry=Retry(NoBackoff(), 0), max_connections=event_connections,
+        )
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (
@@ -391,11 +398,13 @@ class Queue:
             raise ValueError("no Redis URL: set REDIS_URL or pass the embedded server's url")
         return cls(
             url, worker_id=settings.worker_id, pop_side=settings.queue_pop_side,
-            max_attempts=settings.max_attempts, heartbeat_ttl_s=settings.heartbeat_ttl_s, **options,
+            max_attempts=settings.max_attempts, heartbeat_ttl_s=settings.heartbeat_ttl_s,
+            event_connections=settings.event_streams_max, **options,
         )
 
     async def close(self) -> None:
-        """Close both connection pools."""
+        """Close the connection pools."""
+        await self._events.aclose()
         await self._blocking.aclose()
         await self._client.aclose()
 
@@ -707,7 +716,7 @@ class Queue:
             reply = await self._retrying(lambda: self._client.xread({stream: last_id}, count=count))
         else:
             block = max(1, min(int(block_ms), int(BLOCK_CHUNK_S * 1000)))
-            reply = await self._retrying(lambda: self._blocking.xread({stream: last_id}, count=count, block=block))
+            reply = await self._retrying(lambda: self._events.xread({stream: last_id}, count=count, block=block))
         out = []
         for _name, entries in reply or []:
             for entry_id, data in entries:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any, Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Annotated, Any, Awaitable, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,6 +28,10 @@ from bridge.safety import check_prompt
 
 Generate = Callable[[list[dict[str, str]]], Awaitable[str]]
 MAX_INPUT_CHARS = 6000  # of the reply sent to the model
+#: Aliases per character and characters per alias: all of a character's names become one regular
+#: expression, whose compile time grows with their total length (docs/API.md, "Limits").
+MAX_ALIASES = 20
+MAX_ALIAS_CHARS = 100
 _ACTION_WORDS = 8  # words an action phrase keeps at most (from its verb)
 _PRONOUNS = re.compile(r"\b(?:i|me|my|she|he|her|his|him)\b", re.IGNORECASE)
 
@@ -38,7 +43,8 @@ class CharacterDesc(BaseModel):
 
     name: str = Field(min_length=1, max_length=200)
     appearance: str = Field("", max_length=2000)
-    aliases: list[str] = Field(default_factory=list)
+    aliases: list[Annotated[str, Field(max_length=MAX_ALIAS_CHARS)]] = Field(default_factory=list,
+                                                                             max_length=MAX_ALIASES)
 
 
 class SceneResult(BaseModel):
@@ -327,31 +333,39 @@ async def detect_scene(
     *,
     data: PromptData | None = None,
     timeout_s: float = 30.0,
+    lock: AbstractContextManager[Any] | None = None,
 ) -> SceneResult:
     """Rules plus one model pass through ``generate``; rules alone (and a ``note`` saying why) when
-    ``generate`` is None, raises, times out or answers with no usable JSON."""
+    ``generate`` is None, raises, times out or answers with no usable JSON. The rules and the
+    tokenizer run in a worker thread (CPU work off the event loop), inside ``lock`` when given
+    (a fast tokenizer is not re-entrant)."""
     data = data or get_data()
     characters = list(characters or [])
+    guard = lock if lock is not None else nullcontext()
+
+    def locked(function: Callable[..., SceneResult], *args: Any, **kwargs: Any) -> SceneResult:
+        with guard:
+            return function(*args, **kwargs)
+
+    async def rules(note: str) -> SceneResult:
+        return await asyncio.to_thread(locked, detect_scene_rules, text, characters, tokenizer=tokenizer, data=data,
+                                       note=note)
+
     refused = _input_refused(text, characters, data)
     if refused is not None:
         return refused  # refused content is never sent to the model
     if generate is None:
-        return detect_scene_rules(text, characters, tokenizer=tokenizer, data=data, note="model unavailable: rules only")
+        return await rules("model unavailable: rules only")
     try:
         raw = await asyncio.wait_for(generate(scene_messages(text, characters, data)), timeout_s)
     except (asyncio.TimeoutError, TimeoutError):
-        return detect_scene_rules(
-            text, characters, tokenizer=tokenizer, data=data, note=f"model timed out after {timeout_s:g} s: rules only"
-        )
+        return await rules(f"model timed out after {timeout_s:g} s: rules only")
     except Exception as exc:  # noqa: BLE001 - any model failure falls back to the rules
-        note = f"model failed ({type(exc).__name__}: {str(exc)[:200]}): rules only"
-        return detect_scene_rules(text, characters, tokenizer=tokenizer, data=data, note=note)
+        return await rules(f"model failed ({type(exc).__name__}: {str(exc)[:200]}): rules only")
     answer = parse_model_answer(raw)
     if answer is None:
-        return detect_scene_rules(
-            text, characters, tokenizer=tokenizer, data=data, note="model answer was not the JSON asked for: rules only"
-        )
-    return _combine(text, characters, answer, tokenizer, data)
+        return await rules("model answer was not the JSON asked for: rules only")
+    return await asyncio.to_thread(locked, _combine, text, characters, answer, tokenizer, data)
 
 
 def _combine(

@@ -230,6 +230,20 @@ class Settings(BaseSettings):
         return value
     # --- end API access ----------------------------------------------------------------------------
 
+    # --- Request limits (bridge/limits.py; docs/API.md "Limits") ------------------------------
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body the API reads (bytes); larger ones get a 413."
+    )
+    event_streams_max: int = Field(
+        32, ge=1, description="Job event streams (GET /jobs/{id}/events) open at once, each holding one Redis "
+        "connection of their own bounded pool; one more gets a 503 with Retry-After."
+    )
+    secret_args_shim: Path | None = Field(
+        None, description="Prebuilt bridge/native/secret_args.c (the image's); unset: compiled with cc at each "
+        "Triton start. Keeps TRITON_API_KEY off tritonserver's command line (docs/DEPLOY.md, Secrets)."
+    )
+    # --- end request limits ---------------------------------------------------------------------
+
     @field_validator("triton_startup_models", "fetch_allowed_hosts", "require_models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:

@@ -356,8 +356,9 @@ class Worker:
             log.exception("job %s: unexpected error; requeued", delivery.job_id)
             if delivery.job_id:
                 with suppress(Exception):
-                    await self.queue.set_state(delivery.job_id, error=f"internal error: {type(exc).__name__}: {exc}",
-                                               event=False)
+                    # The exception's text (paths, internals) stays in the log; the job's state reaches clients.
+                    await self.queue.set_state(delivery.job_id, event=False,
+                                               error=f"internal error ({type(exc).__name__}); the worker's log has the details")
             await self._requeue(delivery, count_attempt=True)
         finally:
             # Only the task that registered the job forgets it (a duplicate delivery must not).
@@ -528,6 +529,8 @@ class Worker:
         """
         *enhance_stage, render = job_stages(job.type.name)  # (the gate passed job.prompt before)
         prompt, enhancement, enhance_s, throttle = job.prompt, None, 0.0, None
+        # Downloaded before asking for the GPU (up to REFERENCE_TIMEOUT_S): never while holding it.
+        reference = await self._reference_image(job) if head is None else None
         absent = sorted(set(enhance_stage[0].models) & set(self.missing_models())) if enhance_stage else []
         if absent:  # the enhancement model is not on the volume: its fallback, the original prompt
             enhancement = await self.enhancer.without_model(
@@ -552,7 +555,6 @@ class Worker:
                 outputs = await head.request
             else:
                 started = time.monotonic() - enhance_s  # generation_time: the enhancement and the render
-                reference = await self._reference_image(job)
                 outputs = await self._infer(job, _render_inputs(job, prompt, reference),
                                             self._on_progress(job, lambda: throttle))
             elapsed = time.monotonic() - started

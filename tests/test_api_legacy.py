@@ -158,7 +158,7 @@ async def test_model_info_and_memory_report(http: httpx.AsyncClient, stack, tiny
     assert set(info["models"]) == MODELS and info["budget_gb"] == 4.0
     for name, model in info["models"].items():
         assert model["vram_gb"] == 1.0 and model["policy"] in ("pinned", "preferred", "on_demand")
-        assert model["weights_present"] is True and model["weights_path"].startswith(str(tiny_models_dir)), name
+        assert model["weights_present"] is True and "weights_path" not in model, name
     assert info["models"]["sdxl"]["kind"] == "image" and info["models"]["wan"]["kind"] == "video"
 
     await http.post("/memory/unload", params={"which": "base", "wait": "true"})  # the session's Triton may hold it

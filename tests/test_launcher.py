@@ -82,3 +82,54 @@ def test_stop_leaves_no_stub_processes_or_shared_memory(tiny_models_dir: Path, t
     assert not list(Path("/dev/shm").glob(f"{prefix}*"))
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://{server.http_url}/v2/health/live", timeout=2)
+
+
+def test_model_processes_get_no_secrets_and_the_triton_key_is_not_on_any_command_line(
+        tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bridge's secrets are in its environment (as in production) and in the settings of the
+    server: neither tritonserver's nor the model stub's /proc/<pid>/environ holds any of them, no
+    /proc/<pid>/cmdline (what ps shows) holds the Triton key, and the key still restricts Triton's
+    model control (refused without it, accepted with it)."""
+    import uuid
+
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from bridge.launcher import API_KEY_HEADER
+
+    secrets = {name: f"{name.lower()}-{uuid.uuid4().hex}" for name in
+               ("WORKER_API_KEY", "SUPABASE_SERVICE_KEY", "JOB_CALLBACK_SECRET", "TRITON_API_KEY")}
+    secrets["REDIS_URL"] = f"redis://:pw-{uuid.uuid4().hex}@127.0.0.1:1/0"
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an allowed variable does get through
+    settings = triton_settings(tiny_models_dir, triton_api_key=secrets["TRITON_API_KEY"],
+                               worker_api_key=secrets["WORKER_API_KEY"],
+                               supabase_service_key=secrets["SUPABASE_SERVICE_KEY"],
+                               job_callback_secret=secrets["JOB_CALLBACK_SECRET"])
+    server = TritonServer(settings, startup_models=["qwen_base"], log_path=tmp_path / "t.log").start()
+    try:
+        stubs = _stub_pids(server._shm_prefix)
+        assert stubs and server.process is not None
+        for pid in (server.process.pid, *stubs):
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            for name, value in secrets.items():
+                assert value.encode() not in environ and f"{name}=".encode() not in environ, (pid, name)
+            assert b"SECRET_ARGS_FILE" not in environ or pid == server.process.pid
+        stub_environ = Path(f"/proc/{next(iter(stubs))}/environ").read_bytes().split(b"\0")
+        assert b"HF_HUB_OFFLINE=1" in stub_environ and not any(e.startswith(b"LD_PRELOAD=") for e in stub_environ)
+        key = secrets["TRITON_API_KEY"].encode()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    assert key not in (entry / "cmdline").read_bytes(), f"the key is on the command line of {entry.name}"
+                except OSError:
+                    continue
+        assert not list(server._workdir.glob("secret-args"))  # read and removed by the shim
+        control = httpclient.InferenceServerClient(server.http_url)
+        with pytest.raises(InferenceServerException):
+            control.get_model_repository_index()
+        assert control.get_model_repository_index(headers={API_KEY_HEADER: secrets["TRITON_API_KEY"]})
+        control.close()
+    finally:
+        server.stop()

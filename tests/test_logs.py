@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
 from datetime import datetime
+from urllib.parse import quote, quote_plus
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.logs import Redactor, secrets_from_settings, setup_logging
 from bridge.settings import Settings
@@ -153,3 +157,62 @@ def test_setup_twice_replaces_handler(capture):
     logging.getLogger("y").info("once")
     assert first.getvalue() == ""
     assert len(_lines(second)) == 1
+
+
+# --------------------------------------------------------------------------- every printed form
+_SPECIAL = "".join(chr(c) for c in range(0x21, 0x7F)) + " \t\\\"'!$%&*()[]{}<>|;:,.?/~`^=+-_@#é€😀\u0000\u001f"
+
+
+def _printed_forms(secret: str) -> list[str]:
+    """What code may hand the logger when it prints ``secret`` (or a header or URL holding it)."""
+    basic = base64.b64encode(f"user:{secret}".encode()).decode()
+    return [
+        secret,
+        f"key {secret} end",
+        repr(secret),
+        repr({"Authorization": f"Bearer {secret}", "x": "it's \"quoted\""}),
+        json.dumps(secret),
+        json.dumps({"payload": json.dumps({"key": secret})}),
+        json.dumps(secret, ensure_ascii=False),
+        repr(json.dumps(secret)),
+        repr(secret.encode("utf-8", "surrogatepass")),
+        quote(secret, safe=""),
+        quote_plus(secret),
+        f"redis://:{quote(secret, safe='')}@redis:6379/0",
+        f"Authorization: Bearer {secret}",
+        f"Authorization: Basic {basic}",
+        f"https://bucket.s3.amazonaws.com/a.png?X-Amz-Signature={quote(secret, safe='')}&X-Amz-Expires=60",
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(secret=st.text(alphabet=_SPECIAL, min_size=8, max_size=40))
+def test_a_secret_never_reaches_the_log_in_any_printed_form(secret):
+    """Random secrets made of every special character, logged in every form above (as the message,
+    as an argument, as an extra field, inside an exception), never appear in a JSON log line,
+    neither as given nor in the form it was printed in."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    buf = io.StringIO()
+    try:
+        setup_logging("DEBUG", json=True, secrets=[secret], stream=buf)
+        log = logging.getLogger("bridge.test")
+        forms = _printed_forms(secret)
+        for form in forms:
+            log.info(form)
+            log.info("header %s", form, extra={"header": form})
+            try:
+                raise ValueError(form)
+            except ValueError:
+                log.exception("failed")
+    finally:
+        for handler in list(root.handlers):
+            if handler not in saved[0]:
+                root.removeHandler(handler)
+        root.setLevel(saved[1])
+    text = "\n".join(json.dumps(line, ensure_ascii=False) + repr(line) for line in _lines(buf))
+    decoded = "\n".join(str(value) for line in _lines(buf) for value in line.values())
+    basic = base64.b64encode(f"user:{secret}".encode()).decode()
+    for needle in {secret, *_printed_forms(secret)[2:10], quote(secret, safe=""), basic}:
+        assert needle not in decoded, needle
+    assert secret not in text
