@@ -131,6 +131,8 @@ CHILD_ENV_PREFIXES = (
     "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LC_", "XDG_",
     # <MODEL>_<KEY>: a model's weights or config folder (model_kit.common.weights_path)
     *(f"{name.upper()}_" for name in MODEL_NAMES),
+    "QWEN_",  # the Qwen engine's batching and cache limits (model_kit/llm.py, engine_limits)
+
 )
 
 

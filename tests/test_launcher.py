@@ -133,3 +133,13 @@ def test_model_processes_get_no_secrets_and_the_triton_key_is_not_on_any_command
         control.close()
     finally:
         server.stop()
+
+
+def test_child_environment_keeps_what_the_models_read_and_no_secret() -> None:
+    from bridge.launcher import child_environment
+
+    env = {"QWEN_MAX_BATCH": "8", "QWEN_PREFIX_CACHE_GB": "1", "TORCH_COMPILE": "full", "HF_HOME": "/h",
+           "WAN_WEIGHTS": "/w", "WORKER_API_KEY": "k" * 40, "SUPABASE_SERVICE_KEY": "s", "JOB_CALLBACK_SECRET": "c",
+           "TRITON_API_KEY": "t", "REDIS_URL": "redis://:p@h"}
+    kept = child_environment(env)
+    assert set(kept) == {"QWEN_MAX_BATCH", "QWEN_PREFIX_CACHE_GB", "TORCH_COMPILE", "HF_HOME", "WAN_WEIGHTS"}
