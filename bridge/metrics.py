@@ -93,6 +93,10 @@ class Metrics:
         self.redis_reconnects = Counter(
             "redis_reconnects", "Reconnections to Redis after a lost connection.", namespace=ns, registry=reg
         )
+        self.app_status_read_failures = Counter(
+            "app_status_read_failures", "Reads of the app's jobs row (cancel checks) that got no answer.",
+            namespace=ns, registry=reg,
+        )
 
     # ------------------------------------------------------------------ helpers
     def set_queue_depth(self, queue: str, depth: int) -> None:
@@ -146,6 +150,9 @@ class Metrics:
     def inc_redis_reconnect(self) -> None:
         self.redis_reconnects.inc()
 
+    def inc_app_status_read_failure(self) -> None:
+        self.app_status_read_failures.inc()
+
     def render(self) -> bytes:
         """The registry in Prometheus text format (body of ``GET /metrics``; see :data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
@@ -196,6 +203,10 @@ def inc_safety_refusal(job_type: str) -> None:
 
 def inc_redis_reconnect() -> None:
     METRICS.inc_redis_reconnect()
+
+
+def inc_app_status_read_failure() -> None:
+    METRICS.inc_app_status_read_failure()
 
 
 def render() -> bytes:

@@ -445,6 +445,16 @@ class LocalReporter:
                 raise
 
 
+def supabase_io_of(reporter: Any) -> SupabaseIO | None:
+    """The Supabase client a reporter (or a reporter wrapping one, ``.inner``) talks through; None
+    in local mode. The worker reads reference images and the app's jobs rows through it too."""
+    while reporter is not None:
+        if isinstance(reporter, SupabaseReporter):
+            return reporter.io
+        reporter = getattr(reporter, "inner", None)
+    return None
+
+
 def make_reporter(settings: Settings, record: RecordStatus, **options: Any) -> SupabaseReporter | LocalReporter:
     """A :class:`LocalReporter` without ``SUPABASE_URL``, else a :class:`SupabaseReporter`."""
     if settings.local_mode:

@@ -23,7 +23,7 @@ from bridge import metrics
 from bridge.launcher import TritonServer
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
-from bridge.reporting import make_reporter
+from bridge.reporting import make_reporter, supabase_io_of
 from bridge.residency import ResidencyManager, TritonModelControl, metrics_observer
 from bridge.settings import Settings
 from bridge.spool import Spool
@@ -83,6 +83,7 @@ class Runtime:
             s, queue=self.queue, triton=self.triton, residency=self.residency, reporter=reporter,
             spool=Spool(s.spool_dir), enhancer=Enhancer(self.text, s.enhance_timeout_s),
             on_triton_failure=self.restart_triton if self.triton_server is not None else None,
+            supabase=supabase_io_of(reporter),
         )
         if self.with_jobs:
             await self.worker.start_jobs()

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from bridge import metrics
+from bridge.app_cancel import AppCancelWatcher
 from bridge.chat import prepare_chat
-from bridge.fetch import FetchError, fetch_reference_image
+from bridge.fetch import FetchError, fetch_job_reference
 from bridge.jobs import JOB_TYPES, DeadLetter, InvalidJob, Job, parse_job
 from bridge.model_table import Stage, is_interactive, job_cost_s, job_stages
 from bridge.queue import Begin, Delivery, Queue
@@ -33,6 +34,7 @@ from bridge.safety import check_prompt
 from bridge.scheduler import Running, Scheduler, WaitingGroup, wanted_next
 from bridge.settings import Settings
 from bridge.spool import JobOutputs, OutputAsset, Spool, SpoolEntry, SpoolError
+from bridge.supabase_io import SupabaseIO
 from bridge.textgen import Enhancer
 from bridge.triton_client import InferenceFailed, TritonClient
 
@@ -234,8 +236,11 @@ class Worker:
         spool: Spool,
         enhancer: Enhancer,
         on_triton_failure: Callable[[], Awaitable[None]] | None = None,
+        supabase: SupabaseIO | None = None,
     ) -> None:
         self.settings = settings
+        self.supabase = supabase  # reference images from Storage; the app's jobs rows (None: local mode)
+        self.app_cancel = AppCancelWatcher(supabase, settings.app_cancel_poll_s)
         self.queue = queue
         self.triton = triton
         self.residency = residency
@@ -473,8 +478,9 @@ class Worker:
         try:
             if refusal is not None:
                 raise refusal
-            entry = await (self._generate_text(delivery, job) if job.type.output == "text"
-                           else self._generate(delivery, job, head))
+            async with self.app_cancel.watching(job, self._cancel_job):  # the app cancels in its jobs row
+                entry = await (self._generate_text(delivery, job) if job.type.output == "text"
+                               else self._generate(delivery, job, head))
         except asyncio.CancelledError:
             if job.id not in self._cancelled:
                 raise
@@ -661,8 +667,9 @@ class Worker:
         if not job.reference_image_url:
             return None
         try:
-            return await fetch_reference_image(
-                job.reference_image_url, max_bytes=REFERENCE_MAX_BYTES, timeout_s=REFERENCE_TIMEOUT_S,
+            return await fetch_job_reference(
+                job.reference_image_url, user_id=job.user_id, storage=self.supabase,
+                max_bytes=REFERENCE_MAX_BYTES, timeout_s=REFERENCE_TIMEOUT_S,
                 allowed_private_hosts=tuple(self.settings.fetch_allowed_hosts),
             )
         except FetchError as exc:
@@ -693,6 +700,7 @@ class Worker:
             metadata["num_images"] = len(assets)
         if enhancement is not None:
             metadata.update(enhancement.metadata())
+        metadata.update(job.notes)  # what was read differently from the payload, and why (bridge.app_payload)
         return self.spool.save(job.id, JobOutputs(job.user_id, job.requested_type, assets, metadata), durable=False)
 
     async def _progress(self, job: Job, throttle: ProgressThrottle, fraction: float) -> None:
