@@ -1,10 +1,10 @@
 """Job types, the queue payload, and its resolution into a runnable :class:`Job` (pure, no I/O).
 
-One table, :data:`JOB_TYPES`, drives every job type (CONTRACT §3): its model, queue, output kind,
+One table, :data:`JOB_TYPES`, drives every job type (docs/APP_CONTRACT.md §3): its model, queue, output kind,
 defaults and limits. Adding a job type is one row in ``_TYPES``; a new *kind* of model (chat) adds
 a resolver to ``_RESOLVERS``.
 
-:func:`parse_job` turns one queue element (CONTRACT §1-2: a JSON object, or a JSON array holding
+:func:`parse_job` turns one queue element (docs/APP_CONTRACT.md §1-2: a JSON object, or a JSON array holding
 one string that is the JSON object) into a :class:`Job`, or raises
 
 - :class:`DeadLetter` when the element cannot be parsed at all or has no usable ``id`` (nobody can
@@ -44,7 +44,7 @@ SDXL_NEGATIVE_PROMPT = (
 IMAGE_CONTENT_TYPE = "image/png"
 VIDEO_CONTENT_TYPE = "video/mp4"
 THUMBNAIL_CONTENT_TYPE = "image/webp"
-THUMBNAIL_EDGE = 256  # CONTRACT §4: thumbnails are WEBP, longest edge 256 px, quality 85
+THUMBNAIL_EDGE = 256  # docs/APP_CONTRACT.md §4: thumbnails are WEBP, longest edge 256 px, quality 85
 THUMBNAIL_QUALITY = 85
 # Asked of the diffusion models with every request: they make the thumbnails from the pixels they
 # hold, so the bridge need not decode the PNG or MP4 again (issue 3: per-job overhead).
@@ -189,7 +189,7 @@ JOB_TYPES.update({alias: JOB_TYPES[target] for alias, target in ALIASES.items()}
 QUEUES: tuple[str, ...] = tuple(dict.fromkeys(t.queue for t in _TYPES))
 
 
-# --- payload models (CONTRACT §2) -------------------------------------------------------------
+# --- payload models (docs/APP_CONTRACT.md §2) -------------------------------------------------------------
 
 
 def _no_bool(value: Any) -> Any:
@@ -230,7 +230,7 @@ class JobConfig(BaseModel):
 
 
 class JobPayload(BaseModel):
-    """One queue element (CONTRACT §2). Legacy duplicates (``job_id``, ``job_type``, ``quality``,
+    """One queue element (docs/APP_CONTRACT.md §2). Legacy duplicates (``job_id``, ``job_type``, ``quality``,
     ...) and unknown fields are ignored; ``metadata`` is passed through as it came."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
@@ -258,7 +258,7 @@ class JobPayload(BaseModel):
 
 @dataclass(frozen=True)
 class AssetPaths:
-    """Where one output and its thumbnail go in the bucket (CONTRACT §4)."""
+    """Where one output and its thumbnail go in the bucket (docs/APP_CONTRACT.md §4)."""
 
     index: int
     kind: Literal["image", "video"]
@@ -548,7 +548,7 @@ def _resolve_wan(payload: JobPayload, jt: JobType, problems: list[str]) -> dict[
 
 
 def _resolve_img2img(payload: JobPayload, values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    """SDXL image-to-image from ``metadata.reference_image_url`` (CONTRACT §2-3)."""
+    """SDXL image-to-image from ``metadata.reference_image_url`` (docs/APP_CONTRACT.md §2-3)."""
     md, cfg = payload.metadata, payload.config
     url = md.get("reference_image_url")
     if url is None or url == "":

@@ -1,6 +1,6 @@
 """Reporting a job's results: Supabase Storage + ``job-callback``, or local mode.
 
-Flow for a finished job (CONTRACT §4)::
+Flow for a finished job (docs/APP_CONTRACT.md §4)::
 
     entry = spool.save(job_id, JobOutputs(...))      # bytes and thumbnails on disk first (bridge.spool)
     assets = await reporter.upload_assets(entry)     # media + thumbnails stored, asset objects back
@@ -100,7 +100,7 @@ def content_type_for(path: str) -> str:
 
 
 def _layout(entry: SpoolEntry) -> tuple[list[_StoredAsset], list[dict[str, Any]]]:
-    """Every file to store (each asset, then its thumbnail) and the CONTRACT §4 asset objects.
+    """Every file to store (each asset, then its thumbnail) and the asset objects of docs/APP_CONTRACT.md §4.
     Pure: the spool made the thumbnails and the metadata when it saved the entry."""
     check_id("user_id", entry.user_id)
     check_id("job_id", entry.job_id)
@@ -241,7 +241,7 @@ class SupabaseReporter:
 
     async def upload_assets(self, entry: SpoolEntry, *, deadline: float | None = None) -> list[dict[str, Any]]:
         """Upload each asset and its thumbnail, up to ``UPLOAD_CONCURRENCY`` files at once (an
-        image and its thumbnail take one round trip, not two: issue 3); return the CONTRACT §4
+        image and its thumbnail take one round trip, not two: issue 3); return the docs/APP_CONTRACT.md §4
         asset objects. One deadline covers the whole round (``report_deadline_s`` from now unless
         given); the first failure stops the other uploads and is raised."""
         deadline = self._deadline(deadline)

@@ -1,7 +1,7 @@
 """A local stand-in for the Supabase project (Storage + the edge functions we call), for tests.
 
 It runs an HTTP server on 127.0.0.1 (free port) in a background thread, records every request,
-and CHECKS each against CONTRACT §4; anything off is added to :attr:`SupabaseStub.violations`
+and CHECKS each against docs/APP_CONTRACT.md §4; anything off is added to :attr:`SupabaseStub.violations`
 (tests assert it stays empty). It behaves like the real services where that matters: wrong keys
 or a bad ``X-Callback-Signature`` get 401, a repeated upload without upsert gets 409, callbacks for
 jobs already ``completed``/``cancelled`` are ignored, and unknown jobs get ``skipped: true`` when
