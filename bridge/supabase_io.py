@@ -46,7 +46,8 @@ class StorageFailed(RuntimeError):
     @property
     def expired_token(self) -> bool:
         """Storage's answer to a signed URL whose token has expired (400 InvalidJWT, "exp" claim)."""
-        return self.status == 400 and (self.error == "InvalidJWT" or '"exp"' in self.message)
+        # Only the expiry: any other InvalidJWT (a bad signature) must not become a service-key read.
+        return self.status == 400 and '"exp" claim' in self.message
 
 
 def _status(value: Any) -> int:

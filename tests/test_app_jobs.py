@@ -143,12 +143,18 @@ async def test_raw_storage_paths_and_expired_signed_urls_are_fetched_through_sto
     expired = await push_app(bridge, exact_copy(supabase.sign_url("user-library", f"{USER_ID}/old.png", -60)), cpu_size=True)
     missing = await push_app(bridge, exact_copy(f"user-library/{USER_ID}/gone.png"), cpu_size=True)
     foreign = await push_app(bridge, exact_copy("user-library/someone-else/private.png"), cpu_size=True)
+    supabase.put_object("user-library", "someone-else/private.png", png())
+    forged_url = supabase.sign_url("user-library", f"{USER_ID}/old.png", -60).replace(
+        f"{USER_ID}/old.png", "someone-else/private.png")  # an expired token of ours on another object
+    forged = await push_app(bridge, exact_copy(forged_url), cpu_size=True)
 
     for job in (raw, expired):
         done = await terminal(supabase, job["id"])
         assert done["status"] == "completed", done
-    assert [r.outcome for r in supabase.requests_for("storage") if "/sign/" in r.path] == ["expired"]
-    for job, reason in ((missing, "Object not found"), (foreign, "not under this job's user id")):
+    signed = sorted(r.outcome for r in supabase.requests_for("storage") if "/sign/" in r.path)
+    assert signed == ["expired", "rejected"]  # the forged token is refused, never read with the service key
+    for job, reason in ((missing, "Object not found"), (foreign, "not under this job's user id"),
+                        (forged, "do not match the signature")):
         failed = await terminal(supabase, job["id"])
         assert failed["status"] == "failed" and reason in failed["error_message"], failed
         assert failed["metadata"]["error_type"] == "reference_image_error"
