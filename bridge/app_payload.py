@@ -36,8 +36,7 @@ WAN_NEGATIVE_PROMPT = (
 #: the other two (624 x 624 = 389,376 px against 832 x 480 = 399,360 px).
 WAN_480P_SIZES = {"landscape": (832, 480), "portrait": (480, 832), "square": (624, 624)}
 
-#: The buckets the app keeps reference images in; a raw path starts with one of them.
-STORAGE_BUCKETS = ("user-library", "workspace-temp")
+#: A raw path in one of the buckets the app keeps reference images in.
 _RAW_PATH = re.compile(r"(?P<bucket>user-library|workspace-temp)/(?P<path>[^?#\s]+)")
 
 #: Reference fields of a video job the text-to-video model cannot use.

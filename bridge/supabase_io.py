@@ -20,7 +20,6 @@ retryable answer (5xx, 429) from a final one.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import httpx
@@ -29,10 +28,6 @@ from postgrest.exceptions import APIError
 from storage3.exceptions import StorageApiError
 from supabase import AsyncClient, AsyncClientOptions
 
-log = logging.getLogger(__name__)
-
-#: The buckets the app keeps reference images in (its raw paths start with one of these).
-REFERENCE_BUCKETS = ("user-library", "workspace-temp")
 SIGNED_PREFIX = "/storage/v1/object/sign/"
 
 
