@@ -10,6 +10,14 @@ swap the address (DNS rebinding). The body is streamed and refused as soon as it
 ``max_bytes``; the whole fetch has one time limit (slow drip included); the result must decode as
 an image of at most ``max_pixels`` pixels (decompression bombs). Every refusal is a
 :class:`FetchError` whose message says what was refused and why.
+
+:func:`fetch_job_reference` adds the app's two other forms (docs/APP_CONTRACT.md, "Reference
+images"): a raw storage path (``user-library/{user_id}/...``) is downloaded from Storage with the
+service key, only under the job's own user id (the app checks that ownership before it signs);
+a signed URL of our own project's Storage is read as it is, and when its token has expired
+(Storage: 400 ``InvalidJWT``, ``"exp" claim``) the object it names is downloaded with the service
+key instead. The Storage calls are bridge.supabase_io's; every other URL goes through the checks
+above. In local mode (no Supabase) a raw path is a clear refusal.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ from typing import Iterable
 
 import httpx
 from PIL import Image
+
+from bridge.app_payload import storage_path
+from bridge.supabase_io import StorageFailed, SupabaseIO
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,59 @@ async def fetch_reference_image(
         raise FetchError(f"{_FIELD}: not fetched within the {timeout_s:g} s time limit") from None
     await asyncio.to_thread(_check_image, data, max_pixels)
     return data
+
+
+async def fetch_job_reference(
+    url: str,
+    *,
+    user_id: str,
+    storage: SupabaseIO | None,
+    max_bytes: int,
+    timeout_s: float,
+    allowed_private_hosts: Iterable[str] = (),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> bytes:
+    """A job's reference image from a URL, a raw storage path, or one of our signed URLs (see
+    the module docstring). Raises :class:`FetchError` with the reason when it cannot be had."""
+    raw = storage_path(url)
+    signed = storage.signed_object(url) if storage is not None and raw is None else None
+    if raw is None and signed is None:
+        return await fetch_reference_image(url, max_bytes=max_bytes, timeout_s=timeout_s,
+                                           allowed_private_hosts=allowed_private_hosts, max_pixels=max_pixels)
+    if storage is None:
+        raise FetchError(f"{_FIELD}: {url!r} is a storage path, and this worker has no Supabase project "
+                         "(SUPABASE_URL) to fetch it from")
+    try:
+        async with asyncio.timeout(timeout_s):
+            if raw is not None:
+                bucket, path = raw
+                if path.split("/", 1)[0] != user_id:
+                    raise FetchError(f"{_FIELD}: storage path {url!r} is not under this job's user id")
+                data = await storage.download(bucket, path)
+            else:
+                data = await _signed_or_download(storage, url, signed, max_bytes)
+    except TimeoutError:
+        raise FetchError(f"{_FIELD}: not fetched from storage within the {timeout_s:g} s time limit") from None
+    except StorageFailed as exc:
+        raise FetchError(f"{_FIELD}: {exc}") from None
+    except httpx.HTTPError as exc:
+        raise FetchError(f"{_FIELD}: storage unreachable ({type(exc).__name__}: {exc})") from None
+    if len(data) > max_bytes:
+        raise FetchError(f"{_FIELD}: image is {len(data)} bytes, over the {max_bytes}-byte limit")
+    await asyncio.to_thread(_check_image, data, max_pixels)
+    return data
+
+
+async def _signed_or_download(storage: SupabaseIO, url: str, signed: tuple[str, str], max_bytes: int) -> bytes:
+    """A signed URL as it is; expired, the object it names downloaded with the service key (the
+    expiry answer comes after Storage checked the token's signature, so the path is the app's)."""
+    try:
+        return await storage.get_signed(url, max_bytes)
+    except StorageFailed as exc:
+        if not exc.expired_token:
+            raise
+    log.info("reference URL expired; downloading %s/%s with the service key", *signed)
+    return await storage.download(*signed)
 
 
 async def _fetch_following_redirects(url: str, max_bytes: int, timeout_s: float, allowed: set[str]) -> bytes:

@@ -1,10 +1,10 @@
 """Job types, the queue payload, and its resolution into a runnable :class:`Job` (pure, no I/O).
 
-One table, :data:`JOB_TYPES`, drives every job type (CONTRACT §3): its model, queue, output kind,
+One table, :data:`JOB_TYPES`, drives every job type (docs/APP_CONTRACT.md §3): its model, queue, output kind,
 defaults and limits. Adding a job type is one row in ``_TYPES``; a new *kind* of model (chat) adds
 a resolver to ``_RESOLVERS``.
 
-:func:`parse_job` turns one queue element (CONTRACT §1-2: a JSON object, or a JSON array holding
+:func:`parse_job` turns one queue element (docs/APP_CONTRACT.md §1-2: a JSON object, or a JSON array holding
 one string that is the JSON object) into a :class:`Job`, or raises
 
 - :class:`DeadLetter` when the element cannot be parsed at all or has no usable ``id`` (nobody can
@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from bridge.limits import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, json_depth
+from bridge.app_payload import is_app_sized, storage_path, unused_video_references, wan_app_values
 
 Model = Literal["sdxl", "wan", "qwen_instruct", "qwen_base"]
 Output = Literal["image", "video", "text"]
@@ -41,7 +42,7 @@ SDXL_NEGATIVE_PROMPT = (
     "extra limbs, missing limbs"
 )
 
-THUMBNAIL_EDGE = 256  # CONTRACT §4: thumbnails are WEBP, longest edge 256 px, quality 85
+THUMBNAIL_EDGE = 256  # docs/APP_CONTRACT.md §4: thumbnails are WEBP, longest edge 256 px, quality 85
 THUMBNAIL_QUALITY = 85
 # Asked of the diffusion models with every request: they make the thumbnails from the pixels they
 # hold, so the bridge need not decode the PNG or MP4 again (issue 3: per-job overhead).
@@ -186,7 +187,7 @@ JOB_TYPES.update({alias: JOB_TYPES[target] for alias, target in ALIASES.items()}
 QUEUES: tuple[str, ...] = tuple(dict.fromkeys(t.queue for t in _TYPES))
 
 
-# --- payload models (CONTRACT §2) -------------------------------------------------------------
+# --- payload models (docs/APP_CONTRACT.md §2) -------------------------------------------------------------
 
 
 def _no_bool(value: Any) -> Any:
@@ -227,7 +228,7 @@ class JobConfig(BaseModel):
 
 
 class JobPayload(BaseModel):
-    """One queue element (CONTRACT §2). Legacy duplicates (``job_id``, ``job_type``, ``quality``,
+    """One queue element (docs/APP_CONTRACT.md §2). Legacy duplicates (``job_id``, ``job_type``, ``quality``,
     ...) and unknown fields are ignored; ``metadata`` is passed through as it came."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
@@ -276,6 +277,9 @@ class Job:
     metadata: Mapping[str, Any]
     requested_type: str = ""
     exact_copy: bool = False
+    # What the worker read differently from the payload's face value, and why (bridge.app_payload):
+    # merged into the callback metadata.
+    notes: Mapping[str, Any] = field(default_factory=dict)
     payload: JobPayload | None = field(default=None, repr=False, compare=False)
     chat: Any = field(default=None, repr=False, compare=False)  # text jobs: a bridge.chat.ChatRequest
 
@@ -411,7 +415,9 @@ def _usable_id(value: Any) -> str | None:
 def _resolve_visual(payload: JobPayload, jt: JobType, problems: list[str]) -> dict[str, Any]:
     """Shared by SDXL and WAN: prompt, size, steps, guidance, seed, frames."""
     cfg, limits = payload.config, jt.limits
-    prompt = _check_prompt(payload.prompt, "prompt", limits, problems, required=True)
+    # An exact copy of a reference image needs no prompt (the app sends "" then: docs/APP_CONTRACT.md).
+    has_reference = jt.model == "sdxl" and payload.metadata.get("reference_image_url") not in (None, "")
+    prompt = _check_prompt(payload.prompt, "prompt", limits, problems, required=not has_reference)
     negative = _check_prompt(payload.negative_prompt, "negative_prompt", limits, problems, required=False)
     compel = None
     if payload.compel_enabled:
@@ -458,7 +464,7 @@ def _resolve_visual(payload: JobPayload, jt: JobType, problems: list[str]) -> di
     # Image outputs are one frame whatever frame_num/fps say.
 
     return dict(
-        prompt=prompt, negative_prompt=negative or jt.negative_prompt, compel_weights=compel or None,
+        prompt=prompt or "", negative_prompt=negative or jt.negative_prompt, compel_weights=compel or None,
         width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, num_images=1,
         num_frames=num_frames, fps=fps, reference_image_url=None, strength=None,
     )
@@ -477,18 +483,30 @@ def _resolve_sdxl(payload: JobPayload, jt: JobType, problems: list[str]) -> dict
 
 
 def _resolve_wan(payload: JobPayload, jt: JobType, problems: list[str]) -> dict[str, Any]:
-    # WAN renders one output; num_images and reference images (text-to-video model) are ignored.
-    return _resolve_visual(payload, jt, problems)
+    # WAN renders one output; num_images is ignored. The app's image-slider values and reference
+    # frames are read as bridge.app_payload says (the text-to-video model uses no reference).
+    values = _resolve_visual(payload, jt, problems)
+    notes: dict[str, Any] = {}
+    if is_app_sized(payload.config) and not problems:
+        updates, notes = wan_app_values(payload.config, jt, values)
+        values.update(updates)
+    unused = unused_video_references(payload)
+    if unused:
+        notes["references_not_used"] = unused
+        notes["references_note"] = "the text-to-video model cannot use reference images; rendered from the prompt"
+    values["notes"] = notes
+    return values
 
 
 def _resolve_img2img(payload: JobPayload, values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    """SDXL image-to-image from ``metadata.reference_image_url`` (CONTRACT §2-3)."""
+    """SDXL image-to-image from ``metadata.reference_image_url`` (docs/APP_CONTRACT.md §2-3)."""
     md, cfg = payload.metadata, payload.config
     url = md.get("reference_image_url")
     if url is None or url == "":
         return {}
-    if not isinstance(url, str) or not re.match(r"https?://\S+$", url) or len(url) > 8192:
-        problems.append(f"metadata.reference_image_url: must be an http(s) URL, got {_show(url)}")
+    if not isinstance(url, str) or len(url) > 8192 or not (re.match(r"https?://\S+$", url) or storage_path(url)):
+        problems.append(f"metadata.reference_image_url: must be an http(s) URL or a storage path "
+                        f"(user-library/... or workspace-temp/...), got {_show(url)}")
         return {}
     if cfg.denoise_strength is not None:
         strength, source = cfg.denoise_strength, "config.denoise_strength"
@@ -512,6 +530,7 @@ def _resolve_img2img(payload: JobPayload, values: dict[str, Any], problems: list
     if exact not in (True, False, None):
         problems.append(f"metadata.exact_copy_mode: must be true or false, got {_show(exact)}")
         return {}
+    exact = exact or md.get("reference_mode") == "copy"  # the app says "copy" in either
     out: dict[str, Any] = {"reference_image_url": url, "exact_copy": bool(exact)}
     if exact:
         strength = min(max(strength, MIN_STRENGTH), EXACT_COPY_MAX_STRENGTH)

@@ -109,6 +109,10 @@ class Metrics:
             "chat_turns", "Chat and completion requests of the HTTP API, by route and outcome.", ["route", "outcome"],
             namespace=ns, registry=reg,
         )
+        self.app_status_read_failures = Counter(
+            "app_status_read_failures", "Reads of the app's jobs row (cancel checks) that got no answer.",
+            namespace=ns, registry=reg,
+        )
 
     # ------------------------------------------------------------------ helpers
     def set_queue_depth(self, queue: str, depth: int) -> None:
@@ -161,6 +165,9 @@ class Metrics:
 
     def inc_redis_reconnect(self) -> None:
         self.redis_reconnects.inc()
+
+    def inc_app_status_read_failure(self) -> None:
+        self.app_status_read_failures.inc()
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (body of ``GET /metrics``; see :data:`CONTENT_TYPE`)."""
@@ -218,6 +225,10 @@ def inc_chat_turn(route: str, outcome: str) -> None:
     """One chat / completion request ended: ``ok``, ``bad_request``, ``unavailable``, ``timeout``,
     ``error`` or ``cancelled`` (the client left a stream)."""
     METRICS.chat_turns.labels(route=route, outcome=outcome).inc()
+
+
+def inc_app_status_read_failure() -> None:
+    METRICS.inc_app_status_read_failure()
 
 
 def render() -> bytes:

@@ -1,6 +1,6 @@
 """Reporting a job's results: Supabase Storage + ``job-callback``, or local mode.
 
-Flow for a finished job (CONTRACT §4)::
+Flow for a finished job (docs/APP_CONTRACT.md §4)::
 
     entry = spool.save(job_id, JobOutputs(...))      # bytes and thumbnails on disk first (bridge.spool)
     assets = await reporter.upload_assets(entry)     # media + thumbnails stored, asset objects back
@@ -30,13 +30,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
-from urllib.parse import quote
 
 import httpx
 from pydantic import SecretStr
 
 from bridge.settings import Settings
 from bridge.spool import SpoolEntry, check_id, read_spooled
+from bridge.supabase_io import StorageFailed, SupabaseIO
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def content_type_for(path: str) -> str:
 
 
 def _layout(entry: SpoolEntry) -> tuple[list[_StoredAsset], list[dict[str, Any]]]:
-    """Every file to store (each asset, then its thumbnail) and the CONTRACT §4 asset objects.
+    """Every file to store (each asset, then its thumbnail) and the asset objects of docs/APP_CONTRACT.md §4.
     Pure: the spool made the thumbnails and the metadata when it saved the entry."""
     check_id("user_id", entry.user_id)
     check_id("job_id", entry.job_id)
@@ -167,7 +167,8 @@ def sign_body(body: bytes, secret: str | bytes) -> str:
 
 
 class SupabaseReporter:
-    """Supabase Storage uploads and ``job-callback`` calls over one ``httpx.AsyncClient``.
+    """Supabase Storage uploads and ``job-callback`` calls through :class:`bridge.supabase_io.SupabaseIO`
+    (supabase-py's Storage client; the callback's signed bytes by a plain POST), with our retries.
 
     ``retries`` counts retried attempts (all routes), ``retries_by_route`` per route (``"storage"``,
     ``"job-callback"``); ``on_retry(route, reason)``, when given, is called on each retry, e.g.
@@ -187,6 +188,7 @@ class SupabaseReporter:
         backoff_max_s: float = 20.0,
         on_retry: Callable[[str, str], None] | None = None,
         client: httpx.AsyncClient | None = None,
+        io: SupabaseIO | None = None,
     ) -> None:
         if not isinstance(service_key, SecretStr) or not isinstance(callback_secret, SecretStr):
             raise TypeError("service_key and callback_secret must be SecretStr")
@@ -201,7 +203,7 @@ class SupabaseReporter:
         self.retries_by_route: dict[str, int] = {"storage": 0, "job-callback": 0}
         self._service_key = service_key
         self._callback_secret = callback_secret
-        self._client = client or httpx.AsyncClient(timeout=request_timeout_s, follow_redirects=False)
+        self.io = io or SupabaseIO(self.url, service_key, request_timeout_s=request_timeout_s, http=client)
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> "SupabaseReporter":
@@ -226,7 +228,7 @@ class SupabaseReporter:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self.io.aclose()
 
     async def upload(self, path: str, data: bytes, content_type: str, *, deadline: float | None = None) -> None:
         """Store ``data`` at ``path`` inside the bucket (upsert). ``deadline``: a ``time.monotonic()``."""
@@ -234,14 +236,12 @@ class SupabaseReporter:
             raise ValueError(f"upload of {path!r}: a real content type is required")
         if path.startswith("/") or ".." in path.split("/"):
             raise ValueError(f"upload path {path!r} must be relative to the bucket")
-        url = f"{self.url}/storage/v1/object/{quote(self.bucket, safe='')}/{quote(path, safe='/')}"
-        headers = self._auth_headers()
-        headers.update({"Content-Type": content_type, "x-upsert": "true"})
-        await self._send("storage", f"storage upload of {path}", url, headers, data, self._deadline(deadline))
+        await self._retrying("storage", f"storage upload of {path}", self._deadline(deadline),
+                             lambda: self.io.upload(self.bucket, path, data, content_type))
 
     async def upload_assets(self, entry: SpoolEntry, *, deadline: float | None = None) -> list[dict[str, Any]]:
         """Upload each asset and its thumbnail, up to ``UPLOAD_CONCURRENCY`` files at once (an
-        image and its thumbnail take one round trip, not two: issue 3); return the CONTRACT §4
+        image and its thumbnail take one round trip, not two: issue 3); return the docs/APP_CONTRACT.md §4
         asset objects. One deadline covers the whole round (``report_deadline_s`` from now unless
         given); the first failure stops the other uploads and is raised."""
         deadline = self._deadline(deadline)
@@ -280,26 +280,24 @@ class SupabaseReporter:
         }
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
         label = f"job-callback ({status})"
-        response = await self._send("job-callback", label, f"{self.url}{CALLBACK_PATH}", headers, body, deadline)
+        response = await self._retrying(
+            "job-callback", label, deadline,
+            lambda: self.io.post_function(CALLBACK_PATH, body, headers, self.request_timeout_s))
         try:
             answer = response.json()
         except ValueError:
             return {}
         return answer if isinstance(answer, dict) else {"response": answer}
 
-    def _auth_headers(self) -> dict[str, str]:
-        key = self._service_key.get_secret_value()
-        return {"Authorization": f"Bearer {key}", "apikey": key}
-
     def _deadline(self, deadline: float | None) -> float:
         return time.monotonic() + self.deadline_s if deadline is None else deadline
 
-    async def _send(
-        self, route: str, label: str, url: str, headers: dict[str, str], body: bytes, deadline: float
-    ) -> httpx.Response:
-        """POST with retries (network errors, timeouts, 5xx, 429) until ``deadline``.
+    async def _retrying(self, route: str, label: str, deadline: float, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``attempt`` with retries (network errors, timeouts, 5xx, 429) until ``deadline``.
 
-        ``route`` names the retry counter; ``label`` is what messages call the request.
+        ``attempt`` is one supabase-py call (raising :class:`StorageFailed` when refused) or one
+        plain request (an ``httpx.Response``, checked here). ``route`` names the retry counter;
+        ``label`` is what messages call the request.
         """
         started = time.monotonic()
         attempts = 0
@@ -310,19 +308,25 @@ class SupabaseReporter:
                 raise ReportingDeadline(label, attempts, time.monotonic() - started, last_error)
             attempts += 1
             retry_after = None
+            limit = min(self.request_timeout_s, remaining)
             try:
-                response = await self._client.post(
-                    url, content=body, headers=headers, timeout=min(self.request_timeout_s, remaining)
-                )
+                async with asyncio.timeout(limit):
+                    result = await attempt()
+            except TimeoutError:
+                last_error = f"Timeout: no answer within {limit:.1f} s"
             except httpx.TransportError as exc:
                 last_error = self._scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            except StorageFailed as exc:
+                if exc.status != 429 and 0 < exc.status < 500:
+                    raise ReportingRejected(label, exc.status, self._scrub(f"{exc.error}: {exc.message}")) from None
+                last_error = f"HTTP {exc.status}"
             else:
-                if response.is_success:
-                    return response
-                if response.status_code != 429 and response.status_code < 500:
-                    raise ReportingRejected(label, response.status_code, self._excerpt(response))
-                last_error = f"HTTP {response.status_code}"
-                retry_after = _retry_after_s(response)
+                if not isinstance(result, httpx.Response) or result.is_success:
+                    return result
+                if result.status_code != 429 and result.status_code < 500:
+                    raise ReportingRejected(label, result.status_code, self._excerpt(result))
+                last_error = f"HTTP {result.status_code}"
+                retry_after = _retry_after_s(result)
             delay = self._backoff(attempts, retry_after)
             remaining = deadline - time.monotonic()
             if delay >= remaining:
@@ -439,6 +443,16 @@ class LocalReporter:
             except OSError:
                 temp.unlink(missing_ok=True)
                 raise
+
+
+def supabase_io_of(reporter: Any) -> SupabaseIO | None:
+    """The Supabase client a reporter (or a reporter wrapping one, ``.inner``) talks through; None
+    in local mode. The worker reads reference images and the app's jobs rows through it too."""
+    while reporter is not None:
+        if isinstance(reporter, SupabaseReporter):
+            return reporter.io
+        reporter = getattr(reporter, "inner", None)
+    return None
 
 
 def make_reporter(settings: Settings, record: RecordStatus, **options: Any) -> SupabaseReporter | LocalReporter:

@@ -27,7 +27,7 @@ from bridge.memory_ops import MemoryOps
 from bridge.prompt_data import load_data
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
-from bridge.reporting import make_reporter
+from bridge.reporting import make_reporter, supabase_io_of
 from bridge.residency import ResidencyManager, TritonModelControl, metrics_observer
 from bridge.settings import Settings
 from bridge.spool import Spool
@@ -100,6 +100,7 @@ class Runtime:
             spool=Spool(s.spool_dir), enhancer=Enhancer(self.text, s.enhance_timeout_s),
             on_triton_failure=self.restart_triton if self.triton_server is not None else None,
             activity=self.activity,
+            supabase=supabase_io_of(reporter),
         )
         self.worker.missing_models = lambda: self.availability.missing
         if self.with_jobs:

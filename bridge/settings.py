@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     report_deadline_s: float = Field(
         300.0, gt=0, description="How long one reporting round retries before the job is put back."
     )
+    app_cancel_poll_s: float = Field(
+        3.0, gt=0, le=60,
+        description="How often a running job's app jobs row is read for a cancel (Supabase mode; docs/APP_CONTRACT.md).",
+    )
 
     # --- Models / Triton ----------------------------------------------------------------------
     models_dir: Path = Field(Path("/workspace/models"), description="Root of the model weights.")

@@ -23,8 +23,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from bridge import metrics
 from bridge.activity import Activity
+from bridge.app_cancel import AppCancelWatcher
 from bridge.chat import prepare_chat
-from bridge.fetch import FetchError, fetch_reference_image
+from bridge.fetch import FetchError, fetch_job_reference
 from bridge.jobs import JOB_TYPES, DeadLetter, InvalidJob, Job, parse_job
 from bridge.model_table import Stage, is_interactive, job_cost_s, job_stages
 from bridge.queue import Begin, Delivery, Queue
@@ -35,6 +36,7 @@ from bridge.safety_paths import job_texts, job_verdict
 from bridge.scheduler import Running, Scheduler, WaitingGroup, wanted_next
 from bridge.settings import Settings
 from bridge.spool import JobOutputs, OutputAsset, Spool, SpoolEntry, SpoolError
+from bridge.supabase_io import SupabaseIO
 from bridge.textgen import Enhancer
 from bridge.triton_client import InferenceFailed, TritonClient
 
@@ -237,9 +239,12 @@ class Worker:
         enhancer: Enhancer,
         on_triton_failure: Callable[[], Awaitable[None]] | None = None,
         activity: Activity | None = None,
+        supabase: SupabaseIO | None = None,
     ) -> None:
         self.settings = settings
         self.activity = activity if activity is not None else Activity()  # what the operator's page shows
+        self.supabase = supabase  # reference images from Storage; the app's jobs rows (None: local mode)
+        self.app_cancel = AppCancelWatcher(supabase, settings.app_cancel_poll_s)
         self.queue = queue
         self.triton = triton
         self.residency = residency
@@ -493,8 +498,9 @@ class Worker:
         try:
             if refusal is not None:
                 raise refusal
-            entry = await (self._generate_text(delivery, job) if job.type.output == "text"
-                           else self._generate(delivery, job, head))
+            async with self.app_cancel.watching(job, self._cancel_job):  # the app cancels in its jobs row
+                entry = await (self._generate_text(delivery, job) if job.type.output == "text"
+                               else self._generate(delivery, job, head))
         except asyncio.CancelledError:
             if job.id not in self._cancelled:
                 raise
@@ -692,8 +698,9 @@ class Worker:
         if not job.reference_image_url:
             return None
         try:
-            return await fetch_reference_image(
-                job.reference_image_url, max_bytes=REFERENCE_MAX_BYTES, timeout_s=REFERENCE_TIMEOUT_S,
+            return await fetch_job_reference(
+                job.reference_image_url, user_id=job.user_id, storage=self.supabase,
+                max_bytes=REFERENCE_MAX_BYTES, timeout_s=REFERENCE_TIMEOUT_S,
                 allowed_private_hosts=tuple(self.settings.fetch_allowed_hosts),
             )
         except FetchError as exc:
@@ -724,6 +731,7 @@ class Worker:
             metadata["num_images"] = len(assets)
         if enhancement is not None:
             metadata.update(enhancement.metadata())
+        metadata.update(job.notes)  # what was read differently from the payload, and why (bridge.app_payload)
         return self.spool.save(job.id, JobOutputs(job.user_id, job.requested_type, assets, metadata), durable=False)
 
     async def _progress(self, job: Job, throttle: ProgressThrottle, fraction: float) -> None:

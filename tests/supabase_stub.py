@@ -1,7 +1,7 @@
 """A local stand-in for the Supabase project (Storage + the edge functions we call), for tests.
 
 It runs an HTTP server on 127.0.0.1 (free port) in a background thread, records every request,
-and CHECKS each against CONTRACT §4; anything off is added to :attr:`SupabaseStub.violations`
+and CHECKS each against docs/APP_CONTRACT.md §4; anything off is added to :attr:`SupabaseStub.violations`
 (tests assert it stays empty). It behaves like the real services where that matters: wrong keys
 or a bad ``X-Callback-Signature`` get 401, a repeated upload without upsert gets 409, callbacks for
 jobs already ``completed``/``cancelled`` are ignored, and unknown jobs get ``skipped: true`` when
@@ -19,9 +19,12 @@ Usage::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+from email.parser import BytesParser
+from email.policy import HTTP
 import re
 import socket
 import struct
@@ -30,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-Route = Literal["storage", "job-callback", "update-worker-url", "register-chat-worker", "other"]
+Route = Literal["storage", "job-callback", "update-worker-url", "register-chat-worker", "rest", "other"]
 FailMode = Literal["status", "hang", "close"]
 
 STATUSES = ("processing", "completed", "failed", "cancelled")
@@ -44,6 +47,8 @@ VIDEO_META = ("width", "height", "format", "frame_num", "fps", "duration_seconds
               "file_size_bytes", "asset_index")
 EXTENSION_TYPES = {".png": "image/png", ".mp4": "video/mp4", ".webp": "image/webp"}
 _STORAGE_RE = re.compile(r"^/storage/v1/object/(?P<bucket>[^/]+)/(?P<path>.+)$")
+_SIGN_RE = re.compile(r"^/storage/v1/object/sign/(?P<bucket>[^/]+)/(?P<path>.+)$")
+EXPIRED_JWT = {"statusCode": "400", "error": "InvalidJWT", "message": '"exp" claim timestamp check failed'}
 _FILE_RE = re.compile(r"^(\d+\.png|0\.mp4|\d+\.thumb\.webp)$")
 _FUNCTION_ROUTES = {
     "/functions/v1/job-callback": "job-callback",
@@ -61,6 +66,8 @@ class RecordedRequest:
     route: Route
     headers: dict[str, str]
     body: bytes
+    query: str = ""
+    stored_type: str = ""  # an upload: the Content-Type the object is stored with (multipart: the file part's)
     status: int | None = None  # None: no answer (injected hang / close)
     outcome: str = ""  # stored, applied, ignored, skipped, rejected, injected-<mode>, recorded
     violations: list[str] = field(default_factory=list)
@@ -105,6 +112,8 @@ class SupabaseStub:
         self.violations: list[str] = []
         self.objects: dict[str, StoredObject] = {}
         self.jobs: dict[str, str] = {}
+        self.library: dict[tuple[str, str], StoredObject] = {}  # (bucket, path): reference objects
+        self._jwt_secret = f"stub-jwt-{id(self)}".encode()
         self._failures: dict[str, list[_Failure]] = {}
         self._holds: dict[str, threading.Barrier] = {}
         self._lock = threading.Lock()
@@ -181,6 +190,22 @@ class SupabaseStub:
     def set_job(self, job_id: str, status: str = "queued") -> None:
         with self._lock:
             self.jobs[job_id] = status
+
+    def put_object(self, bucket: str, path: str, data: bytes, content_type: str = "image/png") -> None:
+        """Put a reference object (e.g. ``user-library``, ``{user_id}/x.png``) the way the app's
+        uploads do; it is served to the service key and through signed URLs."""
+        with self._lock:
+            self.library[(bucket, path)] = StoredObject(path, data, content_type)
+
+    def sign_url(self, bucket: str, path: str, expires_in_s: float) -> str:
+        """A signed URL of ``bucket/path`` as Storage makes it (negative ``expires_in_s``: expired)."""
+        return f"{self.url}/storage/v1{self._signed_path(bucket, path, expires_in_s)}"
+
+    def _signed_path(self, bucket: str, path: str, expires_in_s: float) -> str:
+        claims = {"url": f"{bucket}/{path}", "iat": int(time.time()), "exp": int(time.time() + expires_in_s)}
+        payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        signature = hmac.new(self._jwt_secret, payload.encode(), hashlib.sha256).hexdigest()
+        return f"/object/sign/{bucket}/{path}?token={payload}.{signature}"
 
     def reset(self) -> None:
         with self._lock:
@@ -262,6 +287,12 @@ class SupabaseStub:
                 return 401, {"statusCode": "401", "error": "Unauthorized", "message": "invalid key"}
             request.outcome = "bucket"
             return 200, {"id": self.bucket, "name": self.bucket, "public": False}
+        if request.route == "rest":
+            return self._handle_rest(request)
+        if request.method == "GET" and request.route == "storage":
+            return self._handle_download(request)
+        if request.method == "POST" and _SIGN_RE.match(request.path):
+            return self._handle_sign(request)
         if request.method != "POST":
             self._violate(request, f"unexpected method {request.method}")
             return 405, {"error": "method not allowed"}
@@ -298,11 +329,19 @@ class SupabaseStub:
             self._violate(request, f"object path {path!r} is not {{user_id}}/{{job_id}}/{{file}}")
             return 400, {"error": "bad object path"}
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = request.body
+        if content_type == "multipart/form-data":  # supabase-py: the file is the form's "file" part
+            part = _form_file(request.headers["content-type"], request.body)
+            if part is None:
+                self._violate(request, "multipart upload without a 'file' part")
+                return 400, {"statusCode": "400", "error": "InvalidRequest", "message": "no file"}
+            content_type, body = part
+        request.stored_type = content_type
         expected = EXTENSION_TYPES["." + parts[2].rsplit(".", 1)[1]]
         if content_type != expected:
             self._violate(request, f"Content-Type {content_type or '(none)'!r} for {parts[2]} (expected {expected})")
             return 400, {"statusCode": "415", "error": "invalid_mime_type", "message": f"mime type {content_type} is not supported"}
-        if not _looks_like(expected, request.body):
+        if not _looks_like(expected, body):
             self._violate(request, f"body of {parts[2]} does not look like {expected}")
         upsert = request.headers.get("x-upsert", "").lower() == "true"
         if not upsert:
@@ -313,9 +352,78 @@ class SupabaseStub:
                 request.outcome = "rejected"
                 return 409, {"statusCode": "409", "error": "Duplicate", "message": "The resource already exists"}
             writes = existing.writes + 1 if existing else 1
-            self.objects[path] = StoredObject(path, request.body, content_type, writes)
+            self.objects[path] = StoredObject(path, body, content_type, writes)
         request.outcome = "stored"
         return 200, {"Key": f"{self.bucket}/{path}", "Id": f"stub-{abs(hash(path)) % 10**8}"}
+
+    def _library_object(self, bucket: str, path: str) -> StoredObject | None:
+        with self._lock:
+            found = self.library.get((bucket, path))
+            if found is None and bucket == self.bucket:
+                found = self.objects.get(path)
+            return found
+
+    def _handle_download(self, request: RecordedRequest) -> tuple[int, Any]:
+        signed = _SIGN_RE.match(request.path)
+        if signed:  # a signed URL: the token is the authority, no key
+            bucket, path = signed["bucket"], unquote(signed["path"])
+            token = (parse_qs(request.query).get("token") or [""])[0]
+            payload, _, signature = token.partition(".")
+            good = hmac.new(self._jwt_secret, payload.encode(), hashlib.sha256).hexdigest()
+            if not payload or not hmac.compare_digest(signature, good):
+                request.outcome = "rejected"
+                return 400, {"statusCode": "400", "error": "InvalidJWT", "message": "invalid signature"}
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            if claims.get("url") != f"{bucket}/{path}":
+                request.outcome = "rejected"
+                return 400, {"statusCode": "400", "error": "InvalidSignature", "message": "The url do not match the signature"}
+            if claims["exp"] < time.time():
+                request.outcome = "expired"
+                return 400, dict(EXPIRED_JWT)
+        else:
+            match = _STORAGE_RE.match(request.path)
+            if not match:
+                self._violate(request, "not a storage object path")
+                return 400, {"error": "bad path"}
+            if not self._check_bearer(request, apikey=True):
+                return 401, {"statusCode": "401", "error": "Unauthorized", "message": "invalid key"}
+            bucket, path = match["bucket"], unquote(match["path"])
+        found = self._library_object(bucket, path)
+        if found is None:
+            request.outcome = "missing"
+            return 400, {"statusCode": "404", "error": "not_found", "message": "Object not found"}
+        request.outcome = "served"
+        return 200, _Raw(found.data, found.content_type)
+
+    def _handle_sign(self, request: RecordedRequest) -> tuple[int, Any]:
+        match = _SIGN_RE.match(request.path)
+        assert match is not None
+        if not self._check_bearer(request, apikey=True):
+            return 401, {"statusCode": "401", "error": "Unauthorized", "message": "invalid key"}
+        bucket, path = match["bucket"], unquote(match["path"])
+        try:
+            expires = float(request.json().get("expiresIn"))
+        except (ValueError, TypeError, AttributeError):
+            return 400, {"statusCode": "400", "error": "InvalidRequest", "message": "expiresIn required"}
+        if self._library_object(bucket, path) is None:
+            request.outcome = "missing"
+            return 400, {"statusCode": "404", "error": "not_found", "message": "Object not found"}
+        request.outcome = "signed"
+        return 200, {"signedURL": self._signed_path(bucket, path, expires)}
+
+    def _handle_rest(self, request: RecordedRequest) -> tuple[int, Any]:
+        if request.method != "GET" or request.path != "/rest/v1/jobs":
+            self._violate(request, f"unexpected REST request {request.method} {request.path}")
+            return 404, {"message": "not found"}
+        if not self._check_bearer(request, apikey=True):
+            return 401, {"message": "Invalid API key"}
+        query = parse_qs(request.query)
+        job_id = (query.get("id") or [""])[0].removeprefix("eq.")
+        if (query.get("select") or [""])[0] != "status" or not job_id:
+            self._violate(request, f"jobs read is not id=eq.<id>&select=status: {request.query!r}")
+        request.outcome = "read"
+        status = self.job_status(job_id)
+        return 200, [] if status is None else [{"status": status}]
 
     def _handle_callback(self, request: RecordedRequest) -> tuple[int, dict[str, Any]]:
         if not self._check_bearer(request, apikey=False):
@@ -410,6 +518,23 @@ class SupabaseStub:
         return problems
 
 
+@dataclass
+class _Raw:
+    """An answer that is not JSON (a downloaded object)."""
+
+    data: bytes
+    content_type: str
+
+
+def _form_file(content_type: str, body: bytes) -> tuple[str, bytes] | None:
+    """The ``file`` part of a multipart/form-data body: (its content type, its bytes)."""
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "file":
+            return part.get_content_type().lower(), part.get_payload(decode=True) or b""
+    return None
+
+
 def _looks_like(content_type: str, data: bytes) -> bool:
     if content_type == "image/png":
         return data.startswith(b"\x89PNG\r\n\x1a\n")
@@ -456,10 +581,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = self.headers.get("content-length")
         body = self.rfile.read(int(length)) if length and length.isdigit() else b""
-        path = urlsplit(self.path).path
-        route: Route = "storage" if path.startswith("/storage/") else _FUNCTION_ROUTES.get(path, "other")
+        parts = urlsplit(self.path)
+        path = parts.path
+        route: Route = ("storage" if path.startswith("/storage/") else "rest" if path.startswith("/rest/")
+                        else _FUNCTION_ROUTES.get(path, "other"))
         request = RecordedRequest(
-            method=self.command, path=path, route=route,
+            method=self.command, path=path, route=route, query=parts.query,
             headers={k.lower(): v for k, v in self.headers.items()}, body=body,
         )
         with self.stub._lock:
@@ -495,10 +622,11 @@ class _Handler(BaseHTTPRequestHandler):
         request.status = status
         self._answer(status, answer)
 
-    def _answer(self, status: int, answer: dict[str, Any]) -> None:
-        payload = json.dumps(answer).encode()
+    def _answer(self, status: int, answer: Any) -> None:
+        raw = isinstance(answer, _Raw)
+        payload = answer.data if raw else json.dumps(answer).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", answer.content_type if raw else "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)

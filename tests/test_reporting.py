@@ -80,7 +80,7 @@ async def test_image_uploads_paths_types_thumbnails_and_assets(supabase, reporte
     expected = []
     for i in range(3):
         expected += [(f"{USER}/{job}/{i}.png", "image/png"), (f"{USER}/{job}/{i}.thumb.webp", "image/webp")]
-    got = [(r.path.split("/workspace-temp/", 1)[1], r.headers["content-type"]) for r in supabase.uploads()]
+    got = [(r.path.split("/workspace-temp/", 1)[1], r.stored_type) for r in supabase.uploads()]
     assert sorted(got) == sorted(expected)  # uploaded concurrently: in any order
     assert all(r.headers["x-upsert"] == "true" for r in supabase.uploads())
 
@@ -124,7 +124,7 @@ async def test_video_upload_thumbnail_is_middle_frame(supabase, reporter, spool)
     outputs = video_outputs()
     [asset] = await reporter.upload_assets(spool.save(job, outputs))
 
-    assert sorted(r.headers["content-type"] for r in supabase.uploads()) == ["image/webp", "video/mp4"]
+    assert sorted(r.stored_type for r in supabase.uploads()) == ["image/webp", "video/mp4"]
     assert asset["url"] == f"{USER}/{job}/0.mp4" and asset["thumbnail_url"] == f"{USER}/{job}/0.thumb.webp"
     assert supabase.object(asset["url"]).data == outputs.assets[0].data
     thumb = supabase.object(asset["thumbnail_url"]).data
