@@ -599,6 +599,15 @@ class ResidencyManager:
         started = self._clock()
         try:
             await self.control.load(name, spec.load_timeout_s)
+        except asyncio.CancelledError:
+            # The caller was cancelled mid-load (its job was). Left "loading", every later use()
+            # saw a load in progress that nobody ran, planned nothing and looped without ever
+            # awaiting: the event loop hung. Whether the server finishes the load or not, the next
+            # ensure() asks for it again (a load of a loaded, unchanged model changes nothing).
+            rec.state = "unloaded"
+            self._emit(ResidencyEvent("load", name, "end", ok=False, seconds=self._clock() - started,
+                                      error="cancelled"))
+            raise
         except Exception as exc:
             seconds = self._clock() - started
             await self._forget_failed_load(name)

@@ -173,8 +173,7 @@ async def test_a_job_cancelled_in_the_jobs_row_stops_within_seconds_and_the_next
     long = await push_app(bridge, app_request("wan_video_fast", "a very long video", aspect_ratio="9:16"))
     supabase.set_job(long["id"], "queued")
     supabase.put_object("user-library", f"{USER_ID}/next.png", png())
-    # Waits for the GPU the long job holds. (An SDXL job: a WAN job queued behind a cancelled WAN
-    # request spins in ResidencyManager.use today, whichever path cancelled it: a separate defect.)
+    # Waits for the GPU the long job holds (a WAN job behind a cancelled one: the test below).
     following = await push_app(bridge, exact_copy(f"user-library/{USER_ID}/next.png"), cpu_size=True)
     await wait_state(bridge, long["id"], ("processing",))
     await asyncio.sleep(1.0)
@@ -200,3 +199,22 @@ async def test_a_job_runs_when_the_jobs_table_cannot_be_read(bridge: Runtime, su
     assert (await terminal(supabase, job["id"]))["status"] == "completed"
     assert metrics.METRICS.app_status_read_failures._value.get() > before
     supabase.clear_failures()
+
+
+
+async def test_a_wan_job_queued_behind_a_wan_job_cancelled_while_loading_runs(
+        bridge: Runtime, supabase: SupabaseStub, monkeypatch) -> None:
+    # Cancelled while WAN still loaded, the first job left the model "loading" for ever; the
+    # second then looped in ResidencyManager.use without awaiting and the whole worker hung.
+    monkeypatch.setitem(JOB_TYPES, "video_fast", replace(JOB_TYPES["video_fast"], steps=100, num_frames=13))
+    await bridge.residency.unload("wan")  # loaded by the first job, as in a fresh worker
+    long = await push_app(bridge, app_request("wan_video_fast", "a very long video", aspect_ratio="9:16"))
+    supabase.set_job(long["id"], "queued")
+    following = queue_element(app_request("wan_video_fast", "a short video"))
+    following["config"] = {"width": 64, "height": 64, "num_inference_steps": 2, "frame_num": 5}  # another producer
+    supabase.set_job(following["id"], "queued")
+    await bridge.queue.push("wan_queue", queue_json(following))
+    await wait_state(bridge, long["id"], ("processing",))
+    supabase.set_job(long["id"], "cancelled")  # at once: WAN is still loading
+    assert (await terminal(supabase, long["id"], timeout=30))["status"] == "cancelled"
+    assert (await terminal(supabase, following["id"], timeout=90))["status"] == "completed"
