@@ -669,8 +669,8 @@ class Worker:
             except Exception:  # noqa: BLE001 - (issue 7) a failed restart is this job's retry, not a crash
                 log.exception("restarting tritonserver failed; the job will be retried")
             return
-        with suppress(Exception):
-            await self.residency.unload(model)
+        with suppress(Exception):  # a new model process for the retry (unloading a dead one waits ~30 s)
+            await self.residency.reload(model)
 
     async def _reference_image(self, job: Job) -> bytes | None:
         if not job.reference_image_url:

@@ -168,9 +168,9 @@ def test_sigkill_bridge_at_random_moments_during_50_jobs(tiny_models_dir, triton
     assert sorted(entry["job_id"] for entry in letters) == sorted(exhausted), f"seed {seed}"
     client.delete("dead_letter")
     assert redis_leftovers(client) == {}, f"seed {seed}"
-    # Attempts are counted when a job starts on the GPU: a kill costs only the (at most 2: one lane
-    # per queue) jobs then running one attempt.
-    assert len(exhausted) <= 2 * kills // 3, f"seed {seed}: {len(exhausted)} jobs exhausted by {kills} kills"
+    # Attempts are counted when a job starts on the GPU: a kill costs only the jobs then running
+    # one attempt each (taken but waiting ones cost nothing).
+    assert len(exhausted) <= 4 * kills // 3, f"seed {seed}: {len(exhausted)} jobs exhausted by {kills} kills"
     assert kills >= 3, f"seed {seed}: only {kills} kills happened"
     assert_no_unexpected_errors(bridge)
     print(f"seed {seed}: {kills} SIGKILLs ({new_ids} restarts under a new id); {len(exhausted)} job(s) "
@@ -295,7 +295,7 @@ def test_sigkill_tritonserver_and_a_model_stub_mid_job(tiny_models_dir, redis_se
     warm = small_wan()
     push(client, warm)
     wait_terminals(stub, [warm["id"]], timeout=240)  # wan resident before the sdxl stub dies
-    second = sdxl_job(num_inference_steps=150)
+    second = sdxl_job(num_inference_steps=60)  # long enough to be killed mid-run, short enough to rerun
     push(client, second)
     wait_until(lambda: generating(second["id"]), 180, message=lambda: f"never generating:\n{bridge.tail()}")
     stubs = [pid for pid in children_of(new_server)
