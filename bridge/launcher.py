@@ -399,8 +399,7 @@ class TritonServer:
                     proc.wait(wait)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not exit in %.0fs; killing it", wait)
-            self._kill_group(proc.pid)
-            proc.wait()
+            self._kill_group(proc.pid, proc)
             if self.pid_file is not None:
                 self.pid_file.unlink(missing_ok=True)
         self._remove_shm()
@@ -409,12 +408,23 @@ class TritonServer:
             self._workdir = None
 
     @staticmethod
-    def _kill_group(pgid: int) -> None:
-        """Kill what is left of the server's process group (stubs it could not stop)."""
+    def _kill_group(pgid: int, leader: subprocess.Popen | None = None) -> None:
+        """Kill what is left of the server's process group (stubs it could not stop); ``leader``:
+        the server as our child, reaped here (a zombie still counts as a member)."""
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
-            pass
+            return
+        finally:
+            if leader is not None:
+                leader.wait()
+        deadline = time.monotonic() + 5.0  # SIGKILL is not instant: return once the group is gone
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.02)
 
     def _remove_shm(self) -> None:
         if not self._shm_prefix:
