@@ -51,6 +51,10 @@ class InferenceFailed(RuntimeError):
         return any(marker in text for marker in _TRANSIENT_MARKERS)
 
 
+class ModelProcessDied(InferenceFailed):
+    """The model's process died mid-request (bridge/stub_watch.py): reload it, then retry."""
+
+
 def _input(name: str, value: Any) -> grpcclient.InferInput:
     if isinstance(value, (dict, list)):
         value = json.dumps(value)
@@ -181,7 +185,7 @@ class TritonClient:
             request.cancel()
             await asyncio.wait({request}, timeout=5.0)
             log.warning("%s mid-request; request cancelled", reason)
-            raise InferenceFailed(model, f"{reason}: the model is not healthy")
+            raise ModelProcessDied(model, f"{reason}: the model is not healthy")
         finally:
             for task in (request, watch):
                 if not task.done():

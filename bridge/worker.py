@@ -34,7 +34,7 @@ from bridge.scheduler import Running, Scheduler, WaitingGroup, wanted_next
 from bridge.settings import Settings
 from bridge.spool import JobOutputs, OutputAsset, Spool, SpoolEntry, SpoolError
 from bridge.textgen import Enhancer
-from bridge.triton_client import InferenceFailed, TritonClient
+from bridge.triton_client import InferenceFailed, ModelProcessDied, TritonClient
 
 log = logging.getLogger(__name__)
 
@@ -630,7 +630,7 @@ class Worker:
             raise Retry(f"model {model} unavailable: {exc}") from None
         except InferenceFailed as exc:
             if exc.transient:
-                await self._recover_model(model)
+                await self._recover_model(model, reload=isinstance(exc, ModelProcessDied))
                 raise Retry(exc.message) from None
             raise JobFailed(exc.message) from None
 
@@ -661,7 +661,7 @@ class Worker:
         outputs = JobOutputs(job.user_id, job.requested_type, [], metadata)
         return await asyncio.to_thread(functools.partial(self.spool.save, job.id, outputs, durable=False))
 
-    async def _recover_model(self, model: str) -> None:
+    async def _recover_model(self, model: str, reload: bool = False) -> None:
         """A model process or the server died: restart what is needed before the retry."""
         if self._on_triton_failure is not None and not await self.triton.is_live():
             try:
@@ -669,8 +669,11 @@ class Worker:
             except Exception:  # noqa: BLE001 - (issue 7) a failed restart is this job's retry, not a crash
                 log.exception("restarting tritonserver failed; the job will be retried")
             return
-        with suppress(Exception):  # a new model process for the retry (unloading a dead one waits ~30 s)
-            await self.residency.reload(model)
+        with suppress(Exception):
+            if reload:  # its process died: a new one for the retry (unloading a dead one waits ~30 s)
+                await self.residency.reload(model)
+            else:
+                await self.residency.unload(model)
 
     async def _reference_image(self, job: Job) -> bytes | None:
         if not job.reference_image_url:
