@@ -7,11 +7,22 @@ the one inside the ``nvidia-pytriton`` wheel. When the wheel is installed its Py
 the stub built for the running interpreter are copied into a fresh backend directory on every
 start (a stale ``__pycache__`` there breaks later starts), and its shared libraries plus the
 interpreter's own ``libpython`` go first on ``LD_LIBRARY_PATH``.
+
+The server never outlives the process that started it (docs/ARCHITECTURE.md, "Process life
+cycle"): it is forked from one long-lived thread with ``PR_SET_PDEATHSIG`` (SIGKILL), so the kernel
+kills it when the bridge dies, SIGKILL included; its stubs end with it. A pid file (``pid_file``)
+names the server with its start time: the next start of the same worker stops a server an earlier
+run left behind, and never a process that merely reuses the pid. A port already taken is a start-up
+error naming the process holding it, and readiness is only believed from the server this launcher
+started (its unique ``--id`` read back from the server metadata).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -24,10 +35,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bridge.settings import MODEL_NAMES, Settings
 
@@ -44,6 +57,53 @@ GRPC_API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"
 
 class TritonStartError(RuntimeError):
     """The server did not become live; the message carries its own error lines."""
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls prctl after fork
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process: the
+# server is forked from this one thread, which lives as long as the interpreter (a thread of
+# asyncio's default executor, which Runtime starts the server from, may be retired earlier).
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tritonserver-spawn")
+
+
+def _die_with(parent: int) -> None:
+    """``preexec_fn`` of the server: SIGKILL it when its parent thread ends. (A parent that died
+    before the prctl took effect would never deliver the signal: exit at once instead.)"""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _start_time(pid: int) -> float | None:
+    """The process's start time (psutil's ``create_time``, from ``/proc/<pid>/stat``); None when
+    no such process runs (a zombie counts as gone)."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process.create_time()
+    except psutil.Error:
+        return None
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP ``port`` (any address): ``"pid 123 (tritonserver)"``, ``"an unknown
+    process"`` when it cannot be told, or None when the port is free."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        connections = []
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            if conn.pid is None:
+                return "an unknown process"
+            try:
+                name = " ".join(psutil.Process(conn.pid).cmdline()[:1]) or psutil.Process(conn.pid).name()
+            except psutil.Error:
+                name = "?"
+            return f"pid {conn.pid} ({name})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -181,8 +241,12 @@ class TritonServer:
     startup_models: list[str] = field(default_factory=list)
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Where this server's pid and start time are kept, so that the next start of the same worker
+    # stops a server an earlier run left behind (Runtime: OUTPUT_DIR/.tritonserver/WORKER_ID.pid).
+    pid_file: Path | None = None
 
     process: subprocess.Popen | None = field(default=None, init=False)
+    server_id: str = field(default="", init=False)  # passed with --id, read back from /v2
     _workdir: Path | None = field(default=None, init=False)
     _shm_prefix: str = field(default="", init=False)
     _secret_env: dict[str, str] = field(default_factory=dict, init=False)
@@ -285,6 +349,8 @@ class TritonServer:
     def start(self) -> "TritonServer":
         """Start the server and wait until it is live (and the startup models ready)."""
         install = find_tritonserver(self.settings)
+        self._stop_leftover()
+        self._check_ports()
         # A fresh working directory: no stray `triton/` folder can shadow the triton package.
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         self._shm_prefix = f"{SHM_PREFIX}{uuid.uuid4().hex[:12]}_"
@@ -294,16 +360,22 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         log.info("starting tritonserver %s (grpc %s, http %s)", install.binary, self.grpc_url, self.http_url)
-        self.process = subprocess.Popen(
-            self.command(install, backend_dir),
-            cwd=self._workdir,
-            env=self.environment(install),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its stubs share its process group: one killpg reaches all
-        )
-        log_file.close()
+        self.server_id = f"gpuworker-{uuid.uuid4().hex[:12]}"
+        try:
+            self.process = _SPAWNER.submit(
+                subprocess.Popen,
+                [*self.command(install, backend_dir), f"--id={self.server_id}"],
+                cwd=self._workdir,
+                env=self.environment(install),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its stubs share its process group: one killpg reaches all
+                preexec_fn=functools.partial(_die_with, os.getpid()),
+            ).result()
+        finally:
+            log_file.close()
+        self._write_pid_file()
         try:
             self._wait_ready()
         except BaseException:
@@ -322,6 +394,7 @@ class TritonServer:
                     )
                 try:
                     if client.get(url).status_code == 200:
+                        self._check_identity(client)
                         return
                 except httpx.TransportError:
                     pass
@@ -329,6 +402,57 @@ class TritonServer:
         raise TritonStartError(
             f"tritonserver not ready after {self.settings.triton_start_timeout_s:.0f}s:\n{self.error_lines()}"
         )
+
+    def _check_identity(self, client: httpx.Client) -> None:
+        """The server answering is the one this launcher started (its ``--id``), never another
+        one on the same ports (a leftover, or another worker's)."""
+        name = client.get(f"http://{self.http_url}/v2").json().get("name")
+        if name != self.server_id:
+            raise TritonStartError(f"the server answering on {self.http_url} is {name!r}, not the one "
+                                   f"this bridge started ({self.server_id}); refusing to use it")
+
+    def _check_ports(self) -> None:
+        """Each port is free, else a start-up error naming it and its holder (never adopted)."""
+        s = self.settings
+        for what, port in (("TRITON_HTTP_PORT", s.triton_http_port), ("TRITON_GRPC_PORT", s.triton_grpc_port),
+                           ("TRITON_METRICS_PORT", s.triton_metrics_port)):
+            holder = port_holder(port)
+            if holder is not None:
+                raise TritonStartError(f"{what}={port} is already in use by {holder}; "
+                                       f"stop it or choose another port")
+
+    def _write_pid_file(self) -> None:
+        if self.pid_file is None or self.process is None:
+            return
+        record = {"pid": self.process.pid, "start_time": _start_time(self.process.pid), "shm_prefix": self._shm_prefix}
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write_text(json.dumps(record))
+
+    def _stop_leftover(self) -> None:
+        """Stop the server an earlier run of this worker left behind (named by the pid file, and
+        only if that pid is still the same process: same start time)."""
+        path = self.pid_file
+        if path is None or not path.exists():
+            return
+        try:
+            record = json.loads(path.read_text())
+            pid, started, prefix = int(record["pid"]), record["start_time"], str(record.get("shm_prefix") or "")
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring the unreadable tritonserver pid file %s", path)
+            path.unlink(missing_ok=True)
+            return
+        if started is not None and _start_time(pid) == started:
+            log.warning("stopping tritonserver pid %d left behind by an earlier run of this worker (%s)", pid, path)
+            self._kill_group(pid)
+            deadline = time.monotonic() + 10.0
+            while _start_time(pid) == started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _start_time(pid) == started:
+                raise TritonStartError(f"the leftover tritonserver pid {pid} did not exit after SIGKILL")
+        if prefix.startswith(SHM_PREFIX):
+            for region in Path("/dev/shm").glob(f"{prefix}*"):
+                region.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
     def error_lines(self, limit: int = 30) -> str:
         """The server's own error lines (ISO8601 format: `<time> E <pid> file:line] msg`)."""
@@ -354,20 +478,32 @@ class TritonServer:
                     proc.wait(wait)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not exit in %.0fs; killing it", wait)
-            self._kill_group(proc.pid)
-            proc.wait()
+            self._kill_group(proc.pid, proc)
+            if self.pid_file is not None:
+                self.pid_file.unlink(missing_ok=True)
         self._remove_shm()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
     @staticmethod
-    def _kill_group(pgid: int) -> None:
-        """Kill what is left of the server's process group (stubs it could not stop)."""
+    def _kill_group(pgid: int, leader: subprocess.Popen | None = None) -> None:
+        """Kill what is left of the server's process group (stubs it could not stop); ``leader``:
+        the server as our child, reaped here (a zombie still counts as a member)."""
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
-            pass
+            return
+        finally:
+            if leader is not None:
+                leader.wait()
+        deadline = time.monotonic() + 5.0  # SIGKILL is not instant: return once the group is gone
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.02)
 
     def _remove_shm(self) -> None:
         if not self._shm_prefix:

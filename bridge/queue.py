@@ -128,6 +128,8 @@ return redis.call('SCARD', KEYS[1])
 # KEYS: finished, claim, cancel, attempts. ARGV: this worker id, claim ttl_s, raw ('' = not checked),
 # delivery token ('' = count nothing), attempts ttl_s.
 # Returns {finished status or false, the other live owner or false, cancel requested 0/1, attempt}.
+# Without a token the attempt is the number this run gets once counted (runs so far + 1): the worker
+# counts a run only when it really starts on the GPU (count_start; docs/ARCHITECTURE.md).
 # A finished job is neither claimed nor counted; else the job id is claimed for this worker unless a
 # live worker (one with a heartbeat) holds it, and this delivery counts as an attempt (as in
 # _COUNT_ATTEMPT: the same token twice counts once).
@@ -148,7 +150,7 @@ if owner and owner ~= ARGV[1] and redis.call('EXISTS', 'worker:' .. owner) == 1 
   if held then return {false, owner, 0, 0} end
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-local attempt = 0
+local attempt = redis.call('SCARD', KEYS[4]) + 1
 if ARGV[4] ~= '' then
   redis.call('SADD', KEYS[4], ARGV[4])
   redis.call('EXPIRE', KEYS[4], ARGV[5])
@@ -609,13 +611,20 @@ class Queue:
         """Remember that ``job_id`` reached a terminal status, so a duplicate is not run again."""
         await self._retrying(lambda: self._client.set(finished_key(job_id), status, ex=int(self.finished_ttl_s)))
 
-    async def begin(self, job_id: str, delivery: Delivery | None = None) -> Begin:
+    async def count_start(self, delivery: Delivery) -> int:
+        """The delivery's job really starts (holds the GPU): count it as an attempt, once per
+        delivery. Its attempt number. Taking, prefetching or waiting for the GPU costs none."""
+        return int(await self._retrying(lambda: self._scripts["count_attempt"](
+            keys=[delivery.attempts_key], args=[delivery.token, int(self.finished_ttl_s)])))
+
+    async def begin(self, job_id: str, delivery: Delivery | None = None, *, count: bool = True) -> Begin:
         """Everything to check before running ``job_id``, in one round trip: whether it already
         finished (then it is not claimed), else claim it for this worker unless another live
         worker holds it (given the ``delivery``, only while that worker holds the same payload in a
         processing list), count the ``delivery`` as an attempt, and whether a cancel was requested.
-        (A delivery taken with ``count=False`` gets its attempt number here.)"""
-        raw, token = (delivery.raw, delivery.token) if delivery is not None else (b"", "")
+        (A delivery taken with ``count=False`` gets its attempt number here; with ``count=False``
+        here too, it is counted by :meth:`count_start` and ``attempt`` is the number it will get.)"""
+        raw, token = (delivery.raw, delivery.token if count else "") if delivery is not None else (b"", "")
         keys = [finished_key(job_id), claim_key(job_id), cancel_key(job_id), attempts_key(raw, job_id)]
         finished, owner, cancelled, attempt = await self._retrying(
             lambda: self._scripts["begin"](keys=keys, args=[self.worker_id, int(self.state_ttl_s), raw, token,

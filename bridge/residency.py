@@ -371,6 +371,28 @@ class ResidencyManager:
         await self.unload(name)
         await self.ensure({name}, retry_failed=True)
 
+    async def reload(self, name: str) -> bool:
+        """A loaded model's process died: unload it and load it again at once, without waiting
+        for the unload to end (Triton's release of an instance whose process is dead waits out
+        its stub timeout, ~30 s; a load of the unchanged model alone is a no-op, and a request to
+        the dead instance can crash the server). ``False`` when it was not loaded."""
+        rec = self._record(name)
+        async with self._lock:
+            await self._refresh_unloading()
+            if rec.state != "ready":
+                return False
+            rec.state = "loading"  # new requests wait for the new model process
+            started = self._clock()
+            try:
+                await self.control.unload(name)
+                await self.control.load(name, self.table.specs[name].load_timeout_s)
+            except Exception as exc:
+                rec.state = "unloaded"  # the next use loads it the ordinary way
+                raise ResidencyError(f"reloading {name} failed: {exc}") from exc
+            rec.state = "ready"
+            log.info("reloaded %s in %.2fs", name, self._clock() - started)
+            return True
+
     @asynccontextmanager
     async def use(self, *models: str, cancel: Callable[[], Any] | None = None) -> AsyncIterator[None]:
         """Hold ``models`` resident for one request: loads them if needed, counts it in flight.

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from bridge import metrics
@@ -31,6 +32,7 @@ from bridge.reporting import make_reporter, supabase_io_of
 from bridge.residency import ResidencyManager, TritonModelControl, metrics_observer
 from bridge.settings import Settings
 from bridge.spool import Spool
+from bridge.stub_watch import StubWatch
 from bridge.textgen import Enhancer, TextService
 from bridge.triton_client import TritonClient
 from bridge.worker import RecordingReporter, Worker, record_state
@@ -80,12 +82,14 @@ class Runtime:
             # TRITON_STARTUP_MODELS load in the background once the API is up (_load_startup_models):
             # from a network volume they take longer than any fixed start-up timeout.
             self.triton_server = TritonServer(s, startup_models=[],
-                                              log_path=s.output_dir / "logs" / "tritonserver.log")
+                                              log_path=s.output_dir / "logs" / "tritonserver.log",
+                                              pid_file=triton_pid_file(s))
             await asyncio.to_thread(self.triton_server.start)
             triton_url = self.triton_server.grpc_url
             log.info("TRITON_URL is not set: started tritonserver (grpc %s)", triton_url)
         self.queue = Queue.from_settings(s, url=redis_url)
         self.triton = TritonClient(triton_url, s.triton_api_key)
+        self.triton.watch = StubWatch(self.triton, server_pid=self._triton_pid)
         self.residency = ResidencyManager.from_settings(
             s, TritonModelControl(triton_url, s.triton_api_key),
             observer=self.activity.observer(metrics_observer(metrics.observe_model_op)),
@@ -149,6 +153,11 @@ class Runtime:
         if self.api_server is not None and self.api_server.servers:
             return self.api_server.servers[0].sockets[0].getsockname()[1]
         return self.settings.api_port
+
+    def _triton_pid(self) -> int | None:
+        """The embedded server's pid while it runs (None: an external server, TRITON_URL)."""
+        server = self.triton_server
+        return server.process.pid if server is not None and server.running else None  # type: ignore[union-attr]
 
     async def restart_triton(self) -> None:
         """The embedded server died: start it again and re-sync which models it holds."""
@@ -235,6 +244,12 @@ class Runtime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def triton_pid_file(settings: Settings) -> Path:
+    """Where the embedded tritonserver of this worker is named (bridge/launcher.py)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.worker_id)
+    return settings.output_dir / ".tritonserver" / f"{safe}.pid"
 
 
 SLOW_STEP_S = 5.0

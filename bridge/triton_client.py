@@ -48,6 +48,10 @@ class InferenceFailed(RuntimeError):
         return any(marker in text for marker in _TRANSIENT_MARKERS)
 
 
+class ModelProcessDied(InferenceFailed):
+    """The model's process died mid-request (bridge/stub_watch.py): reload it, then retry."""
+
+
 def _input(name: str, value: Any) -> grpcclient.InferInput:
     if isinstance(value, (dict, list)):
         value = json.dumps(value)
@@ -76,6 +80,8 @@ class TritonClient:
         self.url = url
         self._headers = {GRPC_API_KEY_HEADER: api_key.get_secret_value()} if api_key else None
         self._client = grpcaio.InferenceServerClient(url)
+        # Beside each request: returns (a reason) once the model's process is gone (bridge/stub_watch.py).
+        self.watch: Callable[[str], Awaitable[str]] | None = None
 
     @property
     def raw(self) -> grpcaio.InferenceServerClient:
@@ -152,8 +158,33 @@ class TritonClient:
                             await maybe
 
         if timeout is None:
-            await _consume()
+            await self._watched(model, _consume)
         else:
             async with asyncio.timeout(timeout):
-                await _consume()
+                await self._watched(model, _consume)
         return merged
+
+    async def _watched(self, model: str, consume: Callable[[], Awaitable[None]]) -> None:
+        """Run ``consume`` while :attr:`watch` looks at the model; a dead model process cancels
+        the request at once (Triton notices only after its own timeouts) and fails it as
+        transient, so the job is retried on the reloaded model."""
+        if self.watch is None:
+            await consume()
+            return
+        request = asyncio.ensure_future(consume())
+        watch = asyncio.ensure_future(self.watch(model))
+        try:
+            await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if request.done():
+                request.result()
+                return
+            reason = watch.result()
+            request.cancel()
+            await asyncio.wait({request}, timeout=5.0)
+            log.warning("%s mid-request; request cancelled", reason)
+            raise ModelProcessDied(model, f"{reason}: the model is not healthy")
+        finally:
+            for task in (request, watch):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(request, watch, return_exceptions=True)

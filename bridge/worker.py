@@ -38,7 +38,7 @@ from bridge.settings import Settings
 from bridge.spool import JobOutputs, OutputAsset, Spool, SpoolEntry, SpoolError
 from bridge.supabase_io import SupabaseIO
 from bridge.textgen import Enhancer
-from bridge.triton_client import InferenceFailed, TritonClient
+from bridge.triton_client import InferenceFailed, ModelProcessDied, TritonClient
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ REPORT_RETRY_PAUSE_S = 5.0  # after a reporting round's deadline passed: pause b
 REPORT_RETRY_MAX_PAUSE_S = 120.0
 SEND_FIRST_S = 0.005  # a finished job waits at most this long for the next job's request to go out
 ABANDON_WAIT_S = 10.0  # how long a cancelled head start's request may take to end
+SHUTDOWN_REQUEUE_S = 10.0  # at shutdown, give up putting jobs back after this long (Redis away): the reaper will
 T = TypeVar("T")
 
 
@@ -317,8 +318,14 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatcher.stop()
-        # Whatever this worker still holds (taken but not started) goes back, uncounted.
-        await self.queue.release_all()
+        # Whatever this worker still holds (taken but not started) goes back, uncounted; with Redis
+        # away it stays in the processing lists, which the reaper returns once this heartbeat expires.
+        try:
+            async with asyncio.timeout(SHUTDOWN_REQUEUE_S):
+                await self.queue.release_all()
+        except TimeoutError:
+            log.error("Redis unreachable for %.0fs at shutdown; this worker's jobs are left to the reaper",
+                      SHUTDOWN_REQUEUE_S)
 
     # ------------------------------------------------------------------ intake
     async def _take_jobs(self, queue_name: str) -> None:
@@ -355,8 +362,14 @@ class Worker:
             if delivery.job_id in self._cancelled:
                 await self._finish_cancelled(delivery, parse_job(delivery.raw))
                 return
+            try:
+                async with asyncio.timeout(SHUTDOWN_REQUEUE_S):
+                    await self._requeue(delivery, count_attempt=False)
+            except TimeoutError:  # Redis is away: the job stays in the processing list for the reaper
+                log.error("job %s interrupted by shutdown; Redis unreachable for %.0fs, left in this worker's "
+                          "processing list for the reaper", delivery.job_id, SHUTDOWN_REQUEUE_S)
+                return
             log.info("job %s interrupted by shutdown; requeued without counting an attempt", delivery.job_id)
-            await self._requeue(delivery, count_attempt=False)
         except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker or lose the job
             log.exception("job %s: unexpected error; requeued", delivery.job_id)
             if delivery.job_id:
@@ -401,7 +414,7 @@ class Worker:
         payload lets the claim check that its owner still holds the job. While it is in flight
         (issue 3: per-job overhead) the local checks run (the spool stat, the safety gate) and,
         when the GPU is free at once, the job's request starts (:meth:`_start_early`)."""
-        began = asyncio.ensure_future(self.queue.begin(job.id, delivery))
+        began = asyncio.ensure_future(self.queue.begin(job.id, delivery, count=False))  # counted at the start
         try:
             await asyncio.sleep(0)  # the script is sent before the checks below take the loop
             spooled, refusal = self.spool.has(job.id), _job_refusal(job)
@@ -581,6 +594,8 @@ class Worker:
         waiting = held or self._waiting_for(delivery, job, models, stage)
         if held is None:
             await self.dispatcher.acquire(waiting)
+        if job.id not in self._started:  # the job really starts now: only this costs an attempt
+            log.info("job %s started (attempt %d)", job.id, await self.queue.count_start(delivery))
         self._started.add(job.id)
         self._free_intake(delivery.queue)  # this job holds the GPU: the next one may be taken
         try:
@@ -650,7 +665,7 @@ class Worker:
             raise Retry(f"model {model} unavailable: {exc}") from None
         except InferenceFailed as exc:
             if exc.transient:
-                await self._recover_model(model)
+                await self._recover_model(model, reload=isinstance(exc, ModelProcessDied))
                 raise Retry(exc.message) from None
             raise JobFailed(exc.message) from None
 
@@ -683,7 +698,7 @@ class Worker:
         outputs = JobOutputs(job.user_id, job.requested_type, [], metadata)
         return await asyncio.to_thread(functools.partial(self.spool.save, job.id, outputs, durable=False))
 
-    async def _recover_model(self, model: str) -> None:
+    async def _recover_model(self, model: str, reload: bool = False) -> None:
         """A model process or the server died: restart what is needed before the retry."""
         if self._on_triton_failure is not None and not await self.triton.is_live():
             try:
@@ -692,7 +707,10 @@ class Worker:
                 log.exception("restarting tritonserver failed; the job will be retried")
             return
         with suppress(Exception):
-            await self.residency.unload(model)
+            if reload:  # its process died: a new one for the retry (unloading a dead one waits ~30 s)
+                await self.residency.reload(model)
+            else:
+                await self.residency.unload(model)
 
     async def _reference_image(self, job: Job) -> bytes | None:
         if not job.reference_image_url:
@@ -879,7 +897,12 @@ class Worker:
         if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
             del self._running[delivery.job_id]
             self.activity.end(delivery.job_id, requeued=True)
+            started = delivery.job_id in self._started
             self._started.discard(delivery.job_id)
+        else:
+            started = False
+        if count_attempt and not started:  # failed before its start: counted all the same (no endless loop)
+            await self.queue.count_start(delivery)
         await self.queue.requeue(delivery, count_attempt=count_attempt)
         if delivery.job_id:
             await self.queue.release_claim(delivery.job_id)

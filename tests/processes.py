@@ -19,6 +19,7 @@ it is captured even when the bridge's own file writes are limited (RLIMIT_FSIZE)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -92,7 +93,9 @@ class BridgeProcess:
         self.api_port = 0
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._children: set[int] = set()  # tritonserver pids seen under this bridge
+        # tritonserver and stub processes seen under this bridge: pid -> start time (a reused pid
+        # is not taken for one of them)
+        self._children: dict[int, str] = {}
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> "BridgeProcess":
@@ -167,9 +170,7 @@ class BridgeProcess:
                 self.process.wait(timeout)  # type: ignore[union-attr]
             except subprocess.TimeoutExpired:
                 self.process.kill()  # type: ignore[union-attr]
-        code = self._reap()
-        self.kill_children()
-        return code
+        return self._reap()
 
     def _reap(self) -> int | None:
         if self.process is None:
@@ -182,24 +183,29 @@ class BridgeProcess:
     # ------------------------------------------------------------------ tritonserver under it
     def _remember_children(self) -> None:
         if self.alive:
-            self._children.update(children_of(self.pid, "tritonserver"))
+            for server in children_of(self.pid, "tritonserver"):
+                for pid in (server, *children_of(server)):
+                    started = start_time(pid)
+                    if started is not None:
+                        self._children[pid] = started
 
     def tritonserver_pid(self) -> int | None:
         """The tritonserver this bridge started (None with TRITON_URL set, or when none runs)."""
         if not self.alive:
             return None
+        self._remember_children()
         found = children_of(self.pid, "tritonserver")
-        self._children.update(found)
         return found[0] if found else None
 
-    def kill_children(self) -> None:
-        """Kill what is left of tritonservers this bridge started (after a SIGKILL of the bridge)."""
-        for pid in list(self._children):
-            try:
-                os.killpg(pid, signal.SIGKILL)  # the launcher gives the server its own group
-            except (ProcessLookupError, PermissionError):
-                pass
-            self._children.discard(pid)
+    def survivors(self) -> list[str]:
+        """The tritonserver and stub processes seen under this bridge that still run (with their
+        command lines). The product must end them itself, SIGKILL of the bridge included: the
+        harness only reads /proc."""
+        out = []
+        for pid, started in sorted(self._children.items()):
+            if start_time(pid) == started:
+                out.append(f"{pid}: {command_line(pid)[:160]}")
+        return out
 
     # ------------------------------------------------------------------ output
     def text(self) -> str:
@@ -228,10 +234,50 @@ class BridgeProcess:
                 if contains in r.get("message", "") and (level is None or r.get("level") == level)]
 
     def close(self) -> None:
-        """Test clean-up: stop the process whatever state it is in."""
+        """Test clean-up: stop the process whatever state it is in. A tritonserver or stub left
+        running after its bridge ended is a defect: it fails the test (and is then killed, so it
+        does not hold ports or memory for the next test)."""
         if self.alive:
             self.terminate(timeout=20)
-        self.kill_children()
+        deadline = time.monotonic() + 10.0
+        while self.survivors() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = self.survivors()
+        for pid in list(self._children):
+            if start_time(pid) == self._children[pid]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        self._children.clear()
+        assert not left, f"bridge {self.name} left processes running after it ended: {left}"
+
+
+def start_time(pid: int) -> str | None:
+    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks); None when the process is gone
+    or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def processes_with(*needles: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains every one of ``needles``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            line = command_line(int(entry.name))
+            if line and all(n in line for n in needles) and start_time(int(entry.name)) is not None:
+                out.append(int(entry.name))
+    return sorted(out)
 
 
 def children_of(pid: int, name: str | None = None) -> list[int]:

@@ -29,6 +29,7 @@ from tests.processes import (
     bridge_env,
     children_of,
     inference_counts,
+    processes_with,
     push,
     wait_terminals,
     wait_until,
@@ -151,25 +152,89 @@ def test_sigkill_bridge_at_random_moments_during_50_jobs(tiny_models_dir, triton
                     f"their queues { {w: client.smembers(f'worker_queues:{w.decode()}') for w in client.smembers('workers')} }")
     assert bridge.terminate() == 0, bridge.tail()
     # A SIGKILL during a run counts as an attempt (a job that crashes its worker must not loop
-    # forever), so a job caught by MAX_ATTEMPTS (3) kills fails, dead-lettered, saying so.
+    # forever), so a job caught running by MAX_ATTEMPTS (3) kills fails, dead-lettered, saying so.
+    # Only runs count: a job that was merely taken (prefetched, waiting for the GPU) when its
+    # worker was killed costs nothing, so every failed job really started three times.
     exhausted = {j for j, bodies in terminals.items() if bodies[0]["status"] == "failed"}
     for job_id in exhausted:
         body = terminals[job_id][0]
         assert body["metadata"]["error_type"] == "attempts_exhausted", body
         assert body["error_message"].startswith("gave up after 3 attempts"), body
+        assert len(bridge.messages(f"job {job_id} started")) >= 3, f"seed {seed}: {job_id} failed for attempts " \
+                                                                    f"it did not use: {bridge.messages(job_id)}"
     resent = assert_exactly_once(stub, ids, {j: "failed" if j in exhausted else "completed" for j in ids})
     assert sum(resent.values()) <= kills, f"seed {seed}: {resent}"
     letters = [json.loads(entry) for entry in client.lrange("dead_letter", 0, -1)]
     assert sorted(entry["job_id"] for entry in letters) == sorted(exhausted), f"seed {seed}"
     client.delete("dead_letter")
     assert redis_leftovers(client) == {}, f"seed {seed}"
-    # Attempts are counted when a job begins, right after it is taken: a kill costs each of the (at
-    # most 4) jobs then begun (running or taken next, two queues) one attempt.
+    # Attempts are counted when a job starts on the GPU: a kill costs only the jobs then running
+    # one attempt each (taken but waiting ones cost nothing).
     assert len(exhausted) <= 4 * kills // 3, f"seed {seed}: {len(exhausted)} jobs exhausted by {kills} kills"
     assert kills >= 3, f"seed {seed}: only {kills} kills happened"
     assert_no_unexpected_errors(bridge)
     print(f"seed {seed}: {kills} SIGKILLs ({new_ids} restarts under a new id); {len(exhausted)} job(s) "
           f"failed after 3 killed runs; {len(resent)} terminal re-sends of spooled results (ignored by the app)")
+
+
+def test_a_job_that_kills_its_worker_at_every_start_fails_after_max_attempts(tiny_models_dir, triton, redis_server,
+                                                                             stub, spawn, tmp_path):
+    """A poison job: its worker dies (SIGKILL) each time it starts on the GPU. Its third start is
+    its last; the next delivery fails it, dead-lettered, without a fourth run."""
+    client = redis.Redis.from_url(redis_server.url)
+    env = bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "out", redis_url=redis_server.url,
+                     triton_url=triton.grpc_url, supabase=stub, worker_id="poisoned", max_attempts=3)
+    bridge = spawn("poisoned", env).start().wait_ready()
+    job = sdxl_job(num_inference_steps=150)
+    push(client, job)
+    for run in range(1, 4):
+        wait_until(lambda: len(bridge.messages(f"job {job['id']} started")) >= run, 120, message=bridge.tail)
+        bridge.kill()
+        bridge.start().wait_ready()
+    body = wait_terminals(stub, [job["id"]], timeout=120)[job["id"]][0]
+    assert body["status"] == "failed" and body["metadata"]["error_type"] == "attempts_exhausted", body
+    assert body["error_message"].startswith("gave up after 3 attempts"), body
+    assert bridge.messages(f"job {job['id']} started") == [f"job {job['id']} started (attempt {n})" for n in (1, 2, 3)]
+    assert bridge.terminate() == 0  # (the dead-letter entry follows the callback: read it after the stop)
+    assert [json.loads(e)["job_id"] for e in client.lrange("dead_letter", 0, -1)] == [job["id"]]
+    assert_no_unexpected_errors(bridge)
+
+
+def test_sigkill_of_a_bridge_leaves_no_tritonserver_and_its_ports_are_never_shared(tiny_models_dir, redis_server,
+                                                                                   stub, spawn, tmp_path):
+    """A bridge with its own tritonserver: a second bridge given its ports fails at start-up naming
+    the port (the first keeps working); SIGKILL of the first mid-job leaves no tritonserver or stub
+    behind within 5 s; restarted, it runs exactly one server on its ports and the job completes once."""
+    client = redis.Redis.from_url(redis_server.url)
+    env = bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "out", redis_url=redis_server.url,
+                     triton_url=None, supabase=stub, worker_id="own-0")
+    bridge = spawn("own", env).start().wait_ready()
+    ports = {key: env[key] for key in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT")}
+    intruder = spawn("intruder", bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "other",
+                                            redis_url=redis_server.url, triton_url=None, supabase=stub,
+                                            worker_id="intruder", **ports)).start()
+    wait_until(lambda: not intruder.alive, 60, message=intruder.tail)
+    assert intruder.process.returncode != 0
+    assert f"TRITON_HTTP_PORT={ports['TRITON_HTTP_PORT']} is already in use by pid" in intruder.text(), intruder.tail()
+
+    job = sdxl_job(num_inference_steps=150)
+    push(client, job)
+    wait_until(lambda: bridge.messages(f"job {job['id']} started"), 180, message=bridge.tail)
+    server = bridge.tritonserver_pid()
+    assert server is not None and any("triton_python_backend_stub" in line for line in bridge.survivors())
+    bridge.kill()
+    wait_until(lambda: not bridge.survivors(), 5,
+               message=lambda: f"left running 5 s after the SIGKILL: {bridge.survivors()}")
+    assert processes_with("tritonserver", f"--grpc-port={ports['TRITON_GRPC_PORT']}") == []
+
+    bridge.start().wait_ready()
+    servers = processes_with("tritonserver", f"--grpc-port={ports['TRITON_GRPC_PORT']}")
+    assert servers == [bridge.tritonserver_pid()], servers
+    wait_terminals(stub, [job["id"]], timeout=240)
+    assert_exactly_once(stub, [job["id"]])
+    assert bridge.terminate() == 0
+    assert processes_with("tritonserver", f"--grpc-port={ports['TRITON_GRPC_PORT']}") == []
+    assert redis_leftovers(client) == {}
 
 
 def test_restart_under_the_same_worker_id_while_another_pod_waits(tiny_models_dir, triton, redis_server, stub, spawn,
@@ -230,13 +295,16 @@ def test_sigkill_tritonserver_and_a_model_stub_mid_job(tiny_models_dir, redis_se
     warm = small_wan()
     push(client, warm)
     wait_terminals(stub, [warm["id"]], timeout=240)  # wan resident before the sdxl stub dies
-    second = sdxl_job(num_inference_steps=150)
+    second = sdxl_job(num_inference_steps=60)  # long enough to be killed mid-run, short enough to rerun
     push(client, second)
     wait_until(lambda: generating(second["id"]), 180, message=lambda: f"never generating:\n{bridge.tail()}")
     stubs = [pid for pid in children_of(new_server)
              if "/sdxl/1/model.py" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
     assert len(stubs) == 1, stubs
     os.kill(stubs[0], signal.SIGKILL)
+    # Noticed by the bridge's watch within a second or two, not after Triton's own timeouts.
+    wait_terminals(stub, [second["id"]], timeout=30)
+    assert bridge.messages("exited mid-request"), bridge.tail()
     other = small_wan(seed=9)
     push(client, other)
     wait_terminals(stub, [second["id"], other["id"]], timeout=240)

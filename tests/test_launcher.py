@@ -143,3 +143,53 @@ def test_child_environment_keeps_what_the_models_read_and_no_secret() -> None:
            "TRITON_API_KEY": "t", "REDIS_URL": "redis://:p@h"}
     kept = child_environment(env)
     assert set(kept) == {"QWEN_MAX_BATCH", "QWEN_PREFIX_CACHE_GB", "TORCH_COMPILE", "HF_HOME", "WAN_WEIGHTS"}
+
+
+def test_a_leftover_server_of_the_same_worker_is_stopped_but_a_reused_pid_is_not(tmp_path: Path, caplog) -> None:
+    """A server an earlier run left behind (its pid file names it with its start time) is stopped
+    at the next start, which then answers with its own --id; a pid file naming a pid that now
+    belongs to another process (other start time) stops nothing."""
+    import json
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "run" / "w1.pid"
+    settings = triton_settings(tmp_path)
+    leftover = TritonServer(settings, pid_file=pid_file, log_path=tmp_path / "old.log").start()
+    record = json.loads(pid_file.read_text())
+    assert record["pid"] == leftover.process.pid
+    successor = TritonServer(settings, pid_file=pid_file, log_path=tmp_path / "new.log")
+    try:
+        with caplog.at_level("WARNING", logger="bridge.launcher"):
+            successor.start()  # same ports: it only binds once the leftover is gone
+        assert leftover.process.wait(5) is not None
+        assert any(f"pid {record['pid']} left behind" in r.getMessage() for r in caplog.records), caplog.text
+        name = httpx.get(f"http://{successor.http_url}/v2", timeout=5).json()["name"]
+        assert name == successor.server_id != leftover.server_id
+    finally:
+        successor.stop()
+        leftover.stop()
+    assert not pid_file.exists()
+
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file.write_text(json.dumps({"pid": bystander.pid, "start_time": time.time() - 3600, "shm_prefix": ""}))
+        with TritonServer(triton_settings(tmp_path), pid_file=pid_file, log_path=tmp_path / "third.log"):
+            assert bystander.poll() is None  # a reused pid is never killed
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_taken_port_is_a_start_up_error_naming_it_and_its_holder(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = TritonServer(triton_settings(tmp_path, triton_grpc_port=port), log_path=tmp_path / "t.log")
+        with pytest.raises(TritonStartError) as info:
+            server.start()
+    assert f"TRITON_GRPC_PORT={port} is already in use by pid {os.getpid()}" in str(info.value)
+    assert server.process is None  # nothing was started

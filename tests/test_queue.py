@@ -391,6 +391,31 @@ async def test_begin_checks_finished_claim_and_cancel_in_one_step(redis_server: 
         await two.close()
 
 
+async def test_an_attempt_is_counted_at_the_start_not_when_taken_or_reaped(redis_server: RedisServer,
+                                                                            raw: aioredis.Redis) -> None:
+    """Taken and begun (claimed) without a start costs no attempt: a worker killed then (its job
+    reaped) leaves the count as it was; each real start counts once."""
+    dead, live = make_queue(redis_server, "dead", heartbeat_ttl_s=0.3), make_queue(redis_server, "live")
+    try:
+        await raw.rpush("sdxl_queue", job("j1"))
+        await dead.heartbeat()
+        taken = await dead.take("sdxl_queue", count=False)
+        assert (await dead.begin("j1", taken, count=False)).attempt == 1  # the number its start will get
+        assert await raw.scard("attempts:j1") == 0
+        await asyncio.sleep(0.5)  # killed before the start: its heartbeat expires
+        assert await live.reap() == 1
+        again = await live.take("sdxl_queue", count=False)
+        assert (await live.begin("j1", again, count=False)).attempt == 1  # the reaped delivery cost nothing
+        assert await live.count_start(again) == 1
+        assert await live.count_start(again) == 1  # once per delivery
+        assert await live.requeue(again)  # a failed run: it stays counted
+        third = await live.take("sdxl_queue", count=False)
+        assert (await live.begin("j1", third, count=False)).attempt == 2
+    finally:
+        await dead.close()
+        await live.close()
+
+
 async def test_settle_marks_acks_and_releases_in_one_step(queue: Queue, raw: aioredis.Redis) -> None:
     await raw.rpush("sdxl_queue", job("j1"))
     delivery = await queue.take("sdxl_queue")

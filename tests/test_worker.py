@@ -451,6 +451,34 @@ async def test_shutdown_requeues_a_running_job_without_counting_an_attempt(
     assert_callback_sequence(supabase, job["id"], "completed")
 
 
+async def test_a_shutdown_with_redis_away_gives_up_requeueing_and_leaves_the_job_to_the_reaper(
+    tiny_models_dir, triton, redis_server, supabase: SupabaseStub, tmp_path: Path, monkeypatch
+) -> None:
+    """SIGTERM while Redis is unreachable: putting the running job back is given up after the
+    bound (it retried forever before) and the job is still in the worker's processing list, where
+    another worker's reaper finds it once the heartbeat expires. Nothing is lost."""
+    from bridge import worker as worker_module
+    from bridge.queue import Queue, processing_key
+
+    monkeypatch.setattr(worker_module, "SHUTDOWN_REQUEUE_S", 2.0)
+    job = wan_job("video_high", num_inference_steps=60, frame_num=81)
+    runtime = Runtime(stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out", worker_id="w-cut-off",
+                                     shutdown_grace_s=0.5, **supabase.settings_values()), api=False)
+    await runtime.start()
+    try:
+        await push(runtime, job)
+        await wait_state(runtime, job["id"], ("processing",))
+    finally:
+        redis_server.stop()
+        started = time.monotonic()
+        await asyncio.wait_for(runtime.stop(), 60)
+    print(f"shutdown with Redis away took {time.monotonic() - started:.1f}s")
+    redis_server.start()
+    async with Queue(redis_server.url, worker_id="reader") as reader:
+        held = await reader._client.lrange(processing_key("w-cut-off", "wan_queue"), 0, -1)
+    assert [json.loads(raw)["id"] for raw in held] == [job["id"]]
+
+
 async def test_a_shutdown_lets_a_job_that_is_reporting_its_end_finish(
         tiny_models_dir, triton, redis_server, supabase: SupabaseStub, tmp_path: Path) -> None:
     """A shutdown while a job's failed callback is on its way (it holds no GPU) waits for that
