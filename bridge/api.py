@@ -265,7 +265,8 @@ async def memory_unload(request: Request, which: Which = Query(...), wait: bool 
 
 async def _memory_answer(runtime: Any, operation: Any, wait: bool, done: str | None) -> JSONResponse:
     body: dict[str, Any] = {"success": True, "which": operation.which, "models": operation.models,
-                            "operation": operation.id}
+                            "operation": operation.id, "job_id": operation.job_id,
+                            "events": f"/jobs/{operation.job_id}/events"}
     if not await runtime.memory_ops.wait(operation, None if wait else QUICK_S):
         body.update(status="running", message=f"{operation.op} started; follow it in GET /memory/status (operations)")
         return JSONResponse(body, status_code=202)

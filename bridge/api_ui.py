@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import mimetypes
 import secrets
 import time
@@ -46,12 +47,15 @@ router = APIRouter(prefix="/ui")
 STATIC_DIR = Path(__file__).with_name("ui")
 COOKIE = "bridge_ui_session"
 SESSION_TTL_S = 12 * 3600
+log = logging.getLogger(__name__)
+
 #: Seconds between two snapshots on the page's event stream when nothing reports a change.
 TICK_S = 0.5
 #: Seconds between keep-alive comments while the snapshot does not change.
 KEEPALIVE_S = 10.0
 QUEUED_SHOWN = 10
 FINISHED_SHOWN = 10
+SIGNED_THUMBNAIL_S = 600  # Supabase mode: a thumbnail's signed URL lives this long (re-signed before)
 DEAD_LETTERS_SHOWN = 10
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 #: Paths of the page that carry no data: reachable without a key.
@@ -231,16 +235,38 @@ async def _running(runtime: Any, now: float) -> list[dict[str, Any]]:
 
 def _thumbnail(runtime: Any, assets: Any) -> str | None:
     """A URL the page can show for the job's first thumbnail. Local mode: the file under
-    ``OUTPUT_DIR``, through ``/ui/files/``. Supabase mode: the storage path the job recorded
-    (the bridge has no signed-URL call yet; see ``docs/API.md``)."""
-    if not isinstance(assets, list) or not assets or not isinstance(assets[0], dict):
-        return None
-    thumb = assets[0].get("thumbnail_url") or assets[0].get("url")
-    if not isinstance(thumb, str) or not thumb:
+    ``OUTPUT_DIR``, through ``/ui/files/``. Supabase mode: None here; :func:`_sign` makes a
+    short-lived signed URL of the stored path (``_stored_thumbnail``)."""
+    thumb = _stored_thumbnail(assets)
+    if thumb is None:
         return None
     if runtime.settings.local_mode:
         return f"/ui/files/{thumb}"
     return thumb if thumb.startswith("https://") else None
+
+
+def _stored_thumbnail(assets: Any) -> str | None:
+    """The first asset's thumbnail path as the job recorded it (its bucket path in Supabase mode)."""
+    if not isinstance(assets, list) or not assets or not isinstance(assets[0], dict):
+        return None
+    thumb = assets[0].get("thumbnail_url") or assets[0].get("url")
+    return thumb if isinstance(thumb, str) and thumb else None
+
+
+async def _sign(runtime: Any, record: dict[str, Any]) -> None:
+    """Supabase mode: point ``record["thumbnail"]`` at a signed URL of the stored thumbnail (the
+    bucket is private), made again a minute before it expires; a failure leaves no picture and is
+    tried again in 30 s."""
+    path = record.get("stored_thumbnail")
+    supabase = getattr(getattr(runtime, "worker", None), "supabase", None)
+    if not path or supabase is None or time.monotonic() < record.get("signed_until", 0.0):
+        return
+    try:
+        record["thumbnail"] = await supabase.signed_url(runtime.settings.storage_bucket, path, SIGNED_THUMBNAIL_S)
+        record["signed_until"] = time.monotonic() + SIGNED_THUMBNAIL_S - 60
+    except Exception as exc:  # noqa: BLE001 - the page shows the job without its picture
+        log.warning("operator page: no signed URL for %s (%s)", path, type(exc).__name__)
+        record["signed_until"] = time.monotonic() + 30
 
 
 async def _finished(runtime: Any, cache: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -254,9 +280,12 @@ async def _finished(runtime: Any, cache: dict[str, dict[str, Any]]) -> list[dict
                       "generation_s": metadata.get("generation_time"),
                       "thumbnail": _thumbnail(runtime, state.get("assets")),
                       "assets": len(state.get("assets") or [])}
+            if not runtime.settings.local_mode:
+                record["stored_thumbnail"] = _stored_thumbnail(state.get("assets"))
             if record["status"] in TERMINAL:
                 cache[job["id"]] = record  # a terminal record does not change
-        answer.append({**job, **record})
+        await _sign(runtime, record)
+        answer.append({**job, **{k: v for k, v in record.items() if k not in ("stored_thumbnail", "signed_until")}})
     return answer
 
 

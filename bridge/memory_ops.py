@@ -3,7 +3,9 @@
 RunPod's proxy cuts a request at 100 s, and loading a 15 GB model from a network volume takes
 longer, so ``POST /memory/load`` / ``/memory/unload`` start the operation here and answer 202 at
 once (unless it ends within :data:`QUICK_S`: then its result, as before). ``GET /memory/status``
-lists the recent operations (``operations``) with their state, duration and error.
+lists the recent operations (``operations``) with their state, duration and error; each is also
+recorded like a job (``job_id``: ``GET /jobs/{job_id}`` and its events stream ``processing`` then
+``completed`` or ``failed``), so a client can follow it the way it follows a job.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +39,7 @@ class Operation:
     seconds: float | None = None
     result: Any = None
     error: str | None = None
+    job_id: str = field(default_factory=lambda: f"memory-{uuid.uuid4().hex[:16]}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,7 +48,10 @@ class Operation:
 class MemoryOps:
     """The background operations of one bridge (the last ``keep`` are remembered)."""
 
-    def __init__(self, keep: int = 20) -> None:
+    def __init__(self, keep: int = 20,
+                 record: Callable[..., Awaitable[Any]] | None = None) -> None:
+        # record(job_id, status, error_message=..., metadata=...): the job-state record (worker.record_state)
+        self._record = record
         self._ids = itertools.count(1)
         self._ops: deque[Operation] = deque(maxlen=keep)
         self._tasks: dict[int, asyncio.Task] = {}
@@ -65,6 +72,8 @@ class MemoryOps:
 
     async def _run(self, operation: Operation, work: Awaitable[Any]) -> None:
         started = time.monotonic()
+        described = {"operation": operation.op, "which": operation.which, "models": operation.models}
+        await self._note(operation, "processing", metadata=described)
         try:
             operation.result = await work
             operation.state = "done"
@@ -74,6 +83,17 @@ class MemoryOps:
         finally:
             operation.seconds = round(time.monotonic() - started, 3)
             self._tasks.pop(operation.id, None)
+        await self._note(operation, "completed" if operation.state == "done" else "failed",
+                         error_message=operation.error, metadata={**described, "seconds": operation.seconds})
+
+    async def _note(self, operation: Operation, status: str, **fields: Any) -> None:
+        """Record the operation's state like a job's; a Redis outage must not fail the operation."""
+        if self._record is None:
+            return
+        try:
+            await asyncio.wait_for(self._record(operation.job_id, status, **fields), 5.0)
+        except Exception as exc:  # noqa: BLE001 - /memory/status still has it
+            log.warning("memory %s %s: state not recorded (%s)", operation.op, operation.which, type(exc).__name__)
 
     def recent(self) -> list[dict[str, Any]]:
         """The remembered operations, newest first."""

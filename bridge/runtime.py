@@ -59,7 +59,7 @@ class Runtime:
         self._triton_restart = asyncio.Lock()
         # Weights on the volume: serve what is there, pick up the rest when it appears (docs/DEPLOY.md).
         self.availability = Availability(settings, on_change=self._weights_appeared)
-        self.memory_ops = MemoryOps()
+        self.memory_ops = MemoryOps(record=self._record_operation)
         self._background: list[asyncio.Task] = []
         self.activity = Activity()  # what the operator's page shows (bridge/api_ui.py)
 
@@ -114,6 +114,12 @@ class Runtime:
         self._background.append(asyncio.create_task(self.availability.watch(), name="weights-watch"))
         self._load_startup_models()
         return self
+
+    async def _record_operation(self, job_id: str, status: str, **fields: Any) -> None:
+        """A memory operation's state, kept like a job's (bridge/memory_ops.py)."""
+        queue = getattr(self, "queue", None)  # set by start()
+        if queue is not None:
+            await record_state(queue, job_id, status, **fields)
 
     def _load_startup_models(self) -> None:
         """``TRITON_STARTUP_MODELS`` whose weights are present, loaded in the background (progress

@@ -594,14 +594,21 @@ class Worker:
         waiting = held or self._waiting_for(delivery, job, models, stage)
         if held is None:
             await self.dispatcher.acquire(waiting)
-        if job.id not in self._started:  # the job really starts now: only this costs an attempt
-            log.info("job %s started (attempt %d)", job.id, await self.queue.count_start(delivery))
+        # The job really starts now: only this costs an attempt. Counted beside the request, not
+        # before it: a Redis round trip in front of every request delayed it past the previous
+        # job's storing (docs/ARCHITECTURE.md, "One job's path"); the block waits for it at its end.
+        counting = None if job.id in self._started else asyncio.create_task(self._count_start(delivery, job.id))
         self._started.add(job.id)
         self._free_intake(delivery.queue)  # this job holds the GPU: the next one may be taken
         try:
             yield throttle
         finally:
             self.dispatcher.release(waiting)
+            if counting is not None:
+                await counting
+
+    async def _count_start(self, delivery: Delivery, job_id: str) -> None:
+        log.info("job %s started (attempt %d)", job_id, await self.queue.count_start(delivery))
 
     @staticmethod
     def _waiting_for(delivery: Delivery, job: Job, models: Any, stage: Stage | None) -> Waiting:
@@ -781,7 +788,11 @@ class Worker:
             await self._until_delivered(
                 delivery, job.id, lambda: self._report(job.id, "completed", assets=assets, metadata=entry.metadata))
         except (ReportingError, SpoolError) as exc:
-            await self._fail(delivery, job, JobFailed(f"results could not be stored: {exc}", "storage_error"))
+            # The app is told what happened, not the text (spool paths, Storage's answers): the log has it.
+            log.error("job %s: results could not be stored: %s", job.id, exc)
+            await self._fail(delivery, job, JobFailed(
+                f"results could not be stored ({type(exc).__name__}); the worker's log has the details",
+                "storage_error"))
             return
         await self._settle(delivery, job.id, "completed")
         await self._forget_spool(job.id)

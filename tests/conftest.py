@@ -60,6 +60,16 @@ def redis_server(tmp_path: Path):
     server.stop()
 
 
+@pytest.fixture()
+def supabase():
+    """A fresh Supabase stand-in (tests/supabase_stub.py); the test must leave no contract violation."""
+    from tests.supabase_stub import SupabaseStub
+
+    with SupabaseStub() as stub:
+        yield stub
+        assert stub.violations == []
+
+
 # --------------------------------------------------------------------------- in-process bridge + API
 @pytest.fixture()
 def settings_for(tiny_models_dir: Path, triton, redis_server, tmp_path: Path):

@@ -27,13 +27,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture()
-def supabase():
-    with SupabaseStub() as stub:
-        yield stub
-        assert stub.violations == []
-
-
-@pytest.fixture()
 async def bridge(tiny_models_dir, triton, redis_server, supabase, tmp_path):
     settings = stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out", app_cancel_poll_s=0.5,
                               **supabase.settings_values())
@@ -218,3 +211,22 @@ async def test_a_wan_job_queued_behind_a_wan_job_cancelled_while_loading_runs(
     supabase.set_job(long["id"], "cancelled")  # at once: WAN is still loading
     assert (await terminal(supabase, long["id"], timeout=30))["status"] == "cancelled"
     assert (await terminal(supabase, following["id"], timeout=90))["status"] == "completed"
+
+
+async def test_the_operator_page_shows_a_supabase_thumbnail_through_a_signed_url(
+        bridge: Runtime, supabase: SupabaseStub) -> None:
+    import httpx
+
+    from bridge.api_ui import snapshot
+
+    supabase.put_object("user-library", f"{USER_ID}/page.png", png())
+    job = await push_app(bridge, exact_copy(f"user-library/{USER_ID}/page.png"), cpu_size=True)
+    done = await terminal(supabase, job["id"])
+    assert done["status"] == "completed"
+    finished = {entry["id"]: entry for entry in (await snapshot(bridge))["finished"]}
+    url = finished[job["id"]]["thumbnail"]
+    assert url.startswith(f"{supabase.url}/storage/v1/object/sign/") and "token=" in url  # the bucket stays private
+    async with httpx.AsyncClient() as http:
+        shown = await http.get(url)
+    assert shown.status_code == 200
+    assert shown.content == supabase.object(done["assets"][0]["thumbnail_url"]).data

@@ -295,7 +295,9 @@ def test_sigkill_tritonserver_and_a_model_stub_mid_job(tiny_models_dir, redis_se
     warm = small_wan()
     push(client, warm)
     wait_terminals(stub, [warm["id"]], timeout=240)  # wan resident before the sdxl stub dies
-    second = sdxl_job(num_inference_steps=60)  # long enough to be killed mid-run, short enough to rerun
+    # Long enough to be killed mid-run (60 steps ended within a second with SDXL resident, before
+    # the kill landed), short enough to rerun within the 30 s below.
+    second = sdxl_job(num_inference_steps=150)
     push(client, second)
     wait_until(lambda: generating(second["id"]), 180, message=lambda: f"never generating:\n{bridge.tail()}")
     stubs = [pid for pid in children_of(new_server)

@@ -95,7 +95,7 @@ async def test_a_submitted_job_runs_on_the_page_and_a_wan_job_is_cancelled_from_
     assert await page.evaluate("document.cookie") == ""  # the script cannot read it
 
     # A tiny SDXL job: it appears, its progress bar moves, it ends completed with its thumbnail.
-    sdxl_id = await submit(page, "sdxl_image_fast", steps=20)
+    sdxl_id = await submit(page, "sdxl_image_fast", steps=100)  # seconds, with SDXL resident: the bar moves
     bar = f"#running tr[data-job-id='{sdxl_id}'] .bar"
     await page.wait_for_selector(bar, timeout=60_000)
     seen: set[int] = set()

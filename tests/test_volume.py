@@ -10,6 +10,7 @@ at first, a real redis-server, the production WAN model loading the converted fo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -99,6 +100,12 @@ async def test_a_partial_volume_is_served_and_the_rest_picked_up_without_a_resta
         assert metadata["enhanced_prompt"] == "a blue city"
         ours = await _operation(http, load.json()["operation"])
         assert ours["op"] == "load" and ours["models"] == ["wan"] and ours["state"] == "done", ours
+        # The operation is also followed like a job: its events end with the load's outcome.
+        assert load.json()["events"] == f"/jobs/{load.json()['job_id']}/events"
+        async with http.stream("GET", load.json()["events"]) as response:
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        statuses = [json.loads(line[6:])["status"] for line in lines]
+        assert statuses[-1] == "completed" and set(statuses) <= {"processing", "completed"}, statuses
         startup = [op for op in (await http.get("/memory/status")).json()["operations"] if op["which"] == "startup"]
         assert [(op["models"], op["state"]) for op in startup] == [(["sdxl"], "done")]
 

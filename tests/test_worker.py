@@ -24,13 +24,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture()
-def supabase():
-    with SupabaseStub() as stub:
-        yield stub
-        assert stub.violations == []
-
-
-@pytest.fixture()
 async def bridge(tiny_models_dir, triton, redis_server, supabase, tmp_path):
     settings = stack_settings(tiny_models_dir, triton, redis_server, tmp_path / "out", **supabase.settings_values())
     async with Runtime(settings, api=False) as runtime:
