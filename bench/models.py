@@ -77,7 +77,7 @@ def _qwen(max_tokens: int) -> Workload:
 
 WORKLOADS = {
     "tiny": {"sdxl": _sdxl(3, 64), "wan": _wan(2, 5, 32, 32), "qwen_instruct": _qwen(32), "qwen_base": _qwen(32)},
-    # The *_fast job defaults (CONTRACT.md §3) and a prompt enhancement.
+    # The *_fast job defaults (docs/APP_CONTRACT.md §3) and a prompt enhancement.
     "full": {"sdxl": _sdxl(15, 1024), "wan": _wan(25, 81, 832, 480), "qwen_instruct": _qwen(150), "qwen_base": _qwen(150)},
 }
 

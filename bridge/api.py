@@ -2,7 +2,7 @@
 
 :func:`create_app` builds it for a :class:`bridge.runtime.Runtime`. Routes (``docs/API.md``):
 
-- old contract (CONTRACT §5): ``POST /chat``, ``/generate``, ``/enhance`` (:mod:`bridge.api_chat`),
+- old contract (docs/APP_CONTRACT.md §5): ``POST /chat``, ``/generate``, ``/enhance`` (:mod:`bridge.api_chat`),
   ``GET /health``, ``/worker/info``, ``/memory/status``, ``POST /memory/load?which=``,
   ``/memory/unload?which=``, and the readiness route ``GET /ready`` (here);
 - OpenAI-compatible: ``POST /v1/chat/completions``, ``GET /v1/models`` (:mod:`bridge.api_chat`);

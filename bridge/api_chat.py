@@ -1,5 +1,5 @@
 """Chat routes of the HTTP API: the old contract's ``/chat``, ``/generate`` and ``/enhance``
-(CONTRACT §5) and the OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``.
+(docs/APP_CONTRACT.md §5) and the OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``.
 
 One path serves them all: parse → safety gate → :func:`bridge.chat.prepare_chat` (content mode,
 template, context trimming with the model's real tokenizer) → an interactive turn from the
@@ -61,7 +61,7 @@ CHAT_MODELS = ("qwen_instruct", "qwen_base")
 DISPLAY_NAMES = {"qwen_instruct": "Qwen2.5-7B-Instruct", "qwen_base": "Qwen2.5-7B"}
 #: Time limit of one non-streaming generation.
 CHAT_TIMEOUT_S = 300.0
-#: ``/enhance`` defaults (CONTRACT §5: like ``/chat`` with max_tokens 200).
+#: ``/enhance`` defaults (docs/APP_CONTRACT.md §5: like ``/chat`` with max_tokens 200).
 ENHANCE_DEFAULTS = {"max_tokens": 200, "temperature": 0.7, "top_p": 0.9}
 
 legacy_router = APIRouter()

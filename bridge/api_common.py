@@ -2,7 +2,7 @@
 
 Two error shapes (see ``docs/API.md``):
 
-- the old contract's routes (:data:`LEGACY_PATHS`, CONTRACT §5) answer
+- the old contract's routes (:data:`LEGACY_PATHS`, docs/APP_CONTRACT.md §5) answer
   ``{"success": false, "error": "<message>"}``; their bad input is a 400;
 - every other route answers ``{"error": {"message", "type", "param"}}`` (the shape OpenAI clients
   read); bad input there is a 422 naming the field in ``param`` and ``fields``.

@@ -1,6 +1,6 @@
 """Job routes of the HTTP API, for callers without the Redis queue.
 
-- ``POST /jobs``: a job in the contract format (CONTRACT §2), validated by
+- ``POST /jobs``: a job in the contract format (docs/APP_CONTRACT.md §2), validated by
   :func:`bridge.jobs.parse_job` and queued like any other (RPUSH on its type's queue), with a
   ``queued`` state recorded first. Without an ``id`` one is assigned.
 - ``GET /jobs/{id}``: the state the worker keeps in Redis (status, progress, assets, error, ...).

@@ -48,7 +48,7 @@ from bridge.textgen import ENHANCE_SAMPLING
 router = APIRouter()
 router.include_router(admin_router)
 
-#: The model the worker's enhancer runs on (CONTRACT §3: Qwen Base rewrites prompts).
+#: The model the worker's enhancer runs on (docs/APP_CONTRACT.md §3: Qwen Base rewrites prompts).
 ENHANCE_MODEL = "qwen_base"
 #: ``quality`` of ``/enhance/legacy`` → sampling over :data:`ENHANCE_SAMPLING` ("high" is the
 #: worker's own setting for enhanced jobs; "fast" writes a shorter rewrite).

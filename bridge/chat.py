@@ -1,6 +1,6 @@
 """Pure: chat requests, conversation prompts, content mode, sfw masking and prompt budgets.
 
-- Both request shapes the app has used (CONTRACT.md §5) parse into one :class:`Conversation`:
+- Both request shapes the app has used (docs/APP_CONTRACT.md §5) parse into one :class:`Conversation`:
   ``messages`` (role/content) and the older ``{message, system_prompt, conversation_id,
   context_type, conversation_history: [{sender, content}]}``. History keeps the last
   :data:`MAX_HISTORY_TURNS` turns, each cut to :data:`MAX_TURN_CHARS` characters.

@@ -45,7 +45,7 @@ SDXL_NEGATIVE_PROMPT = (
 THUMBNAIL_EDGE = 256  # docs/APP_CONTRACT.md §4: thumbnails are WEBP, longest edge 256 px, quality 85
 THUMBNAIL_QUALITY = 85
 # Asked of the diffusion models with every request: they make the thumbnails from the pixels they
-# hold, so the bridge need not decode the PNG or MP4 again (issue 3: per-job overhead).
+# hold, so the bridge need not decode the PNG or MP4 again (docs/ARCHITECTURE.md, one job's path: per-job overhead).
 _PREVIEWS = {"preview_edge": THUMBNAIL_EDGE, "preview_quality": THUMBNAIL_QUALITY}
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")

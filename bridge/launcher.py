@@ -117,7 +117,7 @@ class TritonInstall:
 
 
 def _pytriton_root() -> Path | None:
-    # Located, not imported (issue 6): the image installs nvidia-pytriton with --no-deps only for
+    # Located, not imported (docs/DEPLOY.md): the image installs nvidia-pytriton with --no-deps only for
     # its stub, and `import pytriton` needs its own dependencies (zmq, wrapt, typing_inspect).
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
@@ -157,7 +157,7 @@ def find_tritonserver(settings: Settings) -> TritonInstall:
             "or `pip install nvidia-pytriton==0.7.0`"
         )
     # A full install (NVIDIA's image: /opt/tritonserver/{bin,backends}) runs the Python backend
-    # built with it; only the stub comes from the wheel, for this interpreter (issue 6). The wheel's
+    # built with it; only the stub comes from the wheel, for this interpreter (docs/DEPLOY.md). The wheel's
     # libtriton_python.so links the wheel's own libtritonserver and does not belong in that server.
     own_backend = binary.resolve().parent.parent / "backends" / "python"
     if stub is not None and (own_backend / "libtriton_python.so").exists():

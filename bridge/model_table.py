@@ -1,7 +1,7 @@
 """The table of models the worker serves: GPU memory each needs, how long it may stay, which jobs
 need which models. Pure: no I/O, no asyncio.
 
-Policies (see docs/ARCHITECTURE.md and CONTRACT.md §6):
+Policies (see docs/ARCHITECTURE.md and docs/APP_CONTRACT.md §6):
 
 - ``pinned`` (SDXL): kept resident; evicted only when a job that needs the room cannot run
   otherwise (it is the last candidate for eviction).
@@ -188,7 +188,7 @@ def job_steps(job_type: str, model: str | None = None) -> tuple[frozenset[str], 
     """The model sets a job needs, step by step (one GPU grant each).
 
     - SDXL types → ``({sdxl},)``; WAN types → ``({wan},)``.
-    - Enhanced WAN types (CONTRACT §3: "qwen_base, then wan"): ``({qwen_base}, {wan})`` — Qwen
+    - Enhanced WAN types (docs/APP_CONTRACT.md §3: "qwen_base, then wan"): ``({qwen_base}, {wan})`` — Qwen
       Base rewrites the prompt, lets go, then WAN renders. Never both at once: SDXL, Qwen
       Instruct and either of them fit the 47 GB card (40 GB), all four do not (55 GB), so holding
       both evicted the chat model for the whole render.

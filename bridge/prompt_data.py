@@ -303,7 +303,7 @@ def load_file(path: Path, model: type[BaseModel]) -> BaseModel:
 def _locate(data_dir: Path | str) -> dict[str, tuple[str, os.stat_result | None]]:
     """Where each file is read from (``data_dir`` when it holds it, else the packaged copy) and
     its stat, None when neither is there: one stat a file, as every prompt's safety check asks
-    (:func:`get_data`; issue 3: per-job overhead)."""
+    (:func:`get_data`; docs/ARCHITECTURE.md, one job's path: per-job overhead)."""
     located = {}
     for name in FILES:
         packaged = os.path.join(PACKAGED_DATA_DIR, name)

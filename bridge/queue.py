@@ -124,7 +124,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return redis.call('SCARD', KEYS[1])
 """
 
-# Everything a job checks before it runs, in one round trip (issue 3: per-job overhead).
+# Everything a job checks before it runs, in one round trip (docs/ARCHITECTURE.md, one job's path: per-job overhead).
 # KEYS: finished, claim, cancel, attempts. ARGV: this worker id, claim ttl_s, raw ('' = not checked),
 # delivery token ('' = count nothing), attempts ttl_s.
 # Returns {finished status or false, the other live owner or false, cancel requested 0/1, attempt}.
@@ -133,7 +133,7 @@ return redis.call('SCARD', KEYS[1])
 # A finished job is neither claimed nor counted; else the job id is claimed for this worker unless a
 # live worker (one with a heartbeat) holds it, and this delivery counts as an attempt (as in
 # _COUNT_ATTEMPT: the same token twice counts once).
-# (issue 7, tests/test_faults.py) A live owner's claim counts only while that owner really holds the
+# (docs/ARCHITECTURE.md, process life cycle, tests/test_faults.py) A live owner's claim counts only while that owner really holds the
 # payload in one of its processing lists: a claim outlives a requeue (until released), the owner's
 # restart under the same id (which returns its orphans) and a reap; honouring it then dropped the job.
 _BEGIN = """
@@ -159,7 +159,7 @@ end
 return {false, false, redis.call('EXISTS', KEYS[3]), attempt}
 """
 
-# A job's state and its event in one command (issue 3: a MULTI pipeline of five cost the worker
+# A job's state and its event in one command (docs/ARCHITECTURE.md, one job's path: a MULTI pipeline of five cost the worker
 # several times the CPU). KEYS: state hash, event stream. ARGV: ttl_s, stream maxlen, event JSON
 # ('' = no event), number of fields to set, then name/value pairs, then names of fields to delete.
 _SET_STATE = """
@@ -173,7 +173,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[1])
 return id
 """
 
-# KEYS[1] claim key; ARGV[1] this worker id. Only the owner's own claim is released (issue 7).
+# KEYS[1] claim key; ARGV[1] this worker id. Only the owner's own claim is released (docs/ARCHITECTURE.md, process life cycle).
 _RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0

@@ -12,7 +12,7 @@ Redis; only the HTTP chat routing needs it).
 
 The bodies keep the old workers' fields (``worker_url``, ``auto_registered``,
 ``registration_method``, ``detection_method``, ``worker_type``, ``capabilities``, ``timestamp``;
-found in the old system's worker documentation, not in CONTRACT.md) plus ``worker_id``.
+found in the old system's worker documentation, not in docs/APP_CONTRACT.md) plus ``worker_id``.
 
 Usage (does not block start-up)::
 

@@ -154,7 +154,7 @@ def callback_body(
         "error_message": error_message,
         "metadata": dict(metadata or {}),
     }
-    # (issue 7, tests/test_bad_input.py) "replace": an error message may quote a payload value that
+    # (docs/ARCHITECTURE.md, process life cycle, tests/test_bad_input.py) "replace": an error message may quote a payload value that
     # holds a lone surrogate (valid JSON "\ud800"); strict UTF-8 raised here, the failed callback was
     # never sent and the job was requeued to the front of its queue forever.
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8", "replace")
@@ -241,7 +241,7 @@ class SupabaseReporter:
 
     async def upload_assets(self, entry: SpoolEntry, *, deadline: float | None = None) -> list[dict[str, Any]]:
         """Upload each asset and its thumbnail, up to ``UPLOAD_CONCURRENCY`` files at once (an
-        image and its thumbnail take one round trip, not two: issue 3); return the docs/APP_CONTRACT.md §4
+        image and its thumbnail take one round trip, not two: docs/ARCHITECTURE.md, one job's path); return the docs/APP_CONTRACT.md §4
         asset objects. One deadline covers the whole round (``report_deadline_s`` from now unless
         given); the first failure stops the other uploads and is raised."""
         deadline = self._deadline(deadline)
@@ -401,7 +401,7 @@ class LocalReporter:
     async def upload_assets(self, entry: SpoolEntry, *, deadline: float | None = None) -> list[dict[str, Any]]:
         """Put each spooled asset and its thumbnail in place; return the asset objects (``deadline``
         is ignored). Hard links: a few system calls and no bytes copied, cheap enough to run on the
-        event loop (issue 3: per-job overhead). Where the file system refuses a link (OUTPUT_DIR on
+        event loop (docs/ARCHITECTURE.md, one job's path: per-job overhead). Where the file system refuses a link (OUTPUT_DIR on
         another device than the spool), the files are copied in a thread instead."""
         files, assets = _layout(entry)
         try:

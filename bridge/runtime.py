@@ -172,7 +172,7 @@ class Runtime:
         async with self._triton_restart:
             if await self.triton.is_live():
                 return
-            # (issue 7, tests/test_faults.py) After a restart the gRPC channels back off before they
+            # (docs/ARCHITECTURE.md, process life cycle, tests/test_faults.py) After a restart the gRPC channels back off before they
             # reconnect, so "not live" over gRPC may only mean "not reconnected yet": a running server
             # that answers its HTTP health check is not restarted again (that killed a healthy server
             # per retry), and the resync waits for the channels (one made during the backoff failed,
@@ -301,7 +301,7 @@ def freeze_startup_heap() -> None:
     """Collect, then move every object alive after start-up (modules, settings, clients: about
     100,000) to the collector's permanent generation. A full collection then looks only at what was
     made since: it paused the event loop for 45 ms before (measured here), which a job that arrived
-    meanwhile waited out (issue 3: pickup and idle-gap outliers). What is alive after start-up is
+    meanwhile waited out (docs/ARCHITECTURE.md, one job's path: pickup and idle-gap outliers). What is alive after start-up is
     almost all modules, classes and clients that live as long as the process; the price is that
     one of them that later becomes cyclic garbage is not reclaimed. For the one process ``serve``
     runs, not for a process that starts runtimes again and again (the tests)."""

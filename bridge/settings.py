@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     )
     model_threads: int = Field(0, ge=0, description="torch threads per model process (0: torch default).")
 
-    # --- Speed-ups (issue 6: model_kit/speedups.py, bench/gpu.py) -------------------------------
+    # --- Speed-ups (docs/DEPLOY.md: model_kit/speedups.py, bench/gpu.py) -------------------------------
     # Passed to the model processes as environment variables (bridge/launcher.py); CUDA only.
     channels_last: bool = Field(True, description="SDXL UNet in channels-last memory format (CUDA).")
     sdpa: bool = Field(
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
 
     # --- end speed-ups ---------------------------------------------------------------------------
 
-    # --- Residency / scheduling (issue 4: bridge/model_table.py, scheduler.py, residency.py) ----
+    # --- Residency / scheduling (docs/ARCHITECTURE.md, scheduling: bridge/model_table.py, scheduler.py, residency.py) ----
     vram_budget_gb: float = Field(47.0, gt=0, description="GPU memory all resident models may take (GB).")
     vram_safety_margin_gb: float = Field(
         1.0, ge=0, description="On a GPU, keep this much of NVML's free memory out of the budget (GB)."
@@ -180,7 +180,7 @@ class Settings(BaseSettings):
         "on every route), each at least 32 characters."
     )
 
-    # --- Operations (issue 6: bridge/doctor.py, registration.py, logs.py) ----------------------
+    # --- Operations (docs/DEPLOY.md: bridge/doctor.py, registration.py, logs.py) ----------------------
     require_gpu: bool = Field(False, description="Start-up checks fail unless a CUDA GPU is visible.")
     public_url: str | None = Field(
         None, description="Public base URL of the API (else https://{RUNPOD_POD_ID}-{API_PORT}.proxy.runpod.net)."
@@ -191,7 +191,7 @@ class Settings(BaseSettings):
     log_json: bool | None = Field(None, description="JSON log lines (unset: JSON unless stderr is a terminal).")
     # --- end operations ---------------------------------------------------------------------------
 
-    # --- Prompt data files (issue 8: bridge/prompt_data.py, chat.py, safety.py, scene.py) --------
+    # --- Prompt data files (docs/ARCHITECTURE.md: bridge/prompt_data.py, chat.py, safety.py, scene.py) --------
     data_dir: Path = Field(
         Path(__file__).resolve().parent / "data",
         description="Folder of the operator-editable templates.yaml, content_mode.yaml, scene_rules.yaml and "

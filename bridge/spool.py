@@ -2,7 +2,7 @@
 
 ``{SPOOL_DIR}/{job_id}/`` holds the asset files (``{i}.png`` or ``0.mp4``), their thumbnails
 (``{i}.thumb.webp``: the model's 256 px WEBP preview, or made here from the file, a video's middle
-frame) and ``manifest.json`` with each asset's CONTRACT §4 metadata (width, height, format, file
+frame) and ``manifest.json`` with each asset's docs/APP_CONTRACT.md §4 metadata (width, height, format, file
 size, ...). Everything the report needs is made once, when the entry is saved, from the bytes still
 in memory: the reporter only moves files, and a restart after generation re-sends them instead of
 generating again.
@@ -130,7 +130,7 @@ class Spool:
 
         The entry survives a crash of this process as soon as ``save`` returns. With ``durable``
         its files are also fsync'd (it survives a power cut); without, call :meth:`sync` later
-        (the worker does so in the background while it uploads, issue 3: per-job overhead).
+        (the worker does so in the background while it uploads, docs/ARCHITECTURE.md, one job's path: per-job overhead).
         Each asset's thumbnail and file-derived metadata are made here, from the bytes in memory
         (a bad file raises ValueError). Blocking file I/O and CPU work: from a coroutine,
         ``await asyncio.to_thread(spool.save, ...)``.
@@ -142,7 +142,7 @@ class Spool:
         thumbnails = None
         if any(asset.thumbnail is None for asset in outputs.assets):
             # Thumbnails to make (libwebp and PIL work outside the GIL): in other threads while this
-            # one writes the files, so a job waits for the slower of the two, not their sum (issue 3).
+            # one writes the files, so a job waits for the slower of the two, not their sum (docs/ARCHITECTURE.md, one job's path).
             thumbnails = [_THUMBNAILERS.submit(_describe, asset, index, count)
                           for index, asset in enumerate(outputs.assets)]
         temp = self.directory / f".tmp-{job_id}-{uuid.uuid4().hex[:8]}"
@@ -341,7 +341,7 @@ def _thumbnail_name(index: int) -> str:
 
 
 def _describe(asset: OutputAsset, index: int, count: int) -> tuple[dict[str, Any], bytes]:
-    """The asset object's metadata (CONTRACT §4: the generation parameters plus width, height,
+    """The asset object's metadata (docs/APP_CONTRACT.md §4: the generation parameters plus width, height,
     format, file size, index; a video's duration) and its thumbnail: the model's preview when it
     sent one (the file's size is read from its header, nothing is decoded), else made from the
     file (a video's middle frame)."""

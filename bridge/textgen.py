@@ -111,7 +111,7 @@ def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-# Sampling of the old worker's enhancement (CONTRACT §3): ~150 new tokens, T 0.7, top_p 0.9.
+# Sampling of the old worker's enhancement (docs/APP_CONTRACT.md §3): ~150 new tokens, T 0.7, top_p 0.9.
 ENHANCE_SAMPLING = {"max_tokens": 150, "temperature": 0.7, "top_p": 0.9}
 
 

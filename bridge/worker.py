@@ -123,7 +123,7 @@ class Dispatcher:
         self._changed.set()
         if len(self._waiting) == 1:
             # Nothing else waits, so there is no choice to make: ask the scheduler now rather than
-            # a loop turn later in the dispatcher task (issue 3: per-job overhead).
+            # a loop turn later in the dispatcher task (docs/ARCHITECTURE.md, one job's path: per-job overhead).
             self._grant_all()
         try:
             await item.granted
@@ -150,7 +150,7 @@ class Dispatcher:
     def release(self, item: Waiting) -> None:
         """``item`` no longer holds the GPU. What waits next is granted now, not a loop turn later
         in the dispatcher task: its request should reach the server before the releasing job goes
-        on to store its results (issue 3: the idle gap between two jobs' requests)."""
+        on to store its results (docs/ARCHITECTURE.md, one job's path: the idle gap between two jobs' requests)."""
         self._running = [(w, r) for w, r in self._running if w is not item]
         self._changed.set()
         if self._waiting:
@@ -410,9 +410,9 @@ class Worker:
                 await self._abandon(head)  # the job ended before its generation took the request over
 
     async def _claim(self, delivery: Delivery, job: Job) -> tuple[Begin, bool, JobFailed | None, _HeadStart | None]:
-        """One round trip: finished? claimed by a live worker? cancel requested? (issue 7) The raw
+        """One round trip: finished? claimed by a live worker? cancel requested? (docs/ARCHITECTURE.md, process life cycle) The raw
         payload lets the claim check that its owner still holds the job. While it is in flight
-        (issue 3: per-job overhead) the local checks run (the spool stat, the safety gate) and,
+        (docs/ARCHITECTURE.md, one job's path: per-job overhead) the local checks run (the spool stat, the safety gate) and,
         when the GPU is free at once, the job's request starts (:meth:`_start_early`)."""
         began = asyncio.ensure_future(self.queue.begin(job.id, delivery, count=False))  # counted at the start
         try:
@@ -486,7 +486,7 @@ class Worker:
         self._running[job.id] = asyncio.current_task()  # type: ignore[assignment]
         self.activity.begin(job.id, job.requested_type, job.model, delivery.queue)
         try:
-            # (issue 7) An unreadable spool is requeued like an unwritable one, not counted as an
+            # (docs/ARCHITECTURE.md, process life cycle) An unreadable spool is requeued like an unwritable one, not counted as an
             # attempt by the catch-all. (A stat first: most jobs have no entry, no thread needed.)
             entry = await asyncio.to_thread(self.spool.load, job.id) if spooled else None
         except SpoolError as exc:
@@ -535,14 +535,14 @@ class Worker:
 
     async def _spool_trouble(self, delivery: Delivery, job: Job, exc: SpoolError) -> None:
         log.error("job %s: %s; requeued", job.id, exc)
-        await asyncio.sleep(1.0)  # (issue 7) pause while the job is still ours, then put it back
+        await asyncio.sleep(1.0)  # (docs/ARCHITECTURE.md, process life cycle) pause while the job is still ours, then put it back
         await self._requeue(delivery, count_attempt=False)
 
     async def _generate(self, delivery: Delivery, job: Job, head: _HeadStart | None = None) -> SpoolEntry:
         """Safety gate, enhancement, reference image, the Triton run (``head``: already started
         while the job was claimed); outputs into the spool.
 
-        An enhanced job holds the GPU twice (CONTRACT §3: "qwen_base, then wan"): Qwen Base for
+        An enhanced job holds the GPU twice (docs/APP_CONTRACT.md §3: "qwen_base, then wan"): Qwen Base for
         the enhancement, released, then WAN for the render. Holding both at once put 55 GB of
         models on a 47 GB card beside SDXL and chat, so the chat model was evicted for the render.
         """
@@ -647,7 +647,7 @@ class Worker:
         """Before a finished request's results are stored: let the requests that are starting
         (the job the release granted the GPU to) reach the server first, for up to
         :data:`SEND_FIRST_S`. Storing is CPU work on the bridge's cores; done while the next
-        request is still being sent, it delayed that request and left the GPU idle (issue 3: a
+        request is still being sent, it delayed that request and left the GPU idle (docs/ARCHITECTURE.md, one job's path: a
         full queue cost 2.6 ms per job before, 0.9 ms since). A request whose model must load
         first is not waited for beyond the cap."""
         await asyncio.sleep(0)  # the granted job runs up to its request
@@ -710,7 +710,7 @@ class Worker:
         if self._on_triton_failure is not None and not await self.triton.is_live():
             try:
                 await self._on_triton_failure()
-            except Exception:  # noqa: BLE001 - (issue 7) a failed restart is this job's retry, not a crash
+            except Exception:  # noqa: BLE001 - (docs/ARCHITECTURE.md, process life cycle) a failed restart is this job's retry, not a crash
                 log.exception("restarting tritonserver failed; the job will be retried")
             return
         with suppress(Exception):
@@ -886,7 +886,7 @@ class Worker:
     def _sync_spool(self, job_id: str) -> None:
         """fsync the job's spool entry in the background while its results are uploaded: the
         entry survives a crash of this process already, and a power cut once this is done. Off
-        the critical path: it costs the job no latency (issue 3)."""
+        the critical path: it costs the job no latency (docs/ARCHITECTURE.md, one job's path)."""
         if job_id not in self._spool_syncs:
             self._spool_syncs[job_id] = asyncio.create_task(asyncio.to_thread(self.spool.sync, job_id))
 
@@ -903,7 +903,7 @@ class Worker:
 
     async def _requeue(self, delivery: Delivery, count_attempt: bool) -> None:
         """Back to the front of its queue; the claim goes too, so any worker may take it."""
-        # (issue 7) Forget the job first: this worker may take it again at once, and while this task
+        # (docs/ARCHITECTURE.md, process life cycle) Forget the job first: this worker may take it again at once, and while this task
         # was still registered as running it, the new delivery was acknowledged as a duplicate (lost).
         if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
             del self._running[delivery.job_id]

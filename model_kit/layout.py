@@ -1,4 +1,4 @@
-"""Where each model's weights live, relative to ``MODELS_DIR`` (CONTRACT.md §7).
+"""Where each model's weights live, relative to ``MODELS_DIR`` (docs/APP_CONTRACT.md §7).
 
 The model configs (``model_repository/*/config.pbtxt`` parameters) name the same paths; the tiny
 model builder writes them, the start-up checks look for them. A test keeps the two in step.

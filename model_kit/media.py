@@ -98,7 +98,7 @@ def thumbnail_webp(image: Image.Image | np.ndarray | bytes, longest_edge: int = 
 
     ``method`` is libwebp's effort (0 fastest, 6 smallest). At the same ``quality`` 0 takes about
     60 % of the default 4's time for a file a few per cent larger: thumbnails are made on every
-    job's critical path (issue 3), so the default is 0. The resize first reduces by a whole factor,
+    job's critical path (docs/ARCHITECTURE.md, one job's path), so the default is 0. The resize first reduces by a whole factor,
     then resamples with Lanczos (``reducing_gap=2``, as Pillow's own ``Image.thumbnail`` does):
     1024 px to 256 px in less than half the time of Lanczos all the way."""
     if isinstance(image, bytes):

@@ -1,4 +1,4 @@
-"""bridge.fetch: the reference-image fetcher refuses everything CONTRACT §2/§3 and SSRF safety say it
+"""bridge.fetch: the reference-image fetcher refuses everything docs/APP_CONTRACT.md §2/§3 and SSRF safety say it
 must, and fetches a good image. Only loopback is ever contacted: an autouse guard fails the test
 if any socket tries to connect elsewhere."""
 

@@ -21,7 +21,7 @@ from bridge.jobs import (
     peek_id,
 )
 
-# CONTRACT §3, written out independently of the table under test:
+# docs/APP_CONTRACT.md §3, written out independently of the table under test:
 # type: (model, queue, output, width, height, steps, guidance, frames, fps, enhance)
 CONTRACT_DEFAULTS = {
     "sdxl_image_fast": ("sdxl", "sdxl_queue", "image", 1024, 1024, 15, 6.0, None, None, False),

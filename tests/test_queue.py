@@ -377,7 +377,7 @@ async def test_begin_checks_finished_claim_and_cancel_in_one_step(redis_server: 
         duplicate = await two.begin("j1", held)
         assert duplicate.owner == "w1" and duplicate.finished is None  # w1 holds it: w2 must not run it
         assert duplicate.attempt == 0  # a duplicate is not counted
-        # A claim whose owner no longer holds the payload does not count (issue 7).
+        # A claim whose owner no longer holds the payload does not count (docs/ARCHITECTURE.md, process life cycle).
         other = await two.take("sdxl_queue")
         assert (await two.begin("j1", other)).owner is None
 

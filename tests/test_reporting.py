@@ -105,7 +105,7 @@ async def test_image_uploads_paths_types_thumbnails_and_assets(supabase, reporte
 
 async def test_a_jobs_files_are_uploaded_concurrently(supabase, reporter, spool):
     """The stub answers only once all four files of a two-image job are in flight at once: one
-    round trip for the job's files, not four (issue 3)."""
+    round trip for the job's files, not four (docs/ARCHITECTURE.md, one job's path)."""
     job = new_job_id()
     supabase.hold("storage", 4)
     assets = await reporter.upload_assets(spool.save(job, image_outputs(count=2)))

@@ -1,4 +1,4 @@
-"""Scale-out (issue 6): several pods consume the same queues. Two ``python -m bridge serve``
+"""Scale-out (docs/DEPLOY.md): several pods consume the same queues. Two ``python -m bridge serve``
 processes share one Redis and one tritonserver; 200 jobs pushed at once each run exactly once
 (Triton's own request statistics agree) and end with exactly one terminal callback."""
 

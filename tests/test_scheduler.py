@@ -111,7 +111,7 @@ def test_job_needs() -> None:
     assert job_steps("sdxl_image_fast") == (frozenset({"sdxl"}),)
     assert job_steps("video_high") == (frozenset({"wan"}),)
     assert job_steps("wan_video_fast") == (frozenset({"wan"}),)
-    # CONTRACT §3 "qwen_base, then wan": never both at once (beside SDXL and chat that is 55 GB).
+    # docs/APP_CONTRACT.md §3 "qwen_base, then wan": never both at once (beside SDXL and chat that is 55 GB).
     assert job_steps("video7b_fast_enhanced") == (frozenset({"qwen_base"}), frozenset({"wan"}))
     assert job_steps("chat") == (frozenset({"qwen_instruct"}),)
     assert job_steps("chat", model="qwen_base") == (frozenset({"qwen_base"}),)

@@ -115,7 +115,7 @@ def test_spool_refuses_bad_ids_and_outputs(spool):
 
 
 def test_thumbnails_and_asset_metadata_are_made_when_saved(spool):
-    """The report needs no decoding: each asset's thumbnail and CONTRACT §4 metadata are in the entry."""
+    """The report needs no decoding: each asset's thumbnail and docs/APP_CONTRACT.md §4 metadata are in the entry."""
     job = new_job_id()
     outputs = image_outputs(count=2, width=640, height=360)
     entry = spool.save(job, outputs)

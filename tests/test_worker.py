@@ -231,7 +231,7 @@ async def test_duplicate_delivery_of_a_finished_job_is_not_run_again(bridge: Run
 
 
 class _SlowClaim:
-    """Observes a worker (issue 3: the claim's round trip): its claim (``Queue.begin``) answers
+    """Observes a worker (docs/ARCHITECTURE.md, one job's path: the claim's round trip): its claim (``Queue.begin``) answers
     ``delay_s`` late, as from a distant Redis, and each Triton request is recorded with when it
     started and how it ended ("completed", "cancelled" or the exception's name)."""
 
@@ -309,7 +309,7 @@ async def test_a_head_start_is_cancelled_when_the_claim_says_no(bridge: Runtime,
 
 async def test_the_next_request_goes_out_before_the_finished_job_stores_its_results(
         bridge: Runtime, supabase: SupabaseStub) -> None:
-    """(issue 3) With jobs queued, the job the release grants the GPU to has its request written
+    """(docs/ARCHITECTURE.md, one job's path) With jobs queued, the job the release grants the GPU to has its request written
     to Triton before the finished job starts storing (CPU work that delayed the next request and
     left the GPU idle)."""
     events: list[tuple[str, str]] = []
