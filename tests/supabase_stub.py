@@ -313,13 +313,20 @@ class SupabaseStub:
         self._violate(request, "unknown route")
         return 404, {"error": "not found"}
 
-    def _handle_storage(self, request: RecordedRequest) -> tuple[int, dict[str, Any]]:
+    def _keyed_object(self, request: RecordedRequest) -> tuple[re.Match | None, tuple[int, dict[str, Any]] | None]:
+        """The object path a request with the service key names, or the answer that refuses it."""
         match = _STORAGE_RE.match(request.path)
         if not match:
             self._violate(request, "not a storage object path")
-            return 400, {"error": "bad path"}
+            return None, (400, {"error": "bad path"})
         if not self._check_bearer(request, apikey=True):
-            return 401, {"statusCode": "401", "error": "Unauthorized", "message": "invalid key"}
+            return None, (401, {"statusCode": "401", "error": "Unauthorized", "message": "invalid key"})
+        return match, None
+
+    def _handle_storage(self, request: RecordedRequest) -> tuple[int, dict[str, Any]]:
+        match, refusal = self._keyed_object(request)
+        if refusal is not None:
+            return refusal
         if match["bucket"] != self.bucket:
             self._violate(request, f"bucket {match['bucket']!r} is not {self.bucket!r}")
             return 404, {"statusCode": "404", "error": "Bucket not found"}
@@ -381,12 +388,9 @@ class SupabaseStub:
                 request.outcome = "expired"
                 return 400, dict(EXPIRED_JWT)
         else:
-            match = _STORAGE_RE.match(request.path)
-            if not match:
-                self._violate(request, "not a storage object path")
-                return 400, {"error": "bad path"}
-            if not self._check_bearer(request, apikey=True):
-                return 401, {"statusCode": "401", "error": "Unauthorized", "message": "invalid key"}
+            match, refusal = self._keyed_object(request)
+            if refusal is not None:
+                return refusal
             bucket, path = match["bucket"], unquote(match["path"])
         found = self._library_object(bucket, path)
         if found is None:
