@@ -223,7 +223,12 @@ async def test_the_operator_page_shows_a_supabase_thumbnail_through_a_signed_url
     job = await push_app(bridge, exact_copy(f"user-library/{USER_ID}/page.png"), cpu_size=True)
     done = await terminal(supabase, job["id"])
     assert done["status"] == "completed"
-    finished = {entry["id"]: entry for entry in (await snapshot(bridge))["finished"]}
+    # The page lists the job once the worker has settled it (just after its callback arrived).
+    for _ in range(100):
+        finished = {entry["id"]: entry for entry in (await snapshot(bridge))["finished"]}
+        if job["id"] in finished:
+            break
+        await asyncio.sleep(0.1)
     url = finished[job["id"]]["thumbnail"]
     assert url.startswith(f"{supabase.url}/storage/v1/object/sign/") and "token=" in url  # the bucket stays private
     async with httpx.AsyncClient() as http:

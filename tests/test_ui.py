@@ -56,11 +56,11 @@ async def login(page) -> None:
     await page.wait_for_selector("#models tr[data-model=sdxl]")  # the first snapshot arrived
 
 
-async def submit(page, job_type: str, steps: int, frames: int | None = None) -> str:
+async def submit(page, job_type: str, steps: int, frames: int | None = None, size: int = 64) -> str:
     await page.select_option("#job-type", job_type)
     await page.fill("#prompt", "a lighthouse on a cliff at dawn")
-    await page.fill("#width", "64")
-    await page.fill("#height", "64")
+    await page.fill("#width", str(size))
+    await page.fill("#height", str(size))
     await page.fill("#steps", str(steps))
     await page.fill("#frames", "" if frames is None else str(frames))
     await page.click("#submit button[type=submit]")
@@ -119,7 +119,8 @@ async def test_a_submitted_job_runs_on_the_page_and_a_wan_job_is_cancelled_from_
     assert "JSON" in await page.inner_text("#dead tbody tr td.error-text")
 
     # A long WAN video: cancelled from the page while it generates, it ends cancelled.
-    wan_id = await submit(page, "video_fast", steps=100, frames=33)
+    # About 10 s with WAN resident (33 frames at 64x64 could end before the page saw it generate).
+    wan_id = await submit(page, "video_fast", steps=100, frames=161, size=96)
     row = f"#running tr[data-job-id='{wan_id}']"
     await page.wait_for_function(
         "s => { const r = document.querySelector(s); return r && r.querySelector('.stage').textContent === 'generating'"
