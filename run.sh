@@ -33,7 +33,9 @@ case "${1:-}" in
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
     "")
-        if "$VENV/bin/python" -m bridge doctor >/dev/null 2>&1; then
+        # serve runs with whatever weights are there (the rest are picked up when they appear);
+        # with none at all, the demo on tiny models.
+        if "$VENV/bin/python" -m bridge weights --any >/dev/null 2>&1; then
             exec "$VENV/bin/python" -m bridge serve
         fi
         echo "no model weights under MODELS_DIR (${MODELS_DIR:-/workspace/models}): running the demo on tiny models" >&2

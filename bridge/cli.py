@@ -356,7 +356,11 @@ app.add_typer(weights_app, name="weights")
 
 
 @weights_app.callback(invoke_without_command=True)
-def weights(ctx: typer.Context) -> None:
+def weights(
+    ctx: typer.Context,
+    any_present: bool = typer.Option(False, "--any", help="Exit 0 when at least one model's weights are there "
+                                     "(what `serve` can start with; run.sh runs the demo otherwise)."),
+) -> None:
     """Per model: the layout found, its size, and exactly what is missing (exit 1 if anything is)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -372,7 +376,8 @@ def weights(ctx: typer.Context) -> None:
         todo = "ok" if item.present else "; ".join(item.missing) + f". {item.fix}"
         table.add_row(item.model, item.layout, str(item.path), f"{item.size_bytes / (1 << 30):.2f} GiB", todo)
     Console(width=200 if not Console().is_terminal else None).print(table)
-    raise typer.Exit(0 if all(item.present for item in found.values()) else 1)
+    present = [item.present for item in found.values()]
+    raise typer.Exit(0 if (any(present) if any_present else all(present)) else 1)
 
 
 @weights_app.command("convert")

@@ -182,6 +182,12 @@ def test_weights_on_a_half_filled_folder_says_exactly_what_is_missing(tiny_model
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.replace("│", " ").split())
     assert "wan partial diffusers" in text and "VAE weights" in text and text.count(" ok ") == 3, text
+    # run.sh serves what is there: some weights are, so `serve` (not the demo) is what it starts.
+    assert CliRunner().invoke(app, ["weights", "--any"]).exit_code == 0
+    empty = tmp_path / "empty-volume"
+    empty.mkdir()
+    monkeypatch.setenv("MODELS_DIR", str(empty))
+    assert CliRunner().invoke(app, ["weights", "--any"]).exit_code == 1
 
 
 def test_download_lifts_the_offline_switch_for_itself_only(tmp_path: Path, monkeypatch) -> None:
