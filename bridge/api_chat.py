@@ -36,13 +36,13 @@ from bridge.chat import (
     mask_sfw,
     parse_chat_request,
     prepare_chat,
+    with_minor_rule,
 )
 from bridge.chat_turns import counted
 from bridge.model_table import job_cost_s
 from bridge.prompt_data import PromptData, get_data
 from bridge.residency import ResidencyError
 from bridge.safety import (
-    MINOR_RULE,
     OUTPUT_REFUSAL_REASON,
     SafetyVerdict,
     StreamGuard,
@@ -273,7 +273,7 @@ async def plain_enhance(runtime: Any, parsed: ChatRequest) -> dict[str, Any]:
     else:
         messages = [{"role": "system", "content": conversation.system_prompt or ""},
                     *({"role": t.role, "content": t.content} for t in conversation.turns)]
-    messages = [{**m, "content": f"{m['content']}\n\n{MINOR_RULE}"} if m["role"] == "system" else m
+    messages = [{**m, "content": with_minor_rule(m["content"])} if m["role"] == "system" else m
                 for m in messages]
     sampling = {
         "max_tokens": parsed.max_tokens or ENHANCE_DEFAULTS["max_tokens"],

@@ -270,7 +270,12 @@ def system_prompt_for(conversation: Conversation, template: Template, sfw_mode: 
     own = conversation.system_prompt
     if not own:
         return template.system
-    return f"{own}\n\n{MINOR_RULE}"
+    return with_minor_rule(own)
+
+
+def with_minor_rule(system: str) -> str:
+    """A caller's own system prompt as the model gets it: the safety gate's rule about minors after it."""
+    return f"{system}\n\n{MINOR_RULE}"
 
 
 # ----------------------------------------------------------------------------- token counting
