@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import metrics
-from bridge.availability import Availability
 from bridge.activity import Activity
+from bridge.availability import Availability
+from bridge.cpu_work import CpuWork
 from bridge.launcher import TritonServer
 from bridge.memory_ops import MemoryOps
 from bridge.prompt_data import load_data
@@ -62,6 +63,8 @@ class Runtime:
         self.memory_ops = MemoryOps(record=self._record_operation)
         self._background: list[asyncio.Task] = []
         self.activity = Activity()  # what the operator's page shows (bridge/api_ui.py)
+        # The API's CPU work (safety reading, tokenising): its own threads, bounded in time (docs/API.md).
+        self.cpu_work = CpuWork(settings.api_cpu_workers, settings.api_cpu_work_timeout_s)
 
     # ------------------------------------------------------------------ start
     async def start(self) -> "Runtime":
@@ -223,6 +226,7 @@ class Runtime:
                 async with _step("HTTP API"):
                     with suppress(Exception):
                         await self._api_task
+        self.cpu_work.close()
         if hasattr(self, "worker"):
             if self.with_jobs:
                 async with _step("worker"):
@@ -250,6 +254,13 @@ class Runtime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+if TYPE_CHECKING:  # a type checker confirms the API's view of the runtime (tests/test_api.py does at run time)
+    from bridge.api_types import ApiRuntime
+
+    def _serves_the_api(runtime: Runtime) -> ApiRuntime:
+        return runtime
 
 
 def triton_pid_file(settings: Settings) -> Path:
