@@ -26,7 +26,7 @@ from bridge.availability import Availability
 from bridge.cpu_work import CpuWork
 from bridge.launcher import TritonServer
 from bridge.memory_ops import MemoryOps
-from bridge.prompt_data import load_data
+from bridge.prompt_data import get_data
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
 from bridge.reporting import make_reporter, supabase_io_of
@@ -71,7 +71,8 @@ class Runtime:
         s = self.settings
         # The data files first: one that would weaken the safety gate (or any malformed one)
         # stops the start with its DataFileError naming the file and entry (docs/ARCHITECTURE.md).
-        load_data(s.data_dir)
+        # Through the cache: a file broken on disk later leaves this good copy in use.
+        get_data(s.data_dir)
         await asyncio.to_thread(self.availability.check_start)  # MissingRequiredModels: REQUIRE_MODELS
         redis_url = s.redis_url
         if redis_url is None:

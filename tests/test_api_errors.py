@@ -19,7 +19,7 @@ import httpx
 
 from bridge.prompt_data import PACKAGED_DATA_DIR
 from bridge.settings import REPO_ROOT
-from tests.stack import Recorder, client, running
+from tests.stack import Recorder, client, running, stack_settings
 
 #: An exception's class name, as Python prints it (``InferenceServerException``, ``AioRpcError``, ...).
 EXCEPTION_NAME = re.compile(r"\b[A-Z][A-Za-z]+(Error|Exception)\b")
@@ -39,14 +39,16 @@ def _message(response: httpx.Response, status: int) -> str:
     return body["error"] if isinstance(body["error"], str) else body["error"]["message"]
 
 
-async def test_failures_name_the_problem_without_internals(settings_for, tmp_path: Path, caplog) -> None:
+async def test_failures_name_the_problem_without_internals(tiny_models_dir: Path, redis_server, tmp_path: Path,
+                                                            caplog) -> None:
     caplog.set_level(logging.WARNING)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     shutil.copy(PACKAGED_DATA_DIR / "templates.yaml", data_dir / "templates.yaml")
     recorder = Recorder()
     # An embedded tritonserver (TRITON_URL unset): this test kills it.
-    settings = settings_for(triton_url=None, data_dir=data_dir, load_retry_backoff_s=0)
+    settings = stack_settings(tiny_models_dir, None, redis_server.url, tmp_path / "out", data_dir=data_dir,
+                              load_retry_backoff_s=0)
     async with running(settings, jobs=False) as runtime, client(runtime, recorder) as http:
         assert runtime.triton_server is not None
         address = runtime.triton_server.grpc_url
