@@ -4,13 +4,13 @@
 One path serves them all: parse → safety gate → :func:`bridge.chat.prepare_chat` (content mode,
 template, context trimming with the model's real tokenizer) → an interactive turn from the
 worker's dispatcher (chat latency priority) → :class:`bridge.textgen.TextService` on Triton →
-sfw masking (:meth:`PreparedChat.finish`). A model that cannot be made resident answers 503 with
-``Retry-After``.
+sfw masking (:meth:`PreparedChat.finish`); the steps up to the generation are
+:mod:`bridge.chat_turns`'s, shared with the other routes that run a model. A model that cannot be
+made resident answers 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -55,8 +55,6 @@ from bridge.safety import OUTPUT_REFUSAL_REASON, StreamGuard, check_output
 from bridge.safety_paths import chat_texts
 from bridge.textgen import TextResult
 from bridge.triton_client import InferenceFailed
-
-log = logging.getLogger(__name__)
 
 #: ``/enhance`` defaults (docs/APP_CONTRACT.md §5: like ``/chat`` with max_tokens 200).
 ENHANCE_DEFAULTS = {"max_tokens": 200, "temperature": 0.7, "top_p": 0.9}
@@ -476,6 +474,6 @@ async def completions(request: Request, body: CompletionRequest) -> dict[str, An
 
 def _prompt_error(error: ApiError) -> ApiError:
     """The model's refusal of a too-long prompt (``text_input: ...``) as a 400 naming ``prompt``."""
-    if error.status == 500 and ": text_input:" in error.message:
+    if error.param == "text_input":  # generation_error's 400 for a model's refusal by field name
         return ApiError(400, error.message.replace("text_input:", "prompt:", 1), param="prompt")
     return error
