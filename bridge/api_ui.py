@@ -403,7 +403,7 @@ async def memory(request: Request, action: Literal["load", "unload"],
     """``POST /memory/load`` or ``/memory/unload`` for the page (the same guarded paths)."""
     from bridge.api import memory_load, memory_unload  # noqa: PLC0415 - bridge.api includes this router
 
-    return await (memory_load if action == "load" else memory_unload)(request, which)
+    return await (memory_load if action == "load" else memory_unload)(request, which, wait=False)
 
 
 @router.get("/files/{path:path}", include_in_schema=False)

@@ -93,6 +93,8 @@ async def test_without_a_key_on_localhost_requests_pass_and_a_warning_is_logged(
         async with client(runtime, RECORDER, key=None) as http:
             assert (await http.get("/worker/info")).status_code == 200
             assert (await http.get("/v1/models")).status_code == 200
+            assert (await http.get("/openapi.json")).status_code == 200  # the docs follow the same rules
+            assert (await http.get("/docs", headers={"Host": "evil.example"})).status_code == 400
 
 
 #: Routes without the key: liveness and readiness, and the operator page's page, script, style and
