@@ -57,6 +57,7 @@ from bridge.api_common import (
     public_failure,
     runtime_of,
     unavailable,
+    under_models_dir,
 )
 from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
@@ -149,7 +150,7 @@ async def health(request: Request) -> JSONResponse:
         problems.append("triton is unreachable: no generation or chat can run")
     if not redis_ok:
         problems.append("redis is unreachable: no job is taken or reported; chat still answers")
-    missing = runtime.availability.report()
+    missing = under_models_dir(runtime.availability.report(), runtime.settings.models_dir)
     problems.extend(f"{item['model']} weights are missing: {item['fix']}" for item in missing)
     body = {
         "status": "degraded" if problems else "ok",
@@ -248,10 +249,11 @@ async def memory_load(request: Request, which: Which = Query(...), wait: bool = 
     runtime = runtime_of(request)
     names = WHICH[which]
     await runtime.availability.recheck(names)
-    missing = [n for n in names if n in runtime.availability.missing]
-    if missing:  # what and where: /health's missing_models for the operator (no paths in an error)
-        raise ApiError(409, f"weights missing for {', '.join(missing)}: GET /health (missing_models) says what is "
-                       "missing and how to fix it", type="weights_missing", param="which")
+    missing = [runtime.availability.missing[n] for n in names if n in runtime.availability.missing]
+    if missing:  # the details: /health's missing_models
+        fixes = " | ".join(f"{found.model}: {found.fix}" for found in missing)
+        raise ApiError(409, under_models_dir(f"weights missing: {fixes}", runtime.settings.models_dir),
+                       type="weights_missing", param="which")
     operation = runtime.memory_ops.start("load", which, list(names), runtime.residency.ensure(names, retry_failed=True))
     return await _memory_answer(runtime, operation, wait, f"loaded {', '.join(names)}")
 

@@ -72,6 +72,20 @@ def public_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
     return {**snapshot, "models": models}
 
 
+def under_models_dir(value: Any, models_dir: Path) -> Any:
+    """``value`` (text, or lists and dicts of it) with ``MODELS_DIR``'s path written as
+    ``MODELS_DIR``: an answer says where weights belong on the volume, not where the volume is."""
+    if isinstance(value, str):
+        for root in {str(models_dir.resolve()), str(models_dir)}:
+            value = value.replace(root, "MODELS_DIR")
+        return value
+    if isinstance(value, dict):
+        return {key: under_models_dir(item, models_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [under_models_dir(item, models_dir) for item in value]
+    return value
+
+
 def data_source(data: PromptData) -> str:
     """Which copy of the data files is in use, ``packaged`` or ``DATA_DIR``; never where (no
     file paths in answers)."""
