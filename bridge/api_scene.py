@@ -33,8 +33,8 @@ from bridge import metrics
 from bridge.api_common import ApiError, runtime_of
 from bridge.api_jobs import queue_job
 from bridge.api_types import ApiRuntime
-from bridge.chat_turns import complete, cpu, data_of, refuse_unsafe, tokenizer_lock, tokenizer_of
 from bridge.chat import MAX_MESSAGE_CHARS
+from bridge.chat_turns import complete, cpu, data_of, refuse_unsafe, tokenizer_lock, tokenizer_of
 from bridge.prompt_data import PromptData
 from bridge.safety import REFUSAL_REASON
 from bridge.scene import CharacterDesc, Generate, SceneResult, detect_scene, detect_scene_rules

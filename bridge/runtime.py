@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge import metrics
-from bridge.activity import Activity
 from bridge.availability import Availability
+from bridge.activity import Activity
 from bridge.cpu_work import CpuWork
 from bridge.launcher import TritonServer
 from bridge.memory_ops import MemoryOps
