@@ -13,14 +13,16 @@
   ``/chat/health``, ``/model/info``, ``/status``, ``/memory/report`` (:mod:`bridge.api_legacy`),
   ``POST /admin``, ``/emergency/operation``, ``GET /debug/env`` (secrets redacted; :mod:`bridge.api_admin`);
 - scene detection: ``POST /scene/detect``, ``/scene/generate`` (:mod:`bridge.api_scene`);
-- the operator's page: ``GET /ui`` and its ``/ui/...`` routes (:mod:`bridge.api_ui`).
+- the operator's page: ``GET /ui`` and its ``/ui/...`` routes (:mod:`bridge.api_ui`);
+- the OpenAPI document and interactive docs: ``GET /openapi.json``, ``/docs``, ``/redoc``
+  (``API_DOCS=0`` turns them off; :mod:`bridge.api_docs`).
 
 Every path but ``/health`` and ``/ready`` (and the routes ``API_OPEN_ROUTES`` opens, and the
 operator page's own login, page, script and style) requires ``Authorization: Bearer <key>`` with
 one of the keys of ``WORKER_API_KEY``; the page's ``/ui/...`` routes also take its session cookie.
 The checks, the per-address limits and the key-less development mode are :mod:`bridge.api_auth`'s.
-There are no docs routes, and no answer carries an environment value, a key, a token or a stack
-trace.
+No answer carries an environment value, a key, a token, a stack trace, a file path or the words of
+an exception; those go to the log (docs/API.md, "Errors").
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from bridge.api_auth import (  # noqa: F401 - ApiConfigError re-exported
     check_config,
     key_check,
 )
+from bridge.api_admin import router as admin_router
 from bridge.api_chat import legacy_router, openai_router
 from bridge.api_common import (
     ApiError,
@@ -54,11 +57,14 @@ from bridge.api_common import (
     public_failure,
     runtime_of,
     unavailable,
+    under_models_dir,
 )
 from bridge.api_jobs import router as jobs_router
 from bridge.api_legacy import router as legacy_ops_router
+from bridge.api_docs import docs_urls, install_openapi
 from bridge.api_limits import BodyLimit, StreamSlots
 from bridge.api_scene import router as scene_router
+from bridge.api_types import ApiRuntime
 from bridge.api_ui import Sessions, ui_authorized
 from bridge.api_ui import router as ui_router
 from bridge.jobs import JOB_TYPES, QUEUES
@@ -119,7 +125,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 ops_router = APIRouter()
 
 
-def _model_states(runtime: Any) -> dict[str, str]:
+def _model_states(runtime: ApiRuntime) -> dict[str, str]:
     return {name: model.state for name, model in runtime.residency.report().models.items()}
 
 
@@ -144,7 +150,7 @@ async def health(request: Request) -> JSONResponse:
         problems.append("triton is unreachable: no generation or chat can run")
     if not redis_ok:
         problems.append("redis is unreachable: no job is taken or reported; chat still answers")
-    missing = runtime.availability.report()
+    missing = under_models_dir(runtime.availability.report(), runtime.settings.models_dir)
     problems.extend(f"{item['model']} weights are missing: {item['fix']}" for item in missing)
     body = {
         "status": "degraded" if problems else "ok",
@@ -207,7 +213,7 @@ async def worker_info(request: Request) -> dict[str, Any]:
     }
 
 
-def _memory(runtime: Any) -> dict[str, Any]:
+def _memory(runtime: ApiRuntime) -> dict[str, Any]:
     report = runtime.residency.report()
     resident = _resident({name: m.state for name, m in report.models.items()})
     return {
@@ -243,9 +249,11 @@ async def memory_load(request: Request, which: Which = Query(...), wait: bool = 
     runtime = runtime_of(request)
     names = WHICH[which]
     await runtime.availability.recheck(names)
-    missing = [runtime.availability.missing[n].summary() for n in names if n in runtime.availability.missing]
-    if missing:
-        raise ApiError(409, "weights missing: " + " | ".join(missing), type="weights_missing", param="which")
+    missing = [runtime.availability.missing[n] for n in names if n in runtime.availability.missing]
+    if missing:  # the details: /health's missing_models
+        fixes = " | ".join(f"{found.model}: {found.fix}" for found in missing)
+        raise ApiError(409, under_models_dir(f"weights missing: {fixes}", runtime.settings.models_dir),
+                       type="weights_missing", param="which")
     operation = runtime.memory_ops.start("load", which, list(names), runtime.residency.ensure(names, retry_failed=True))
     return await _memory_answer(runtime, operation, wait, f"loaded {', '.join(names)}")
 
@@ -263,7 +271,7 @@ async def memory_unload(request: Request, which: Which = Query(...), wait: bool 
     return await _memory_answer(runtime, operation, wait, None)
 
 
-async def _memory_answer(runtime: Any, operation: Any, wait: bool, done: str | None) -> JSONResponse:
+async def _memory_answer(runtime: ApiRuntime, operation: Any, wait: bool, done: str | None) -> JSONResponse:
     body: dict[str, Any] = {"success": True, "which": operation.which, "models": operation.models,
                             "operation": operation.id, "job_id": operation.job_id,
                             "events": f"/jobs/{operation.job_id}/events"}
@@ -297,14 +305,15 @@ async def prometheus_metrics(request: Request) -> Response:
 
 
 # ----------------------------------------------------------------------------- the app
-def create_app(runtime: Any) -> FastAPI:
+def create_app(runtime: ApiRuntime) -> FastAPI:
     """The API for ``runtime``; :class:`ApiConfigError` when its access settings are refused
     (:func:`bridge.api_auth.check_config`: no key beyond localhost, a short key, a route that
     cannot be opened)."""
     access = check_config(runtime.settings)
     for note in access.notes:
         log.warning("%s", note)
-    app = FastAPI(title="gpu-worker", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gpu-worker", version=VERSION, **docs_urls(runtime.settings.api_docs))
+    install_openapi(app, access.open_routes)
     app.state.runtime = runtime
     app.state.started = time.monotonic()
     app.state.startup_models_seen = set()  # /ready: start-up models that have been resident once
@@ -316,6 +325,7 @@ def create_app(runtime: Any) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_request_bytes)
     app.add_middleware(ApiGuard, config=access, also_allowed=ui_authorized)
     _install_error_handlers(app)
-    for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, scene_router, ui_router):
+    for router in (ops_router, legacy_router, openai_router, jobs_router, legacy_ops_router, admin_router, scene_router,
+                   ui_router):
         app.include_router(router)
     return app

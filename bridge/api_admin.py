@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import re
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -27,11 +28,13 @@ from urllib.parse import urlsplit, urlunsplit
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from bridge.api_common import ApiError, runtime_of
+from bridge.api_common import ApiError, data_source, public_snapshot, runtime_of
+from bridge.api_types import ApiRuntime
 from bridge.jobs import Model, peek_id
 from bridge.prompt_data import DataFileError, get_data, load_data
 from bridge.residency import ResidencyError
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 REDACTED = "***redacted***"
@@ -156,7 +159,7 @@ def _dead_entry(entry: dict[str, Any], index: int, redactor: _Redactor) -> dict[
     }
 
 
-async def _dead_letters(runtime: Any, limit: int) -> dict[str, Any]:
+async def _dead_letters(runtime: ApiRuntime, limit: int) -> dict[str, Any]:
     entries = await runtime.queue.dead_letters(-limit, -1)
     redactor = _Redactor(runtime.settings)
     count = len(entries)
@@ -165,7 +168,7 @@ async def _dead_letters(runtime: Any, limit: int) -> dict[str, Any]:
             "note": "newest first; index -1 is the newest (0 the oldest)"}
 
 
-async def _requeue(runtime: Any, index: int | None, job_id: str | None) -> dict[str, Any]:
+async def _requeue(runtime: ApiRuntime, index: int | None, job_id: str | None) -> dict[str, Any]:
     if index is None:
         raise ApiError(422, "index: required for requeue_dead_letter (0 is the oldest entry, -1 the newest)",
                        param="index")
@@ -189,14 +192,17 @@ async def _requeue(runtime: Any, index: int | None, job_id: str | None) -> dict[
             "queue": entry["queue"], "message": f"moved back to the end of {entry['queue']}"}
 
 
-def _templates_reload(runtime: Any) -> dict[str, Any]:
+def _templates_reload(runtime: ApiRuntime) -> dict[str, Any]:
     data_dir = runtime.settings.data_dir
     try:
         load_data(data_dir)  # validate what is on disk now; get_data() keeps the last good copy
     except DataFileError as exc:
-        raise ApiError(409, f"{exc}; the last good copy stays in use", type="data_file_error") from None
+        log.warning("templates_reload: %s", exc)
+        # The file and entry by name; the folder (a path on this machine) as the setting's name.
+        problem = str(exc).replace(str(data_dir).rstrip("/"), "DATA_DIR")
+        raise ApiError(409, f"{problem}; the last good copy stays in use", type="data_file_error") from None
     data = get_data(data_dir)
-    return {"success": True, "action": "templates_reload", "source": str(data.source),
+    return {"success": True, "action": "templates_reload", "source": data_source(data),
             "templates": sorted(data.templates.templates),
             "message": "data files are valid and in use (they are also re-read whenever they change)"}
 
@@ -231,7 +237,8 @@ async def _unload_each(residency: Any, names: list[str], deadline_s: float | Non
             if await residency.unload(name, deadline_s):
                 unloaded.append(name)
         except ResidencyError as exc:
-            failed[name] = str(exc)
+            log.warning("emergency unload of %s failed: %s", name, exc)
+            failed[name] = exc.public
     return unloaded, failed
 
 
@@ -256,5 +263,5 @@ async def emergency_operation(request: Request, body: EmergencyRequest) -> dict[
         answer["unloaded"], answer["failed"] = await _unload_each(residency, idle, None)
         answer["gc_collected"] = gc.collect()
     answer["success"] = not answer.get("failed")
-    answer["memory"] = residency.snapshot()
+    answer["memory"] = public_snapshot(residency.snapshot())
     return answer

@@ -4,178 +4,65 @@
 One path serves them all: parse → safety gate → :func:`bridge.chat.prepare_chat` (content mode,
 template, context trimming with the model's real tokenizer) → an interactive turn from the
 worker's dispatcher (chat latency priority) → :class:`bridge.textgen.TextService` on Triton →
-sfw masking (:meth:`PreparedChat.finish`). A model that cannot be made resident answers 503 with
-``Retry-After``.
+sfw masking (:meth:`PreparedChat.finish`); the steps up to the generation are
+:mod:`bridge.chat_turns`'s, shared with the other routes that run a model. A model that cannot be
+made resident answers 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from bridge import metrics
-from bridge.api_common import ApiError, EventStream, runtime_of, sse, unavailable
+from bridge.api_common import ApiError, EventStream, runtime_of, sse
+from bridge.api_types import ApiRuntime
 from bridge.chat import (
     MAX_MESSAGES,
     MAX_TURN_CHARS,
-    BudgetError,
     ChatRequest,
-    ChatRequestError,
     PreparedChat,
     enhancement_messages,
     finish_enhancement,
     mask_sfw,
-    parse_chat_request,
-    prepare_chat,
     with_minor_rule,
 )
-from bridge.chat_turns import counted
-from bridge.model_table import job_cost_s
-from bridge.prompt_data import PromptData, get_data
-from bridge.residency import ResidencyError
-from bridge.safety import (
-    OUTPUT_REFUSAL_REASON,
-    SafetyVerdict,
-    StreamGuard,
-    check_output,
-    check_prompt,
-    check_texts,
+from bridge.chat_turns import (
+    CHAT_MODELS,
+    DISPLAY_NAMES,
+    complete,
+    counted,
+    cpu,
+    data_of,
+    generation_error,
+    parse_body,
+    prepare,
+    stream_turn,
+    refuse_unsafe,
+    refuse_unsafe_texts,
+    refuse_verdict,
+    tokenizer_lock,
+    tokenizer_of,
 )
+from bridge.prompt_data import PromptData
+from bridge.residency import ResidencyError
+from bridge.safety import OUTPUT_REFUSAL_REASON, StreamGuard, check_output
 from bridge.safety_paths import chat_texts
 from bridge.textgen import TextResult
 from bridge.triton_client import InferenceFailed
-from bridge.worker import JobFailed, Waiting
 
-log = logging.getLogger(__name__)
-
-CHAT_MODELS = ("qwen_instruct", "qwen_base")
-DISPLAY_NAMES = {"qwen_instruct": "Qwen2.5-7B-Instruct", "qwen_base": "Qwen2.5-7B"}
-#: Time limit of one non-streaming generation.
-CHAT_TIMEOUT_S = 300.0
 #: ``/enhance`` defaults (docs/APP_CONTRACT.md §5: like ``/chat`` with max_tokens 200).
 ENHANCE_DEFAULTS = {"max_tokens": 200, "temperature": 0.7, "top_p": 0.9}
 
 legacy_router = APIRouter()
 openai_router = APIRouter(prefix="/v1")
-_tokenizer_lock = threading.Lock()  # one tokenizer call at a time (fast tokenizers are not re-entrant)
-tokenizer_lock = _tokenizer_lock  # the same lock, for the scene routes (bridge.api_scene)
 #: Stop sequences one request may give (OpenAI's own limit is 4).
 MAX_STOP = 16
-
-
-# ----------------------------------------------------------------------------- the shared path
-def parse_body(body: Any, status: int) -> ChatRequest:
-    """A chat request body parsed; :class:`ApiError` with ``status`` naming the field otherwise."""
-    try:
-        return parse_chat_request(body)
-    except ChatRequestError as exc:
-        message = str(exc)
-        param = message.split(":", 1)[0] if ":" in message.split(";")[0] else None
-        raise ApiError(status, message, param=param) from None
-
-
-def data_of(runtime: Any) -> PromptData:
-    """The prompt data files of ``DATA_DIR`` (cached, re-read when they change)."""
-    return get_data(runtime.settings.data_dir)
-
-
-def refuse_unsafe(text: str, data: PromptData, kind: str) -> None:
-    """The safety gate: 400 ``content_refused`` (counted in metrics under ``kind``) if refused."""
-    refuse_verdict(check_prompt(text, data=data), kind)
-
-
-def refuse_verdict(verdict: SafetyVerdict, kind: str) -> None:
-    """A gate's verdict as the answer: 400 ``content_refused`` (counted in metrics under ``kind``,
-    the path: ``chat``, ``chat_output``, ``enhance_output``, ...) if refused."""
-    if not verdict.allowed:
-        metrics.inc_safety_refusal(kind)
-        raise ApiError(400, verdict.reason or "refused by the content-safety gate", type="content_refused")
-
-
-async def tokenizer_of(runtime: Any, model: str) -> Any:
-    """``runtime.text.tokenizer(model)`` off the event loop; 503 when it cannot be read."""
-    try:
-        return await asyncio.to_thread(runtime.text.tokenizer, model)
-    except Exception:  # noqa: BLE001 - the model's files are missing or unreadable
-        log.exception("%s: its tokenizer cannot be read", model)  # the path and cause: for the log only
-        raise unavailable(f"{model}: its tokenizer cannot be read (the worker's log says why)") from None
-
-
-def _prepare_locked(chat: ChatRequest, tokenizer: Any, data: PromptData, template: str | None) -> PreparedChat:
-    with _tokenizer_lock:
-        return prepare_chat(chat, tokenizer, data=data, template=template)
-
-
-async def prepare(runtime: Any, chat: ChatRequest, template: str | None = None) -> PreparedChat:
-    """Safety gate, then content mode, template (``template`` forces one) and the context budget
-    for one request."""
-    data = data_of(runtime)
-    # Every message, as one unit (off the event loop: a long history takes a while to read).
-    refuse_verdict(await asyncio.to_thread(check_texts, *chat_texts(chat), data=data), "chat")
-    tokenizer = await tokenizer_of(runtime, chat.model)
-    try:
-        return await asyncio.to_thread(_prepare_locked, chat, tokenizer, data, template)
-    except BudgetError as exc:
-        raise ApiError(400, str(exc), param="max_tokens") from None
-
-
-@asynccontextmanager
-async def gpu_turn(runtime: Any, model: str) -> AsyncIterator[None]:
-    """Hold an interactive place granted by the worker's dispatcher for one request, so the
-    scheduler gives chat latency priority and never starts a model switch under it. Without a
-    worker loop (an API-only runtime) there is no dispatcher and nothing to wait for."""
-    if not runtime.with_jobs:
-        yield
-        return
-    dispatcher = runtime.worker.dispatcher
-    item = Waiting(key=f"chat:{model}", models=frozenset({model}), since=time.monotonic(), interactive=True,
-                   est_s=job_cost_s("chat"))
-    wait_s = runtime.settings.chat_gpu_wait_s  # well below the app's 45 s (CHAT_GPU_WAIT_S)
-    try:
-        async with asyncio.timeout(wait_s):
-            await dispatcher.acquire(item)
-    except JobFailed as exc:
-        raise unavailable(exc.message) from None
-    except TimeoutError:
-        raise unavailable(f"{model}: the GPU stayed busy for {wait_s:g}s; try again") from None
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        dispatcher.release(item)
-        runtime.activity.chat_turn(time.monotonic() - item.since, ok)  # the operator's page (/ui)
-
-
-def _generation_error(model: str, exc: Exception) -> ApiError:
-    """A failure while generating, as an answer that says what happened (never a traceback)."""
-    if isinstance(exc, ResidencyError):
-        return unavailable(str(exc))
-    if isinstance(exc, TimeoutError):
-        return ApiError(504, f"{model}: no answer within {CHAT_TIMEOUT_S:.0f}s", type="timeout")
-    if isinstance(exc, InferenceFailed) and exc.transient:
-        return unavailable(f"{model} is not available now: {exc.message}")
-    message = exc.message if isinstance(exc, InferenceFailed) else "generation failed"
-    return ApiError(500, f"{model}: {message}", type="server_error")
-
-
-async def complete(runtime: Any, model: str, messages: list[dict[str, str]], sampling: dict[str, Any]) -> TextResult:
-    """One non-streaming generation in an interactive GPU turn."""
-    try:
-        async with gpu_turn(runtime, model):
-            return await runtime.text.complete(model, messages, sampling, timeout=CHAT_TIMEOUT_S,
-                                               request_id=f"chat-{uuid.uuid4().hex}")
-    except (ResidencyError, TimeoutError, InferenceFailed) as exc:
-        raise _generation_error(model, exc) from None
 
 
 def model_info(model: str, result: TextResult) -> dict[str, Any]:
@@ -199,7 +86,7 @@ async def chat(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, 
     return await answer_chat(runtime_of(request), parse_body(body, 400))
 
 
-async def answer_chat(runtime: Any, parsed: ChatRequest, template: str | None = None) -> dict[str, Any]:
+async def answer_chat(runtime: ApiRuntime, parsed: ChatRequest, template: str | None = None) -> dict[str, Any]:
     """One chat turn answered in the ``/chat`` shape; ``template`` forces a template."""
     prepared = await prepare(runtime, parsed, template)
     result = await complete(runtime, parsed.model, prepared.messages, prepared.sampling)
@@ -230,7 +117,7 @@ async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[st
         return await plain_enhance(runtime, parsed)
     data = data_of(runtime)
     prompt = parsed.conversation().latest_user.strip()
-    refuse_unsafe(prompt, data, "enhance")
+    await refuse_unsafe(runtime, prompt, data, "enhance")
     sampling = {
         "max_tokens": parsed.max_tokens or ENHANCE_DEFAULTS["max_tokens"],
         "temperature": ENHANCE_DEFAULTS["temperature"] if parsed.temperature is None else parsed.temperature,
@@ -240,10 +127,10 @@ async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[st
     tokenizer = await tokenizer_of(runtime, target)
 
     def finish() -> Any:  # the tokenizer: CPU work, off the event loop
-        with _tokenizer_lock:
+        with tokenizer_lock:
             return finish_enhancement(target, result.text, tokenizer, original=prompt, data=data)
 
-    enhanced = await asyncio.to_thread(finish)
+    enhanced = await cpu(runtime, finish)
     refuse_verdict(check_output(f"{result.text}\n{enhanced.prompt}", prompt, data=data), "enhance_output")
     text = mask_sfw(enhanced.prompt, data) if parsed.sfw_mode else enhanced.prompt
     return {
@@ -257,7 +144,7 @@ async def enhance(request: Request, body: dict[str, Any] = Body(...)) -> dict[st
     }
 
 
-async def plain_enhance(runtime: Any, parsed: ChatRequest) -> dict[str, Any]:
+async def plain_enhance(runtime: ApiRuntime, parsed: ChatRequest) -> dict[str, Any]:
     """``/enhance`` with the caller's own system message (the app's ``enhance-prompt`` sends a JSON
     output specification and parses the JSON it gets back): a plain completion of the caller's
     messages, answered in ``/enhance``'s shape. No template, no cleaning or one-line squashing, no
@@ -267,7 +154,7 @@ async def plain_enhance(runtime: Any, parsed: ChatRequest) -> dict[str, Any]:
     minors, as on every chat route (docs/ARCHITECTURE.md, "Content-safety gate")."""
     data = data_of(runtime)
     conversation = parsed.conversation()
-    refuse_verdict(await asyncio.to_thread(check_texts, *chat_texts(parsed), data=data), "enhance")
+    await refuse_unsafe_texts(runtime, chat_texts(parsed), data, "enhance")
     if parsed.messages is not None:
         messages = [{"role": m.role, "content": m.content} for m in parsed.messages]
     else:
@@ -296,6 +183,22 @@ async def plain_enhance(runtime: Any, parsed: ChatRequest) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible
+def bounded_stop(value: str | list[str] | None) -> str | list[str] | None:
+    """``stop`` of the OpenAI routes: at most :data:`MAX_STOP` sequences, none empty (the models
+    refuse one) nor longer than a turn."""
+    sequences = value if isinstance(value, list) else [] if value is None else [value]
+    if len(sequences) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences are accepted, got {len(sequences)}")
+    if any(not sequence for sequence in sequences):
+        raise ValueError("a stop sequence must not be empty")
+    if any(len(sequence) > MAX_TURN_CHARS for sequence in sequences):
+        raise ValueError(f"a stop sequence may have at most {MAX_TURN_CHARS} characters")
+    return value
+
+
+StopSequences = Annotated[str | list[str] | None, AfterValidator(bounded_stop)]
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -333,19 +236,9 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
-    stop: str | list[str] | None = None
+    stop: StopSequences = None
     seed: int | None = Field(None, ge=0)
     sfw_mode: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        sequences = value if isinstance(value, list) else [] if value is None else [value]
-        if len(sequences) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences are accepted, got {len(sequences)}")
-        if any(len(sequence) > MAX_TURN_CHARS for sequence in sequences):
-            raise ValueError(f"a stop sequence may have at most {MAX_TURN_CHARS} characters")
-        return value
 
     def chat_request(self) -> ChatRequest:
         return parse_body({
@@ -391,13 +284,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> dic
             "usage": _usage(result.input_tokens, result.output_tokens),
             "prompt_info": prepared.metadata(),
         }
-    turn = AsyncExitStack()
-    await turn.enter_async_context(gpu_turn(runtime, body.model))
-    try:  # resident before the 200 goes out, so "cannot load it now" is still a 503
-        await runtime.residency.ensure({body.model})
-    except ResidencyError as exc:
-        await turn.aclose()
-        raise unavailable(str(exc)) from None
+    turn = await stream_turn(runtime, body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     guard = StreamGuard(*chat_texts(body.chat_request()), data=data_of(runtime))
     chunks = _stream_chunks(runtime, prepared, body.model, sampling, completion_id, created, include_usage, guard)
@@ -405,7 +292,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> dic
 
 
 async def _stream_chunks(
-    runtime: Any, prepared: PreparedChat, model: str, sampling: dict[str, Any],
+    runtime: ApiRuntime, prepared: PreparedChat, model: str, sampling: dict[str, Any],
     completion_id: str, created: int, include_usage: bool, guard: StreamGuard,
 ) -> AsyncIterator[str]:
     """The answer's chunks; the safety gate reads it as it grows (``guard``: only text it has
@@ -434,7 +321,7 @@ async def _stream_chunks(
                 finish = piece.finish_reason
                 prompt_tokens, output_tokens = piece.input_tokens or 0, piece.output_tokens or 0
     except (ResidencyError, InferenceFailed) as exc:
-        error = _generation_error(model, exc)
+        error = generation_error(model, exc)
         yield sse({"error": {"message": error.message, "type": error.type, "param": None}})
         return
     checked = "" if guard.refused else guard.flush()
@@ -505,15 +392,22 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Literal["qwen_base", "qwen_instruct"]
-    prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
+    prompt: str | list[str] = Field(description="One prompt, not empty (a list of exactly one is accepted).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int = Field(16, ge=1, le=8192)  # OpenAI's default
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
-    stop: str | list[str] | None = None
+    stop: StopSequences = None
     seed: int | None = Field(None, ge=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if any(not text for text in ([value] if isinstance(value, str) else value)):
+            raise ValueError("must not be empty (the model continues a prompt)")
+        return value
 
     def text(self) -> str:
         if isinstance(self.prompt, str):
@@ -539,7 +433,7 @@ async def completions(request: Request, body: CompletionRequest) -> dict[str, An
     then ``data: [DONE]``. A prompt longer than the model's context is a 400 naming ``prompt``."""
     runtime = runtime_of(request)
     prompt = body.text()
-    refuse_unsafe(prompt, data_of(runtime), "completion")
+    await refuse_unsafe(runtime, prompt, data_of(runtime), "completion")
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def event(text: str, finish: str | None, **extra: Any) -> dict[str, Any]:
@@ -553,13 +447,7 @@ async def completions(request: Request, body: CompletionRequest) -> dict[str, An
             raise _prompt_error(exc) from None
         return event(result.text, _finish_reason(result.finish_reason),
                      usage=_usage(result.input_tokens, result.output_tokens))
-    turn = AsyncExitStack()
-    await turn.enter_async_context(gpu_turn(runtime, body.model))
-    try:
-        await runtime.residency.ensure({body.model})
-    except ResidencyError as exc:
-        await turn.aclose()
-        raise unavailable(str(exc)) from None
+    turn = await stream_turn(runtime, body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
@@ -573,7 +461,7 @@ async def completions(request: Request, body: CompletionRequest) -> dict[str, An
                     finish = piece.finish_reason
                     usage = _usage(piece.input_tokens or 0, piece.output_tokens or 0)
         except (ResidencyError, InferenceFailed) as exc:
-            error = _prompt_error(_generation_error(body.model, exc))
+            error = _prompt_error(generation_error(body.model, exc))
             yield sse({"error": {"message": error.message, "type": error.type, "param": error.param}})
             return
         yield sse(event("", _finish_reason(finish)))
@@ -586,6 +474,6 @@ async def completions(request: Request, body: CompletionRequest) -> dict[str, An
 
 def _prompt_error(error: ApiError) -> ApiError:
     """The model's refusal of a too-long prompt (``text_input: ...``) as a 400 naming ``prompt``."""
-    if error.status == 500 and ": text_input:" in error.message:
+    if error.param == "text_input":  # generation_error's 400 for a model's refusal by field name
         return ApiError(400, error.message.replace("text_input:", "prompt:", 1), param="prompt")
     return error

@@ -16,11 +16,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Send
+
+from bridge.api_types import ApiRuntime
+from bridge.prompt_data import PACKAGED_DATA_DIR, PromptData
 
 #: Routes of the old HTTP API whose request and response shapes the edge functions rely on.
 LEGACY_PATHS = frozenset({
@@ -58,6 +62,34 @@ def public_failure(detail: str | None) -> str | None:
     """What a client is told of an internal failure (``detail``: an exception's text, which may
     hold file paths): that it happened, not its text; the worker's log has that."""
     return None if not detail else "failed; the worker's log has the details"
+
+
+def public_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A residency report (:meth:`bridge.residency.ResidencyManager.snapshot`) for an answer: each
+    model's ``last_error`` (the server's words) as :func:`public_failure` says it."""
+    models = {name: {**model, "last_error": public_failure(model.get("last_error"))}
+              for name, model in snapshot.get("models", {}).items()}
+    return {**snapshot, "models": models}
+
+
+def under_models_dir(value: Any, models_dir: Path) -> Any:
+    """``value`` (text, or lists and dicts of it) with ``MODELS_DIR``'s path written as
+    ``MODELS_DIR``: an answer says where weights belong on the volume, not where the volume is."""
+    if isinstance(value, str):
+        for root in {str(models_dir.resolve()), str(models_dir)}:
+            value = value.replace(root, "MODELS_DIR")
+        return value
+    if isinstance(value, dict):
+        return {key: under_models_dir(item, models_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [under_models_dir(item, models_dir) for item in value]
+    return value
+
+
+def data_source(data: PromptData) -> str:
+    """Which copy of the data files is in use, ``packaged`` or ``DATA_DIR``; never where (no
+    file paths in answers)."""
+    return "packaged" if Path(data.source).resolve() == PACKAGED_DATA_DIR.resolve() else "DATA_DIR"
 
 
 def unavailable(message: str) -> ApiError:
@@ -108,7 +140,7 @@ async def probe(awaitable: Any) -> Any:
         return None
 
 
-def runtime_of(request: Request) -> Any:
+def runtime_of(request: Request) -> ApiRuntime:
     """The :class:`bridge.runtime.Runtime` the app was created for."""
     return request.app.state.runtime
 

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
 from bridge.api_common import ApiError, EventStream, runtime_of, sse
+from bridge.api_types import ApiRuntime
 from bridge.jobs import DeadLetter, InvalidJob, parse_job
 from bridge.queue import Queue
 
@@ -63,7 +64,7 @@ async def submit_job(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{body['id']}"})
 
 
-async def queue_job(runtime: Any, raw: bytes) -> dict[str, Any]:
+async def queue_job(runtime: ApiRuntime, raw: bytes) -> dict[str, Any]:
     """What ``POST /jobs`` does with a payload: assign an id if it has none, validate it with
     :func:`parse_job` (:class:`ApiError` 400/422/409 otherwise), record it ``queued`` and push it
     on its type's queue. Returns ``{id, status, type, queue, position}``."""

@@ -10,7 +10,7 @@
 - ``GET /status``: worker id, queue depths, running jobs, residency summary;
 - ``GET /memory/report``: the residency manager's full report;
 - operator routes (``POST /admin``, ``POST /emergency/operation``, ``GET /debug/env``) live in
-  :mod:`bridge.api_admin` and are included here.
+  :mod:`bridge.api_admin`.
 
 Authentication is the app's (every route needs the key). Errors use the newer shape: bad input
 is a 422 naming the field (see :mod:`bridge.api_common`).
@@ -20,33 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bridge.api_admin import router as admin_router
-from bridge.api_chat import (
-    DISPLAY_NAMES,
-    answer_chat,
-    complete,
-    data_of,
-    gpu_turn,
-    parse_body,
-    refuse_unsafe,
-    refuse_verdict,
-)
-from bridge.api_common import ApiError, probe, public_failure, runtime_of
+from bridge.api_chat import answer_chat
+from bridge.api_common import ApiError, data_source, probe, public_failure, public_snapshot, runtime_of
 from bridge.chat import MAX_MESSAGE_CHARS
+from bridge.chat_turns import DISPLAY_NAMES, complete, data_of, gpu_turn, parse_body, refuse_unsafe, refuse_verdict
 from bridge.jobs import JOB_TYPES, QUEUES, peek_id
-from bridge.prompt_data import PACKAGED_DATA_DIR
 from bridge.safety import check_output
 from bridge.textgen import ENHANCE_SAMPLING
 
 router = APIRouter()
-router.include_router(admin_router)
 
 #: The model the worker's enhancer runs on (docs/APP_CONTRACT.md §3: Qwen Base rewrites prompts).
 ENHANCE_MODEL = "qwen_base"
@@ -119,7 +107,7 @@ async def enhance_legacy(request: Request, body: LegacyEnhanceRequest) -> dict[s
     rewrite fitted to the target's token budget, or the original prompt when it fails."""
     runtime = runtime_of(request)
     data = data_of(runtime)
-    refuse_unsafe(body.prompt, data, "enhance")
+    await refuse_unsafe(runtime, body.prompt, data, "enhance")
     kind = body.kind()
     started = time.monotonic()
     async with gpu_turn(runtime, ENHANCE_MODEL):
@@ -156,8 +144,7 @@ async def enhancement_info(request: Request) -> dict[str, Any]:
                               "auto": "sdxl_enhance for job types sdxl_*, else wan_enhance"},
         "qualities": QUALITY_SAMPLING,
         "model": ENHANCE_MODEL,
-        # Which copy, not where: file paths stay out of answers.
-        "source": "packaged" if Path(data.source).resolve() == PACKAGED_DATA_DIR.resolve() else "DATA_DIR",
+        "source": data_source(data),
     }
 
 
@@ -251,4 +238,4 @@ async def status(request: Request) -> dict[str, Any]:
 async def memory_report(request: Request) -> dict[str, Any]:
     """:meth:`ResidencyManager.report`: per model state, budget, measured memory, in flight,
     idle time, load/unload counts and durations; GPU readings on a GPU."""
-    return {"success": True, **runtime_of(request).residency.snapshot()}
+    return {"success": True, **public_snapshot(runtime_of(request).residency.snapshot())}

@@ -21,7 +21,7 @@ the ``safety_refusals`` metric (``job_type="scene"``).
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 from typing import Any, Literal
 
@@ -30,11 +30,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge import metrics
-from bridge.api_chat import _tokenizer_lock as tokenizer_lock
-from bridge.api_chat import complete, data_of, refuse_unsafe, tokenizer_of
 from bridge.api_common import ApiError, runtime_of
 from bridge.api_jobs import queue_job
+from bridge.api_types import ApiRuntime
 from bridge.chat import MAX_MESSAGE_CHARS
+from bridge.chat_turns import complete, cpu, data_of, refuse_unsafe, tokenizer_lock, tokenizer_of
 from bridge.prompt_data import PromptData
 from bridge.safety import REFUSAL_REASON
 from bridge.scene import CharacterDesc, Generate, SceneResult, detect_scene, detect_scene_rules
@@ -49,7 +49,12 @@ _SAFETY_KIND = "scene"
 
 
 class ModelUnavailable(RuntimeError):
-    """The scene model could not answer (its message says why); the rules answer instead."""
+    """The scene model could not answer; ``public`` (the API's answer for it) says why, and the
+    rules answer instead."""
+
+    def __init__(self, public: str) -> None:
+        super().__init__(public)
+        self.public = public
 
 
 class SceneRequest(BaseModel):
@@ -82,7 +87,7 @@ class SceneGenerateRequest(SceneRequest):
     negative_prompt: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
 
 
-def _generator(runtime: Any, data: PromptData) -> Generate:
+def _generator(runtime: ApiRuntime, data: PromptData) -> Generate:
     """``generate(messages)`` for :func:`detect_scene`: one ``qwen_instruct`` completion through the
     interactive chat path, with the ``scene_detect`` template's sampling."""
     sampling = data.template("scene_detect").sampling()
@@ -97,14 +102,15 @@ def _generator(runtime: Any, data: PromptData) -> Generate:
     return generate
 
 
-async def _detect(runtime: Any, body: SceneRequest) -> SceneResult:
+async def _detect(runtime: ApiRuntime, body: SceneRequest) -> SceneResult:
     """Safety gate, then detection (model pass unless disabled); the result's prompt passed the gate."""
     data = data_of(runtime)
-    refuse_unsafe(body.safety_text(), data, _SAFETY_KIND)
+    await refuse_unsafe(runtime, body.safety_text(), data, _SAFETY_KIND)
     tokenizer = await tokenizer_of(runtime, "sdxl")
     if body.use_model:
         result = await detect_scene(body.text, body.characters, _generator(runtime, data), tokenizer, data=data,
-                                    timeout_s=MODEL_TIMEOUT_S, lock=tokenizer_lock)
+                                    timeout_s=MODEL_TIMEOUT_S, lock=tokenizer_lock,
+                                    run=functools.partial(cpu, runtime))
     else:
         # Regular expressions and the CLIP tokenizer: CPU work, kept off the event loop.
         def rules() -> SceneResult:
@@ -112,7 +118,7 @@ async def _detect(runtime: Any, body: SceneRequest) -> SceneResult:
                 return detect_scene_rules(body.text, body.characters, tokenizer=tokenizer, data=data,
                                           note="use_model is false: rules only")
 
-        result = await asyncio.to_thread(rules)
+        result = await cpu(runtime, rules)
     if result.refused:
         metrics.inc_safety_refusal(_SAFETY_KIND)
         raise ApiError(400, REFUSAL_REASON, type="content_refused")

@@ -38,8 +38,9 @@ from starlette.types import Scope
 
 from bridge.api_admin import _dead_letters
 from bridge.api_auth import client_address, retry_after
-from bridge.api_common import ApiError, EventStream, probe, runtime_of, sse
+from bridge.api_common import ApiError, EventStream, probe, public_failure, runtime_of, sse
 from bridge.api_jobs import cancel_job, queue_job
+from bridge.api_types import ApiRuntime
 from bridge.jobs import JOB_TYPES, QUEUES, peek_id
 
 router = APIRouter(prefix="/ui")
@@ -200,7 +201,7 @@ def _queued_entry(raw: bytes, queue_name: str) -> dict[str, Any]:
             "prompt": str(data.get("prompt", ""))[:80]}
 
 
-async def _queues(runtime: Any, now: float) -> list[dict[str, Any]]:
+async def _queues(runtime: ApiRuntime, now: float) -> list[dict[str, Any]]:
     queue = runtime.queue
     depths = await queue.queue_depths()
     answer = []
@@ -221,7 +222,7 @@ def _stage(stage: str, model: str, residency: Any) -> str:
     return stage
 
 
-async def _running(runtime: Any, now: float) -> list[dict[str, Any]]:
+async def _running(runtime: ApiRuntime, now: float) -> list[dict[str, Any]]:
     answer = []
     for job in list(runtime.activity.running.values()):
         state = await runtime.queue.get_state(job.job_id) or {}
@@ -233,7 +234,7 @@ async def _running(runtime: Any, now: float) -> list[dict[str, Any]]:
     return answer
 
 
-def _thumbnail(runtime: Any, assets: Any) -> str | None:
+def _thumbnail(runtime: ApiRuntime, assets: Any) -> str | None:
     """A URL the page can show for the job's first thumbnail. Local mode: the file under
     ``OUTPUT_DIR``, through ``/ui/files/``. Supabase mode: None here; :func:`_sign` makes a
     short-lived signed URL of the stored path (``_stored_thumbnail``)."""
@@ -253,7 +254,7 @@ def _stored_thumbnail(assets: Any) -> str | None:
     return thumb if isinstance(thumb, str) and thumb else None
 
 
-async def _sign(runtime: Any, record: dict[str, Any]) -> None:
+async def _sign(runtime: ApiRuntime, record: dict[str, Any]) -> None:
     """Supabase mode: point ``record["thumbnail"]`` at a signed URL of the stored thumbnail (the
     bucket is private), made again a minute before it expires; a failure leaves no picture and is
     tried again in 30 s."""
@@ -269,7 +270,7 @@ async def _sign(runtime: Any, record: dict[str, Any]) -> None:
         record["signed_until"] = time.monotonic() + 30
 
 
-async def _finished(runtime: Any, cache: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+async def _finished(runtime: ApiRuntime, cache: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     answer = []
     for job in list(runtime.activity.finished)[:FINISHED_SHOWN]:
         record = cache.get(job["id"])
@@ -289,7 +290,7 @@ async def _finished(runtime: Any, cache: dict[str, dict[str, Any]]) -> list[dict
     return answer
 
 
-def _gpu(runtime: Any) -> dict[str, Any]:
+def _gpu(runtime: ApiRuntime) -> dict[str, Any]:
     report = runtime.residency.report()
     worker = getattr(runtime, "worker", None)
     granted = worker.dispatcher.running() if worker is not None and runtime.with_jobs else ()
@@ -300,16 +301,16 @@ def _gpu(runtime: Any) -> dict[str, Any]:
         "gpu_used_gb": report.gpu_used_gb,
         "models": [{"name": m.name, "state": m.state, "policy": m.policy, "vram_gb": m.vram_gb,
                     "measured_gb": m.measured_gb, "in_flight": m.in_flight, "loads": m.loads, "unloads": m.unloads,
-                    "last_error": m.last_error} for m in report.models.values()],
+                    "last_error": public_failure(m.last_error)} for m in report.models.values()],
         "lanes": runtime.settings.gpu_lanes,
         "lanes_in_use": sum(1 for r in granted if not r.interactive),
         "interactive_in_use": sum(1 for r in granted if r.interactive),
         "waiting_for_gpu": len(worker.dispatcher.waiting()) if worker is not None and runtime.with_jobs else 0,
-        "operations": list(runtime.activity.model_ops),
+        "operations": [{**op, "error": public_failure(op["error"])} for op in runtime.activity.model_ops],
     }
 
 
-async def snapshot(runtime: Any, cache: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+async def snapshot(runtime: ApiRuntime, cache: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything the page shows, in one JSON-ready dict. Redis being away leaves its parts
     ``null`` (with ``redis: "unreachable"``) rather than failing the stream."""
     now = time.time()
@@ -340,7 +341,7 @@ async def events(request: Request) -> EventStream:
     return EventStream(_snapshots(runtime_of(request)))
 
 
-async def _snapshots(runtime: Any) -> AsyncIterator[str]:
+async def _snapshots(runtime: ApiRuntime) -> AsyncIterator[str]:
     cache: dict[str, dict[str, Any]] = {}
     changed = runtime.activity.changed
     last, last_sent = None, time.monotonic()
@@ -402,7 +403,7 @@ async def memory(request: Request, action: Literal["load", "unload"],
     """``POST /memory/load`` or ``/memory/unload`` for the page (the same guarded paths)."""
     from bridge.api import memory_load, memory_unload  # noqa: PLC0415 - bridge.api includes this router
 
-    return await (memory_load if action == "load" else memory_unload)(request, which)
+    return await (memory_load if action == "load" else memory_unload)(request, which, wait=False)
 
 
 @router.get("/files/{path:path}", include_in_schema=False)

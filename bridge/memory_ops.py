@@ -78,7 +78,9 @@ class MemoryOps:
             operation.result = await work
             operation.state = "done"
         except Exception as exc:  # noqa: BLE001 - reported through /memory/status
-            operation.state, operation.error = "failed", str(exc)
+            # Answered by /memory/status and /memory/load: the server's own words stay in the log.
+            operation.state = "failed"
+            operation.error = getattr(exc, "public", None) or f"{operation.op} failed (the worker's log says why)"
             log.error("%s %s failed: %s", operation.op, operation.which, exc)
         finally:
             operation.seconds = round(time.monotonic() - started, 3)

@@ -49,7 +49,12 @@ T = TypeVar("T")
 
 
 class ResidencyError(RuntimeError):
-    """A model cannot be made resident (or unloaded); the message says why."""
+    """A model cannot be made resident (or unloaded): ``what``, then ``detail`` (the server's own
+    words: paths, addresses) for the log; ``public`` without it, for answers (docs/API.md, "Errors")."""
+
+    def __init__(self, what: str, detail: object = None) -> None:
+        super().__init__(what if detail is None else f"{what}: {detail}")
+        self.public = what if detail is None else f"{what}; the worker's log has the server's reason"
 
 
 # ------------------------------------------------------------------------------ server control
@@ -388,7 +393,7 @@ class ResidencyManager:
                 await self.control.load(name, self.table.specs[name].load_timeout_s)
             except Exception as exc:
                 rec.state = "unloaded"  # the next use loads it the ordinary way
-                raise ResidencyError(f"reloading {name} failed: {exc}") from exc
+                raise ResidencyError(f"reloading {name} failed", exc) from exc
             rec.state = "ready"
             log.info("reloaded %s in %.2fs", name, self._clock() - started)
             return True
@@ -486,10 +491,8 @@ class ResidencyManager:
         for name in sorted(names):
             rec = self._records[name]
             if rec.state == "failed" and not retry_failed and self._in_backoff(rec, now):
-                raise ResidencyError(
-                    f"{name} failed to load {now - rec.failed_at:.0f}s ago and is refused for "  # type: ignore[operator]
-                    f"{self.load_retry_backoff_s:.0f}s: {rec.last_error}"
-                )
+                raise ResidencyError(f"{name} failed to load {now - rec.failed_at:.0f}s ago and is refused for "  # type: ignore[operator]
+                                     f"{self.load_retry_backoff_s:.0f}s", rec.last_error)
         await self._refresh_unloading()
         plan = plan_residency(self.table, names, self.views(), eviction=self.eviction, keep=self.wanted - names)
         if not plan.feasible:
@@ -592,7 +595,7 @@ class ResidencyManager:
         except Exception as exc:
             seconds = self._clock() - started
             self._emit(ResidencyEvent("unload", name, "end", ok=False, seconds=seconds, error=str(exc)))
-            raise ResidencyError(f"unloading {name} failed: {exc}") from exc
+            raise ResidencyError(f"unloading {name} failed", exc) from exc
         seconds = self._clock() - started
         rec.state = "unloaded"
         rec.unloads += 1
@@ -639,7 +642,7 @@ class ResidencyManager:
             rec.last_error = _short(str(exc))
             log.error("loading %s failed after %.1fs: %s", name, seconds, rec.last_error)
             self._emit(ResidencyEvent("load", name, "end", ok=False, seconds=seconds, error=rec.last_error))
-            raise ResidencyError(f"loading {name} failed: {rec.last_error}") from exc
+            raise ResidencyError(f"loading {name} failed", rec.last_error) from exc
         seconds = self._clock() - started
         after = self._gpu.read() if self._gpu is not None else None
         if before is not None and after is not None:

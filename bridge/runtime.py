@@ -18,14 +18,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import metrics
 from bridge.availability import Availability
 from bridge.activity import Activity
+from bridge.cpu_work import CpuWork
 from bridge.launcher import TritonServer
 from bridge.memory_ops import MemoryOps
-from bridge.prompt_data import load_data
+from bridge.prompt_data import get_data
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
 from bridge.reporting import make_reporter, supabase_io_of
@@ -62,13 +63,16 @@ class Runtime:
         self.memory_ops = MemoryOps(record=self._record_operation)
         self._background: list[asyncio.Task] = []
         self.activity = Activity()  # what the operator's page shows (bridge/api_ui.py)
+        # The API's CPU work (safety reading, tokenising): its own threads, bounded in time (docs/API.md).
+        self.cpu_work = CpuWork(settings.api_cpu_workers, settings.api_cpu_work_timeout_s)
 
     # ------------------------------------------------------------------ start
     async def start(self) -> "Runtime":
         s = self.settings
         # The data files first: one that would weaken the safety gate (or any malformed one)
         # stops the start with its DataFileError naming the file and entry (docs/ARCHITECTURE.md).
-        load_data(s.data_dir)
+        # Through the cache: a file broken on disk later leaves this good copy in use.
+        get_data(s.data_dir)
         await asyncio.to_thread(self.availability.check_start)  # MissingRequiredModels: REQUIRE_MODELS
         redis_url = s.redis_url
         if redis_url is None:
@@ -223,6 +227,7 @@ class Runtime:
                 async with _step("HTTP API"):
                     with suppress(Exception):
                         await self._api_task
+        self.cpu_work.close()
         if hasattr(self, "worker"):
             if self.with_jobs:
                 async with _step("worker"):
@@ -250,6 +255,13 @@ class Runtime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+if TYPE_CHECKING:  # a type checker confirms the API's view of the runtime (tests/test_api.py does at run time)
+    from bridge.api_types import ApiRuntime
+
+    def _serves_the_api(runtime: Runtime) -> ApiRuntime:
+        return runtime
 
 
 def triton_pid_file(settings: Settings) -> Path:

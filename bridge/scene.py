@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from contextlib import AbstractContextManager, nullcontext
 from typing import Annotated, Any, Awaitable, Callable
@@ -25,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bridge.chat import count_tokens, fit_prompt
 from bridge.prompt_data import PromptData, SceneRulesFile, get_data
 from bridge.safety import check_prompt
+
+log = logging.getLogger(__name__)
 
 Generate = Callable[[list[dict[str, str]]], Awaitable[str]]
 MAX_INPUT_CHARS = 6000  # of the reply sent to the model
@@ -334,22 +337,23 @@ async def detect_scene(
     data: PromptData | None = None,
     timeout_s: float = 30.0,
     lock: AbstractContextManager[Any] | None = None,
+    run: Callable[..., Awaitable[SceneResult]] | None = None,
 ) -> SceneResult:
     """Rules plus one model pass through ``generate``; rules alone (and a ``note`` saying why) when
     ``generate`` is None, raises, times out or answers with no usable JSON. The rules and the
-    tokenizer run in a worker thread (CPU work off the event loop), inside ``lock`` when given
-    (a fast tokenizer is not re-entrant)."""
+    tokenizer run off the event loop (``run(fn, *args)``: the API's bounded CPU pool; a worker
+    thread by default), inside ``lock`` when given (a fast tokenizer is not re-entrant)."""
     data = data or get_data()
     characters = list(characters or [])
     guard = lock if lock is not None else nullcontext()
+    off_loop = run or asyncio.to_thread
 
     def locked(function: Callable[..., SceneResult], *args: Any, **kwargs: Any) -> SceneResult:
         with guard:
             return function(*args, **kwargs)
 
     async def rules(note: str) -> SceneResult:
-        return await asyncio.to_thread(locked, detect_scene_rules, text, characters, tokenizer=tokenizer, data=data,
-                                       note=note)
+        return await off_loop(locked, detect_scene_rules, text, characters, tokenizer=tokenizer, data=data, note=note)
 
     refused = _input_refused(text, characters, data)
     if refused is not None:
@@ -361,11 +365,14 @@ async def detect_scene(
     except (asyncio.TimeoutError, TimeoutError):
         return await rules(f"model timed out after {timeout_s:g} s: rules only")
     except Exception as exc:  # noqa: BLE001 - any model failure falls back to the rules
-        return await rules(f"model failed ({type(exc).__name__}: {str(exc)[:200]}): rules only")
+        log.warning("scene model pass failed, the rules answer: %s: %s", type(exc).__name__, exc)
+        # ``public``: a text meant for the caller (bridge.api_scene.ModelUnavailable); other words stay in the log.
+        said = getattr(exc, "public", None) or "the worker's log says why"
+        return await rules(f"model failed ({said}): rules only")
     answer = parse_model_answer(raw)
     if answer is None:
         return await rules("model answer was not the JSON asked for: rules only")
-    return await asyncio.to_thread(locked, _combine, text, characters, answer, tokenizer, data)
+    return await off_loop(locked, _combine, text, characters, answer, tokenizer, data)
 
 
 def _combine(

@@ -223,6 +223,10 @@ class Settings(BaseSettings):
     chat_gpu_wait_s: float = Field(
         20.0, gt=0, description="A chat turn waits this long for the GPU, then answers 503 with Retry-After."
     )
+    api_docs: bool = Field(
+        True, description="Serve the OpenAPI document and interactive docs (/openapi.json, /docs, /redoc), behind "
+        "the key like every other route; 0 turns them off (404)."
+    )
 
     @field_validator("api_open_routes", mode="before")
     @classmethod
@@ -237,6 +241,14 @@ class Settings(BaseSettings):
     # --- Request limits (bridge/limits.py; docs/API.md "Limits") ------------------------------
     max_request_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body the API reads (bytes); larger ones get a 413."
+    )
+    api_cpu_work_timeout_s: float = Field(
+        10.0, gt=0, description="Longest one request's CPU work (safety reading, tokenising, scene rules) may take, "
+        "waiting for a thread included; past it the request gets a 503 with Retry-After."
+    )
+    api_cpu_workers: int = Field(
+        2, ge=1, description="Threads the API's CPU work runs on (its own pool: a flood cannot take the event "
+        "loop's); requests past them wait, within API_CPU_WORK_TIMEOUT_S."
     )
     event_streams_max: int = Field(
         32, ge=1, description="Job event streams (GET /jobs/{id}/events) open at once, each holding one Redis "

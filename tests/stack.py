@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi.routing import APIRoute
 
 from bridge.runtime import Runtime
 from bridge.settings import Settings
@@ -89,6 +90,16 @@ class Recorder:
     def leaks(self) -> list[str]:
         """Every recorded text that contains a secret."""
         return [text[:200] for text in self.seen if any(secret in text for secret in SECRETS)]
+
+
+def api_routes(app: Any) -> list[tuple[str, set[str]]]:
+    """(path, methods) of every endpoint, included routers expanded (FastAPI >= 0.137 keeps them
+    as tree nodes in ``app.routes``; older versions flattened them)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        return [(r.path, r.methods) for r in app.routes if isinstance(r, APIRoute)]
+    return [(c.path, c.methods) for c in iter_route_contexts(app.routes) if isinstance(c.original_route, APIRoute)]
 
 
 def client(runtime: Runtime, recorder: Recorder | None = None, key: str | None = API_KEY) -> httpx.AsyncClient:

@@ -7,22 +7,27 @@ Tiny random-weight models produce garbage text: chat tests check shapes, counts 
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib
+import inspect
 import logging
 import re
+import sys
 import time
+import typing
 import uuid
 
 import httpx
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
-from fastapi.routing import APIRoute
 from hypothesis import given, settings as hyp_settings, strategies as st
 
 from bridge.api import ApiConfigError
 from bridge.api_auth import PUBLIC_PATHS
 from bridge.api_chat import SfwStream
+from bridge.api_types import ApiRuntime
 from bridge.chat import mask_sfw
 from bridge.jobs import QUEUES
 from bridge.prompt_data import get_data
@@ -31,6 +36,7 @@ from tests.stack import (
     API_KEY,
     TERMINAL,
     Recorder,
+    api_routes,
     client,
     read_sse,
     running,
@@ -63,16 +69,6 @@ def _new_error(response: httpx.Response, status: int) -> dict:
     return error
 
 
-def _routes(app) -> list[tuple[str, set[str]]]:
-    """(path, methods) of every endpoint, included routers expanded (FastAPI >= 0.137 keeps them
-    as tree nodes in ``app.routes``; older versions flattened them)."""
-    try:
-        from fastapi.routing import iter_route_contexts
-    except ImportError:
-        return [(r.path, r.methods) for r in app.routes if isinstance(r, APIRoute)]
-    return [(c.path, c.methods) for c in iter_route_contexts(app.routes) if isinstance(c.original_route, APIRoute)]
-
-
 def _fill(path: str) -> str:
     return re.sub(r"\{[^}]+\}", "job-x", path)
 
@@ -97,6 +93,8 @@ async def test_without_a_key_on_localhost_requests_pass_and_a_warning_is_logged(
         async with client(runtime, RECORDER, key=None) as http:
             assert (await http.get("/worker/info")).status_code == 200
             assert (await http.get("/v1/models")).status_code == 200
+            assert (await http.get("/openapi.json")).status_code == 200  # the docs follow the same rules
+            assert (await http.get("/docs", headers={"Host": "evil.example"})).status_code == 400
 
 
 #: Routes without the key: liveness and readiness, and the operator page's page, script, style and
@@ -105,7 +103,7 @@ PUBLIC = PUBLIC_PATHS | {"/ui", "/ui/", "/ui/session", "/ui/static/{name}"}
 
 
 async def test_every_protected_route_answers_401_without_or_with_a_wrong_key(stack) -> None:
-    routes = _routes(stack.api_server.config.app)
+    routes = api_routes(stack.api_server.config.app)
     paths = {path for path, _ in routes}
     assert {"/chat", "/v1/chat/completions", "/jobs/{job_id}/events", "/metrics", "/memory/load"} <= paths
     headers = [None, "Bearer wrong-key", f"Basic {API_KEY}", f"Bearer {API_KEY}x", "Bearer", API_KEY]
@@ -129,6 +127,26 @@ async def test_every_protected_route_answers_401_without_or_with_a_wrong_key(sta
         _new_error(await http.get("/debug/env"), 401)
         health = await http.get("/health")
         assert health.status_code == 200
+
+
+# ----------------------------------------------------------------------------- the runtime the routes see
+def _protocol_hints(protocol: type) -> dict[str, object]:
+    """``protocol``'s attribute types, its module's ``if TYPE_CHECKING:`` imports resolved."""
+    module = sys.modules[protocol.__module__]
+    names: dict[str, object] = {}
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported = importlib.import_module(node.module)
+            names.update({alias.asname or alias.name: getattr(imported, alias.name) for alias in node.names})
+    return typing.get_type_hints(protocol, globalns=vars(module), localns=names)
+
+
+async def test_a_started_runtime_holds_every_part_the_routes_use_with_its_type(stack) -> None:
+    hints = _protocol_hints(ApiRuntime)
+    assert {"settings", "queue", "residency", "text", "worker", "cpu_work"} <= set(hints)
+    for name, hint in hints.items():
+        if hint is not typing.Any:
+            assert isinstance(getattr(stack, name), hint), (name, hint)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- operations

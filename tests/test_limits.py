@@ -233,3 +233,35 @@ async def test_info_answers_carry_no_file_paths(http: httpx.AsyncClient, stack, 
     for text in (enhancement.text, models.text, (await http.get("/memory/status")).text):
         for path in (str(tiny_models_dir), str(REPO_ROOT), "/bridge/data"):
             assert path not in text, path
+
+
+def _heavy_scene(i: int) -> dict:
+    """A scene request of 20 characters with 20 aliases each (the most allowed) and 4,000
+    characters of text: about 0.1-0.5 s of CPU here (the safety gate reads it all, the rules
+    compile every alias), under the test's time limit alone, far over it two dozen times."""
+    words = " ".join(f"*Luna{i} walks toward the harbour window at dawn, smiling.*" for _ in range(80))
+    characters = [{"name": f"Name{c}", "appearance": "tall, silver hair",
+                   "aliases": [f"{c:02d}{a:02d}" + "y" * 36 for a in range(20)]} for c in range(20)]
+    return {"text": words[:4000], "use_model": False, "characters": characters}
+
+
+async def test_cpu_work_past_its_time_limit_is_a_503_and_the_loop_keeps_answering(settings_for) -> None:
+    """API_CPU_WORK_TIMEOUT_S bounds a request's CPU work, waiting for one of API_CPU_WORKERS
+    threads included: a flood of requests at the input limits on one thread gets 503s with
+    Retry-After (never a 500), /health answers while it runs, and afterwards the pool works."""
+    settings = settings_for(api_cpu_workers=1, api_cpu_work_timeout_s=1.0)
+    async with running(settings, jobs=False) as runtime, client(runtime) as http:
+        flood = [asyncio.create_task(http.post("/scene/detect", json=_heavy_scene(i))) for i in range(24)]
+        health = await http.get("/health")
+        assert health.status_code == 200, health.text
+        assert not all(task.done() for task in flood)  # /health did not wait for the flood
+        answers = await asyncio.gather(*flood)
+        assert {a.status_code for a in answers} <= {200, 503}, [a.text for a in answers if a.status_code != 200]
+        refused = [a for a in answers if a.status_code == 503]
+        assert refused, "24 requests of this size on one thread all finished within 1 s"
+        error = api_error(refused[0], 503)
+        assert error["type"] == "cpu_timeout" and "API_CPU_WORK_TIMEOUT_S" in error["message"]
+        assert int(refused[0].headers["retry-after"]) > 0
+        small = {"text": "*Luna walks toward the window.*", "use_model": False,
+                 "characters": [{"name": "Luna", "appearance": "silver hair"}]}
+        assert (await http.post("/scene/detect", json=small)).status_code == 200
