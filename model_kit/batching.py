@@ -174,9 +174,10 @@ class BatchEngine:
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._prefilling: list[Sequence] = []
-        self._running: list[Sequence] = []  # rows of the batch cache, in order
-        self._batch_cache: Any = None
-        self._mask: Any = None  # [batch, columns]: 1 where a row's KV is real
+        self._running: list[Sequence] = []  # rows of the batch KV, in order
+        from model_kit.kv_cache import BatchKV  # noqa: PLC0415 - torch only in the model process
+
+        self._kv = BatchKV(engine.model.config.num_hidden_layers, limits.max_batch)
         self._stopping = False
         self._reported = (-1, -1)
         self._checked_at = 0.0
@@ -308,29 +309,9 @@ class BatchEngine:
         return logits
 
     def _join(self, seq: Sequence) -> None:
-        """Add a prefilled sequence's KV as a new row of the batch cache, left-padded."""
-        import torch  # noqa: PLC0415
-
-        own = _layers(seq.cache)
+        """Add a prefilled sequence's KV as a new row of the batch KV."""
+        self._kv.add(_layers(seq.cache))
         seq.cache = None
-        length = own[0][0].shape[-2]
-        device = self.engine.device
-        if self._batch_cache is None:
-            self._running = [seq]
-            self._mask = torch.ones((1, length), dtype=torch.long, device=device)
-            self._batch_cache = _cache_of(own)
-            return
-        batch = _layers(self._batch_cache)
-        columns = batch[0][0].shape[-2]
-        if length > columns:
-            batch = [(_pad_left(k, length - columns), _pad_left(v, length - columns)) for k, v in batch]
-            self._mask = _pad_left(self._mask, length - columns)
-            columns = length
-        own = [(_pad_left(k, columns - length), _pad_left(v, columns - length)) for k, v in own]
-        row = torch.zeros((1, columns), dtype=torch.long, device=device)
-        row[:, columns - length :] = 1
-        self._batch_cache = _cache_of([(torch.cat([bk, k]), torch.cat([bv, v])) for (bk, bv), (k, v) in zip(batch, own)])
-        self._mask = torch.cat([self._mask, row])
         self._running.append(seq)
 
     def _decode(self) -> None:
@@ -339,9 +320,9 @@ class BatchEngine:
         device = self.engine.device
         tokens = torch.tensor([[s.ids[-1]] for s in self._running], dtype=torch.long, device=device)
         positions = torch.tensor([[len(s.ids) - 1] for s in self._running], dtype=torch.long, device=device)
-        self._mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=torch.long, device=device)], dim=1)
-        logits, self._batch_cache = self.engine.forward(tokens, self._batch_cache, attention_mask=self._mask,
-                                                        position_ids=positions)
+        mask = self._kv.prepare_step()
+        logits, _ = self.engine.forward(tokens, self._kv.cache, attention_mask=mask, position_ids=positions)
+        self._kv.advance()
         now = time.monotonic()
         # every running sequence got a token this step: one gap per step (one metric call, not
         # one per sequence), the longest of them (a sequence that just joined has a shorter one)
@@ -416,29 +397,15 @@ class BatchEngine:
             self._leave(rows)
 
     def _leave(self, rows: list[int]) -> None:
-        """Drop batch rows; trim columns that are padding in every remaining row."""
-        import torch  # noqa: PLC0415
-
-        # a finished sequence's prompt + reply, for the next turn of its conversation
-        for i in rows:
+        """Drop batch rows (the last row moves into a freed slot, in the KV and in ``_running``)."""
+        for i in sorted(rows, reverse=True):  # a higher row moved down is never one still to drop
             seq = self._running[i]
-            if seq.reason != "cancelled":
-                real = int(self._mask[i].sum())  # the tokens fed so far (the last picked one is not)
-                start = self._mask.shape[1] - real
-                self.prefix.put(seq.ids[:real], [(k[i : i + 1, :, start:], v[i : i + 1, :, start:])
-                                                 for k, v in _layers(self._batch_cache)])
-        keep = [i for i in range(len(self._running)) if i not in set(rows)]
-        self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._batch_cache, self._mask = None, None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
-        used = mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        self._mask = mask[:, first:]
-        self._batch_cache = _cache_of([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-                                       for k, v in _layers(self._batch_cache)])
+            if seq.reason != "cancelled":  # its prompt + reply, for the next turn of its conversation
+                # the KV holds every token fed so far (the last one picked is not fed yet)
+                self.prefix.put(seq.ids[: self._kv.lengths[i]], self._kv.row(i))
+            self._kv.remove(i)
+            self._running[i] = self._running[-1]
+            self._running.pop()
 
     def _finish(self, seq: Sequence) -> None:
         from model_kit.llm import FINISH_LENGTH, FINISH_STOP, Generation  # noqa: PLC0415
@@ -463,7 +430,7 @@ class BatchEngine:
         for seq in [*self._prefilling, *self._running]:
             self._finish_error(seq, exc)
         self._prefilling, self._running = [], []
-        self._batch_cache, self._mask = None, None
+        self._kv.clear()
         self.prefix.clear()  # its tensors may be what filled the memory
 
     def _shutdown(self) -> None:
@@ -476,7 +443,7 @@ class BatchEngine:
         for seq in held:
             seq.reason = FINISH_CANCELLED
             self._finish(seq)
-        self._batch_cache = None
+        self._kv.clear()
         self.prefix.clear()
 
 
@@ -493,18 +460,6 @@ def _cache_of(layers: list[tuple[Any, Any]]) -> Any:
     from transformers import DynamicCache  # noqa: PLC0415
 
     return DynamicCache(ddp_cache_data=layers)
-
-
-def _pad_left(tensor: Any, count: int) -> Any:
-    """``count`` zero columns before ``tensor``'s sequence axis (-2 for KV, -1 for a mask)."""
-    import torch  # noqa: PLC0415
-
-    if count <= 0:
-        return tensor
-    axis = -1 if tensor.dim() == 2 else -2
-    shape = list(tensor.shape)
-    shape[axis] = count
-    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=axis)
 
 
 def _as_oom(exc: Exception) -> Exception:
