@@ -8,7 +8,7 @@ so a row of ``n`` tokens holds columns ``[end - n, end)`` and the attention wind
 view, with no ``torch.cat`` of the whole cache; a sequence joins by one copy into a free row slot
 (left of ``end`` there is room for the longest prompt), and leaves by moving the last row into its
 slot. The buffer is reallocated only when it runs out of rows or columns, with room to spare so
-that happens rarely (amortised: one copy of the window every ``window / 2`` steps at most).
+that happens rarely (amortised: one copy of the window every ``window`` steps at most).
 
 Why a layer class of our own (transformers' ``CacheLayerMixin``) and not ``StaticLayer``:
 ``StaticLayer`` returns its whole preallocated length to attention on every step and writes
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-#: Spare columns right of ``end`` after a reallocation, at least this many (then ``window / 2``).
+#: Spare columns right of ``end`` after a reallocation, at least this many (else as many as left of it).
 MIN_SPARE = 64
 
 
@@ -83,10 +83,13 @@ class BatchKV:
         self._shapes = ([(k.shape, k.dtype, k.device) for k, _ in layers], [(v.shape, v.dtype, v.device) for _, v in layers])
         if not self._keys or self.rows == self._keys[0].shape[0] or length > self._end:
             self._reallocate(rows=self.rows + 1, left=max(length, self.window))
-        row = self.rows
+        row, start = self.rows, self._end - length
         for buffer, (keys, values) in zip(zip(self._keys, self._values), layers):
-            buffer[0][row, :, self._end - length : self._end].copy_(keys[0])
-            buffer[1][row, :, self._end - length : self._end].copy_(values[0])
+            buffer[0][row, :, start : self._end].copy_(keys[0])
+            buffer[1][row, :, start : self._end].copy_(values[0])
+            # padding may be attended to (masked): it must hold no NaN or inf from unused memory
+            buffer[0][row, :, :start].zero_()
+            buffer[1][row, :, :start].zero_()
         self.lengths.append(length)
         return row
 
@@ -110,14 +113,18 @@ class BatchKV:
 
     # ------------------------------------------------------------------ a decode step
     def prepare_step(self) -> torch.Tensor:
-        """Room for one more column; the attention mask of the step (``[rows, window + 1]``, 1
-        where a row has a token)."""
+        """Room for one more column; the step's attention mask, ``[rows, 1, 1, window + 1]``,
+        additive (0 where a row has a token, the dtype's minimum on its padding). A 4D mask goes
+        to SDPA as it is: transformers builds none (its own would be boolean, which CPU SDPA
+        handles a quarter slower than an additive one)."""
         if self._end >= self._keys[0].shape[-2]:
             self._reallocate(rows=self.rows, left=self.window)
         window = self.window + 1
-        device = self._keys[0].device
-        lengths = torch.tensor(self.lengths, device=device).unsqueeze(1) + 1
-        return (torch.arange(window, device=device).unsqueeze(0) >= window - lengths).long()
+        keys = self._keys[0]
+        lengths = torch.tensor(self.lengths, device=keys.device).unsqueeze(1) + 1
+        padding = torch.arange(window, device=keys.device).unsqueeze(0) < window - lengths
+        mask = torch.zeros((self.rows, window), dtype=keys.dtype, device=keys.device)
+        return mask.masked_fill_(padding, torch.finfo(keys.dtype).min)[:, None, None, :]
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's update for ``layer``: this step's column written at ``end``, the window returned."""
@@ -140,15 +147,18 @@ class BatchKV:
         old_keys, old_values, old_end, window = self._keys, self._values, self._end, self.window
         have = old_keys[0].shape[0] if old_keys else 0
         slots = min(self.max_rows, max(rows, 2 * have)) if rows > have else have
-        columns = left + max(MIN_SPARE, left // 2)
-        self._keys = [torch.zeros((slots, *shape[1:2], columns, *shape[3:]), dtype=dtype, device=device)
+        columns = left + max(MIN_SPARE, left)
+        # not zeroed (a page-faulting memset of the whole buffer cost more than the copy): columns
+        # right of ``end`` are written before they are read, and a row's padding is zeroed here
+        # and in :meth:`add`
+        self._keys = [torch.empty((slots, *shape[1:2], columns, *shape[3:]), dtype=dtype, device=device)
                       for shape, dtype, device in self._shapes[0]]
-        self._values = [torch.zeros((slots, *shape[1:2], columns, *shape[3:]), dtype=dtype, device=device)
+        self._values = [torch.empty((slots, *shape[1:2], columns, *shape[3:]), dtype=dtype, device=device)
                         for shape, dtype, device in self._shapes[1]]
         self._end = left
-        if window:
-            for new, old in zip((*self._keys, *self._values), (*old_keys, *old_values)):
-                new[: self.rows, :, left - window : left].copy_(old[: self.rows, :, old_end - window : old_end])
+        for new, old in zip((*self._keys, *self._values), (*old_keys, *old_values)):
+            new[: self.rows, :, left - window : left].copy_(old[: self.rows, :, old_end - window : old_end])
+            new[: self.rows, :, : left - window].zero_()
 
     def clear(self) -> None:
         """Every row gone (a failed step, the engine stopping); the buffers are freed."""
