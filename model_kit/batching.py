@@ -293,7 +293,7 @@ class BatchEngine:
                 self.prefix.put(seq.prompt_ids, _layers(seq.cache))  # shared by concurrent turns
                 self.observer.first_token(time.monotonic() - seq.arrived)
                 seq.last_token_at = time.monotonic()
-                if self._take(seq, logits[0]):
+                if self._take(seq, self._pick([seq], logits)[0]):
                     self._join(seq)
 
     def _forward_one(self, seq: Sequence, chunk: list[int]) -> Any:
@@ -327,27 +327,37 @@ class BatchEngine:
         # every running sequence got a token this step: one gap per step (one metric call, not
         # one per sequence), the longest of them (a sequence that just joined has a shorter one)
         self.observer.token_gap(now - min(s.last_token_at for s in self._running))
-        greedy = logits.argmax(dim=-1).tolist()  # one call for every plain greedy row
         leaving = []
-        for row, seq in enumerate(self._running):
+        for row, (seq, token) in enumerate(zip(self._running, self._pick(self._running, logits))):
             seq.last_token_at = now
-            token = greedy[row] if _plain_greedy(seq.params) else None
-            if not self._take(seq, logits[row], token):
+            if not self._take(seq, token):
                 leaving.append(row)
         if leaving:
             self._leave(leaving)
 
-    def _take(self, seq: Sequence, logits: Any, token_id: int | None = None) -> bool:
-        """Pick ``seq``'s next token from its logits (``token_id``: already picked, greedy); False
-        when the sequence has ended (it got its final answer)."""
+    def _pick(self, seqs: list[Sequence], logits: Any) -> list[int]:
+        """Each row's next token: the greedy rows in one argmax, the rows sampled with temperature,
+        top-k and top-p in one pass (:func:`_sample_rows`), and rows with a repetition penalty
+        (it reads each sequence's own tokens) through their own logits processors."""
         import torch  # noqa: PLC0415
 
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens: list[int | None] = [greedy[i] if _plain_greedy(s.params) else None for i, s in enumerate(seqs)]
+        rows = [i for i, s in enumerate(seqs) if tokens[i] is None and s.params.repetition_penalty == 1.0]
+        if rows:
+            for i, token in zip(rows, _sample_rows(logits[rows], [seqs[i] for i in rows])):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if tokens[i] is None:
+                ids = torch.tensor([seq.ids], dtype=torch.long, device=logits.device)
+                tokens[i] = int(self.engine.pick(logits[i : i + 1], ids, seq.processors, seq.rng,
+                                                 seq.params.temperature).item())
+        return tokens  # type: ignore[return-value]
+
+    def _take(self, seq: Sequence, token_id: int) -> bool:
+        """Add ``seq``'s next token; False when the sequence has ended (it got its final answer)."""
         from model_kit.llm import FINISH_LENGTH, FINISH_STOP  # noqa: PLC0415
 
-        if token_id is None:
-            ids = torch.tensor([seq.ids], dtype=torch.long, device=logits.device)
-            token_id = int(self.engine.pick(logits.unsqueeze(0), ids, seq.processors, seq.rng,
-                                            seq.params.temperature).item())
         seq.produced += 1
         if token_id in self.engine.eos_ids:
             seq.reason = FINISH_STOP
@@ -450,6 +460,32 @@ class BatchEngine:
 def _plain_greedy(params: Any) -> bool:
     """Greedy with no logits processor: the argmax of the raw logits (as ``QwenEngine.pick``)."""
     return params.temperature == 0 and params.repetition_penalty == 1.0
+
+
+def _sample_rows(logits: Any, seqs: list[Sequence]) -> list[int]:
+    """Sampled tokens of rows whose settings are temperature, top-k and top-p: the arithmetic of
+    transformers' warpers (``model_kit.llm._processors``) on all rows at once, then each row draws
+    from its own generator, so a seed gives the same text in any batch (and as the warpers would)."""
+    import torch  # noqa: PLC0415
+
+    device = logits.device
+    params = [s.params for s in seqs]
+    scores = logits.float() / torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)[:, None]
+    vocab = scores.shape[-1]
+    if any(p.top_k for p in params):
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=device)
+        kth = scores.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if any(p.top_p < 1.0 for p in params):
+        ordered, order = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        # 1 - top_p rounded to float32 from Python's double, as the warper's comparison does
+        limit = torch.tensor([1 - p.top_p for p in params], dtype=torch.float32, device=device)[:, None]
+        drop = cumulative <= limit
+        drop[:, -1:] = False  # the likeliest token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    probs = scores.softmax(dim=-1)
+    return [int(torch.multinomial(probs[i], num_samples=1, generator=s.rng)[0]) for i, s in enumerate(seqs)]
 
 
 def _layers(cache: Any) -> list[tuple[Any, Any]]:
