@@ -25,6 +25,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -47,7 +48,7 @@ from bridge.runtime import Runtime  # noqa: E402
 from bridge.settings import Settings  # noqa: E402
 
 MODEL = "qwen_instruct"
-KEY = "bench-chat-key"
+KEY = f"bench-chat-{secrets.token_hex(16)}"  # the API wants 32 characters at least; passed to the callers
 console = Console(width=150)
 WORDS = ("harbour lantern tide rope gull anchor mast sail salt wave reef compass chart keel deck storm "
          "calm dawn dusk fog bell pier net oar crew").split()
@@ -141,11 +142,11 @@ async def _conversation(http: httpx.AsyncClient, turns: int, tag: str) -> list[f
     return ttfts
 
 
-def _in_app(port: int, what: str, *call_args) -> Round | list[float]:
+def _in_app(port: int, key: str, what: str, *call_args) -> Round | list[float]:
     """Run a round or a conversation against the API on ``port`` (in the callers' process)."""
 
     async def run() -> Round | list[float]:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"},
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                                      timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as http:
             if what == "round":
                 return await _round(http, *call_args)
@@ -181,7 +182,7 @@ async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Nam
             loop = asyncio.get_running_loop()
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as app:
                 def call(*call_args):
-                    return loop.run_in_executor(app, _in_app, runtime.api_port, *call_args)
+                    return loop.run_in_executor(app, _in_app, runtime.api_port, KEY, *call_args)
 
                 await call("round", 2, 8)  # warm-up
                 rounds = []
