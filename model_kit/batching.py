@@ -60,8 +60,12 @@ class Limits:
     kv_tokens: int = 100_000  # padded KV positions of the batch (batch size x longest sequence)
     prefix_tokens: int = 32_000  # KV positions kept for prefix reuse
     prefill_chunk: int = 512  # prompt tokens prefilled per step
-    # a stream's deltas are sent at most this often (joined meanwhile); 0: every delta at once
-    stream_interval_s: float = 0.0
+    # While more than ``stream_join_above`` sequences are held (running, prefilling or waiting), a
+    # stream's deltas are sent at most every ``stream_interval_s`` (joined meanwhile; the first at
+    # once): each response costs the server, the bridge and the client per-message work, which a
+    # busy model's CPU is short of; below it (or at 0 s) every delta goes as soon as it is final.
+    stream_interval_s: float = 0.05
+    stream_join_above: int = 8
 
 
 class Observer(Protocol):
@@ -177,10 +181,11 @@ class BatchEngine:
         self._running: list[Sequence] = []  # rows of the batch KV, in order
         from model_kit.kv_cache import BatchKV  # noqa: PLC0415 - torch only in the model process
 
-        self._kv = BatchKV(engine.model.config.num_hidden_layers, limits.max_batch)
+        self._kv = BatchKV(engine.model.config.num_hidden_layers, limits.max_batch, limits.kv_tokens)
         self._stopping = False
         self._reported = (-1, -1)
         self._checked_at = 0.0
+        self._joining = False  # deltas joined over ``stream_interval_s`` this step
         self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
         self._thread.start()
 
@@ -233,6 +238,7 @@ class BatchEngine:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        self._joining = sum(self.counts()) > self.limits.stream_join_above
         self._prefill()
         if self._running:
             self._decode()
@@ -310,7 +316,7 @@ class BatchEngine:
 
     def _join(self, seq: Sequence) -> None:
         """Add a prefilled sequence's KV as a new row of the batch KV."""
-        self._kv.add(_layers(seq.cache))
+        self._kv.add(_layers(seq.cache), reserve=seq.budget - seq.produced)
         seq.cache = None
         self._running.append(seq)
 
@@ -369,7 +375,7 @@ class BatchEngine:
             elif seq.on_delta is not None and (piece := seq.text.delta()):
                 seq.unsent += piece
                 now = time.monotonic()
-                if now - seq.sent_at >= self.limits.stream_interval_s:
+                if not self._joining or now - seq.sent_at >= self.limits.stream_interval_s:
                     piece, seq.unsent, seq.sent_at = seq.unsent, "", now
                     try:
                         seq.on_delta(piece)

@@ -7,8 +7,8 @@ so a row of ``n`` tokens holds columns ``[end - n, end)`` and the attention wind
 ``[end - longest row, end + 1)``: a decode step copies one column per layer and attends over a
 view, with no ``torch.cat`` of the whole cache; a sequence joins by one copy into a free row slot
 (left of ``end`` there is room for the longest prompt), and leaves by moving the last row into its
-slot. The buffer is reallocated only when it runs out of rows or columns, with room to spare so
-that happens rarely (amortised: one copy of the window every ``window`` steps at most).
+slot. The buffer is reallocated only when it runs out of row slots (their number doubles) or
+columns (right of ``end`` there is room for what the rows may still generate), so rarely.
 
 Why a layer class of our own (transformers' ``CacheLayerMixin``) and not ``StaticLayer``:
 ``StaticLayer`` returns its whole preallocated length to attention on every step and writes
@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-#: Spare columns right of ``end`` after a reallocation, at least this many (else as many as left of it).
+#: Spare columns right of ``end`` after a reallocation: at least this many, else as many as the
+#: rows can still grow (their ``max_tokens``), so a batch is rarely reallocated for columns.
 MIN_SPARE = 64
 
 
@@ -59,10 +60,12 @@ class _WindowLayer(CacheLayerMixin):
 class BatchKV:
     """The KV of the rows of the running batch (see the module's docstring)."""
 
-    def __init__(self, layers: int, max_rows: int) -> None:
+    def __init__(self, layers: int, max_rows: int, max_positions: int) -> None:
         self.max_rows = max_rows
+        self.max_positions = max_positions  # spare row slots are allocated within this many positions
         self.cache = Cache(layers=[_WindowLayer(self, i) for i in range(layers)])
         self.lengths: list[int] = []  # tokens of each row (its KV ends at ``end``)
+        self._finals: list[int] = []  # the most tokens each row can reach
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._end = 0
@@ -77,12 +80,15 @@ class BatchKV:
         return max(self.lengths, default=0)
 
     # ------------------------------------------------------------------ rows
-    def add(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """A new row from a batch-1 cache's per-layer ``(keys, values)``; returns its row index."""
+    def add(self, layers: list[tuple[torch.Tensor, torch.Tensor]], reserve: int) -> int:
+        """A new row from a batch-1 cache's per-layer ``(keys, values)`` that will grow by
+        ``reserve`` tokens at most; returns its row index."""
         length = layers[0][0].shape[-2]
         self._shapes = ([(k.shape, k.dtype, k.device) for k, _ in layers], [(v.shape, v.dtype, v.device) for _, v in layers])
-        if not self._keys or self.rows == self._keys[0].shape[0] or length > self._end:
-            self._reallocate(rows=self.rows + 1, left=max(length, self.window))
+        no_slot = not self._keys or self.rows == self._keys[0].shape[0]
+        if no_slot or length > self._end or self._end + reserve > self._keys[0].shape[-2]:
+            self._reallocate(rows=self.rows + 1, left=max(length, self.window), joining=length + reserve)
+        self._finals.append(length + reserve)
         row, start = self.rows, self._end - length
         for buffer, (keys, values) in zip(zip(self._keys, self._values), layers):
             buffer[0][row, :, start : self._end].copy_(keys[0])
@@ -101,7 +107,9 @@ class BatchKV:
             for buffer in (*self._keys, *self._values):
                 buffer[row, :, start : self._end].copy_(buffer[last, :, start : self._end])
             self.lengths[row] = self.lengths[last]
+            self._finals[row] = self._finals[last]
         self.lengths.pop()
+        self._finals.pop()
         if not self.lengths:
             self._keys, self._values, self._end = [], [], 0
 
@@ -117,7 +125,7 @@ class BatchKV:
         additive (0 where a row has a token, the dtype's minimum on its padding). A 4D mask goes
         to SDPA as it is: transformers builds none (its own would be boolean, which CPU SDPA
         handles a quarter slower than an additive one)."""
-        if self._end >= self._keys[0].shape[-2]:
+        if self._end >= self._keys[0].shape[-2]:  # only if a row outgrew its reserve
             self._reallocate(rows=self.rows, left=self.window)
         window = self.window + 1
         keys = self._keys[0]
@@ -141,13 +149,19 @@ class BatchKV:
         self.lengths = [n + 1 for n in self.lengths]
 
     # ------------------------------------------------------------------ memory
-    def _reallocate(self, rows: int, left: int) -> None:
-        """New buffers for at least ``rows`` rows (twice as many when it grows) with ``left``
-        columns before ``end`` and spare ones after it; the live rows are copied over."""
+    def _reallocate(self, rows: int, left: int, joining: int = 0) -> None:
+        """New buffers for at least ``rows`` rows with ``left`` columns before ``end`` and after it
+        as many as the rows (and a row ``joining`` with this many tokens at most) can still
+        grow; the live rows are copied over. Row slots double when they run out (fewer
+        reallocations as sequences join), within ``max_rows`` and, beyond the rows needed,
+        within ``max_positions``."""
         old_keys, old_values, old_end, window = self._keys, self._values, self._end, self.window
+        growth = max([final - length for final, length in zip(self._finals, self.lengths)] + [joining - left, 1])
+        columns = left + max(MIN_SPARE, growth)
         have = old_keys[0].shape[0] if old_keys else 0
-        slots = min(self.max_rows, max(rows, 2 * have)) if rows > have else have
-        columns = left + max(MIN_SPARE, left)
+        slots = have
+        if rows > have:
+            slots = max(rows, min(self.max_rows, 2 * have, self.max_positions // columns))
         # not zeroed (a page-faulting memset of the whole buffer cost more than the copy): columns
         # right of ``end`` are written before they are read, and a row's padding is zeroed here
         # and in :meth:`add`
@@ -162,4 +176,4 @@ class BatchKV:
 
     def clear(self) -> None:
         """Every row gone (a failed step, the engine stopping); the buffers are freed."""
-        self.lengths, self._keys, self._values, self._end = [], [], [], 0
+        self.lengths, self._finals, self._keys, self._values, self._end = [], [], [], [], 0
