@@ -393,7 +393,8 @@ def engine_limits(engine: QwenEngine) -> Limits:
         kv_tokens=int(_env_float("QWEN_KV_CACHE_GB", 6.0) * 1e9 // per_token),
         prefix_tokens=int(_env_float("QWEN_PREFIX_CACHE_GB", 2.0) * 1e9 // per_token),
         prefill_chunk=_env_int("QWEN_PREFILL_CHUNK", defaults.prefill_chunk),
-        stream_interval_s=_env_float("QWEN_STREAM_INTERVAL_MS", 0.0) / 1000,
+        stream_interval_s=_env_float("QWEN_STREAM_INTERVAL_MS", defaults.stream_interval_s * 1000) / 1000,
+        stream_join_above=_env_int("QWEN_STREAM_JOIN_ABOVE", defaults.stream_join_above),
     )
 
 
