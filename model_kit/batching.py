@@ -7,20 +7,22 @@ Every step (docs/ARCHITECTURE.md, "Chat at scale"):
 2. admitted sequences are prefilled, batch-1, at most ``prefill_chunk`` prompt tokens in all per
    step, so a long prompt is spread over several steps and the running streams keep getting
    tokens in between; a prompt starts from the longest matching prefix in :class:`PrefixCache`;
-3. a sequence whose prefill is done picks its first token and joins the batch: its KV is
-   left-padded to the batch's length (or the batch's to its), with an attention mask that hides
-   the padding and per-sequence position ids, so a sequence's logits do not depend on what else
-   is in the batch;
-4. one decode forward for the whole batch; each sequence then picks its token with its own
-   logits processors and ``torch.Generator`` (its seed), adds it to its own
-   :class:`~model_kit.llm.TextStream` (stop strings, held-back UTF-8) and streams the delta;
-5. finished and cancelled sequences leave the batch (their rows are dropped, and columns that
-   only padding uses any more are trimmed); their prompt + reply KV goes to the prefix cache.
+3. a sequence whose prefill is done picks its first token and joins the batch as a row of
+   :class:`~model_kit.kv_cache.BatchKV` (written in place, no re-padding of the batch), with an
+   attention mask that hides the other rows' padding and per-sequence position ids, so a
+   sequence's logits do not depend on what else is in the batch;
+4. one decode forward for the whole batch; the tokens are picked for all rows at once where the
+   settings allow (:meth:`BatchEngine._pick`), each sampled row with its own ``torch.Generator``
+   (its seed); each token goes to its sequence's :class:`~model_kit.llm.TextStream` (stop
+   strings, held-back UTF-8) and the delta is streamed (joined while the model is busy);
+5. finished and cancelled sequences leave the batch (the last row moves into the freed slot);
+   their prompt + reply KV goes to the prefix cache.
 
 Why our own loop and not transformers' ``ContinuousBatchingManager`` (``generate_batch``): it
 samples every request with one global seed and generator, so a request's ``seed`` could not give
-the same text twice, and it has no per-request stop strings; the KV here is transformers'
-``DynamicCache``, and the attention transformers' own (SDPA with the padding mask).
+the same text twice, and it has no per-request stop strings. The prefill KV is transformers'
+``DynamicCache``, the batch's our own cache layer in its ``Cache`` (model_kit/kv_cache.py says
+why), and the attention transformers' own (SDPA with the padding mask).
 
 This module is plain torch + transformers; :mod:`model_kit.llm` wires it to Triton.
 """
