@@ -1,7 +1,7 @@
 """Chat benchmark: concurrent streamed chat turns through the real stack (HTTP API → bridge →
 tritonserver → qwen_instruct), continuous batching against the one-at-a-time engine.
 
-    python bench/chat.py [--streams 1,4,16,64] [--max-tokens 128] [--turns 10] [--stream-interval-ms 0] [--full-size]
+    python bench/chat.py [--streams 1,4,16,64] [--max-tokens 128] [--turns 10] [--stream-interval-ms 50] [--full-size]
 
 Two servers, one after the other, on the same models: the batching engine (defaults, prefix
 reuse on) and today's one-at-a-time engine (``QWEN_MAX_BATCH=1``, ``QWEN_PREFIX_CACHE_GB=0``,
@@ -12,6 +12,10 @@ the first content event p50/p95, inter-token latency p50/p95 (per stream: first 
 over its tokens), and the ratio of the two engines. Then a conversation of ``--turns`` turns (a long system prompt, each turn adding the
 reply and a new question), the time to the first token of turn 1 and of the last turn with the
 prefix cache and without it.
+
+Both engines run with the same ``QWEN_STREAM_INTERVAL_MS`` (``--stream-interval-ms``, default the
+engine's own; deltas are joined over it while the model holds more than ``QWEN_STREAM_JOIN_ABOVE``
+requests); ``--stream-interval-ms 0`` measures every delta sent on its own.
 
 Tiny models on the CPU by default (``.cache/tiny-models``, one torch thread per model as in the
 tests); ``--full-size`` writes random-weight Qwen 2.5-7B (``model_kit.fullsize``) and needs a GPU.
@@ -25,6 +29,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -45,9 +50,10 @@ from bridge.launcher import TritonServer, free_port  # noqa: E402
 from bridge.redis_server import RedisServer  # noqa: E402
 from bridge.runtime import Runtime  # noqa: E402
 from bridge.settings import Settings  # noqa: E402
+from model_kit.batching import Limits  # noqa: E402
 
 MODEL = "qwen_instruct"
-KEY = "bench-chat-key"
+KEY = f"bench-chat-{secrets.token_hex(16)}"  # the API wants 32 characters at least; passed to the callers
 console = Console(width=150)
 WORDS = ("harbour lantern tide rope gull anchor mast sail salt wave reef compass chart keel deck storm "
          "calm dawn dusk fog bell pier net oar crew").split()
@@ -141,11 +147,11 @@ async def _conversation(http: httpx.AsyncClient, turns: int, tag: str) -> list[f
     return ttfts
 
 
-def _in_app(port: int, what: str, *call_args) -> Round | list[float]:
+def _in_app(port: int, key: str, what: str, *call_args) -> Round | list[float]:
     """Run a round or a conversation against the API on ``port`` (in the callers' process)."""
 
     async def run() -> Round | list[float]:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"},
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                                      timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as http:
             if what == "round":
                 return await _round(http, *call_args)
@@ -181,7 +187,7 @@ async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Nam
             loop = asyncio.get_running_loop()
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as app:
                 def call(*call_args):
-                    return loop.run_in_executor(app, _in_app, runtime.api_port, *call_args)
+                    return loop.run_in_executor(app, _in_app, runtime.api_port, KEY, *call_args)
 
                 await call("round", 2, 8)  # warm-up
                 rounds = []
@@ -225,7 +231,8 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         redis.stop()
     table = Table(title=f"chat: {MODEL} ({'full-size, ' + device if args.full_size else 'tiny, CPU'}), "
-                        f"{args.max_tokens} new tokens per stream, deltas every {args.stream_interval_ms:.0f} ms at most, "
+                        f"{args.max_tokens} new tokens per stream, deltas joined over {args.stream_interval_ms:.0f} ms "
+                        f"above {Limits().stream_join_above} requests, "
                         f"load {os.getloadavg()[0]:.1f}")
     for column in ("streams", "engine", "tokens/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "failed", "tokens/s ×"):
         table.add_column(column, justify="right")
@@ -253,8 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--full-size", action="store_true", help="random-weight Qwen 2.5-7B on the GPU")
     parser.add_argument("--models-dir", type=Path)
-    parser.add_argument("--stream-interval-ms", type=float, default=0.0,
-                        help="QWEN_STREAM_INTERVAL_MS for both engines (deltas joined for this long)")
+    parser.add_argument("--stream-interval-ms", type=float, default=Limits().stream_interval_s * 1000,
+                        help="QWEN_STREAM_INTERVAL_MS for both engines (deltas joined for this long; 0: never)")
     return parser.parse_args(argv)
 
 

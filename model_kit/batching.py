@@ -7,20 +7,22 @@ Every step (docs/ARCHITECTURE.md, "Chat at scale"):
 2. admitted sequences are prefilled, batch-1, at most ``prefill_chunk`` prompt tokens in all per
    step, so a long prompt is spread over several steps and the running streams keep getting
    tokens in between; a prompt starts from the longest matching prefix in :class:`PrefixCache`;
-3. a sequence whose prefill is done picks its first token and joins the batch: its KV is
-   left-padded to the batch's length (or the batch's to its), with an attention mask that hides
-   the padding and per-sequence position ids, so a sequence's logits do not depend on what else
-   is in the batch;
-4. one decode forward for the whole batch; each sequence then picks its token with its own
-   logits processors and ``torch.Generator`` (its seed), adds it to its own
-   :class:`~model_kit.llm.TextStream` (stop strings, held-back UTF-8) and streams the delta;
-5. finished and cancelled sequences leave the batch (their rows are dropped, and columns that
-   only padding uses any more are trimmed); their prompt + reply KV goes to the prefix cache.
+3. a sequence whose prefill is done picks its first token and joins the batch as a row of
+   :class:`~model_kit.kv_cache.BatchKV` (written in place, no re-padding of the batch), with an
+   attention mask that hides the other rows' padding and per-sequence position ids, so a
+   sequence's logits do not depend on what else is in the batch;
+4. one decode forward for the whole batch; the tokens are picked for all rows at once where the
+   settings allow (:meth:`BatchEngine._pick`), each sampled row with its own ``torch.Generator``
+   (its seed); each token goes to its sequence's :class:`~model_kit.llm.TextStream` (stop
+   strings, held-back UTF-8) and the delta is streamed (joined while the model is busy);
+5. finished and cancelled sequences leave the batch (the last row moves into the freed slot);
+   their prompt + reply KV goes to the prefix cache.
 
 Why our own loop and not transformers' ``ContinuousBatchingManager`` (``generate_batch``): it
 samples every request with one global seed and generator, so a request's ``seed`` could not give
-the same text twice, and it has no per-request stop strings; the KV here is transformers'
-``DynamicCache``, and the attention transformers' own (SDPA with the padding mask).
+the same text twice, and it has no per-request stop strings. The prefill KV is transformers'
+``DynamicCache``, the batch's our own cache layer in its ``Cache`` (model_kit/kv_cache.py says
+why), and the attention transformers' own (SDPA with the padding mask).
 
 This module is plain torch + transformers; :mod:`model_kit.llm` wires it to Triton.
 """
@@ -60,8 +62,12 @@ class Limits:
     kv_tokens: int = 100_000  # padded KV positions of the batch (batch size x longest sequence)
     prefix_tokens: int = 32_000  # KV positions kept for prefix reuse
     prefill_chunk: int = 512  # prompt tokens prefilled per step
-    # a stream's deltas are sent at most this often (joined meanwhile); 0: every delta at once
-    stream_interval_s: float = 0.0
+    # While more than ``stream_join_above`` sequences are held (running, prefilling or waiting), a
+    # stream's deltas are sent at most every ``stream_interval_s`` (joined meanwhile; the first at
+    # once): each response costs the server, the bridge and the client per-message work, which a
+    # busy model's CPU is short of; below it (or at 0 s) every delta goes as soon as it is final.
+    stream_interval_s: float = 0.05
+    stream_join_above: int = 8
 
 
 class Observer(Protocol):
@@ -174,12 +180,14 @@ class BatchEngine:
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._prefilling: list[Sequence] = []
-        self._running: list[Sequence] = []  # rows of the batch cache, in order
-        self._batch_cache: Any = None
-        self._mask: Any = None  # [batch, columns]: 1 where a row's KV is real
+        self._running: list[Sequence] = []  # rows of the batch KV, in order
+        from model_kit.kv_cache import BatchKV  # noqa: PLC0415 - torch only in the model process
+
+        self._kv = BatchKV(engine.model.config.num_hidden_layers, limits.max_batch, limits.kv_tokens)
         self._stopping = False
         self._reported = (-1, -1)
         self._checked_at = 0.0
+        self._joining = False  # deltas joined over ``stream_interval_s`` this step
         self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
         self._thread.start()
 
@@ -232,6 +240,7 @@ class BatchEngine:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        self._joining = sum(self.counts()) > self.limits.stream_join_above
         self._prefill()
         if self._running:
             self._decode()
@@ -292,7 +301,7 @@ class BatchEngine:
                 self.prefix.put(seq.prompt_ids, _layers(seq.cache))  # shared by concurrent turns
                 self.observer.first_token(time.monotonic() - seq.arrived)
                 seq.last_token_at = time.monotonic()
-                if self._take(seq, logits[0]):
+                if self._take(seq, self._pick([seq], logits)[0]):
                     self._join(seq)
 
     def _forward_one(self, seq: Sequence, chunk: list[int]) -> Any:
@@ -308,29 +317,9 @@ class BatchEngine:
         return logits
 
     def _join(self, seq: Sequence) -> None:
-        """Add a prefilled sequence's KV as a new row of the batch cache, left-padded."""
-        import torch  # noqa: PLC0415
-
-        own = _layers(seq.cache)
+        """Add a prefilled sequence's KV as a new row of the batch KV."""
+        self._kv.add(_layers(seq.cache), reserve=seq.budget - seq.produced)
         seq.cache = None
-        length = own[0][0].shape[-2]
-        device = self.engine.device
-        if self._batch_cache is None:
-            self._running = [seq]
-            self._mask = torch.ones((1, length), dtype=torch.long, device=device)
-            self._batch_cache = _cache_of(own)
-            return
-        batch = _layers(self._batch_cache)
-        columns = batch[0][0].shape[-2]
-        if length > columns:
-            batch = [(_pad_left(k, length - columns), _pad_left(v, length - columns)) for k, v in batch]
-            self._mask = _pad_left(self._mask, length - columns)
-            columns = length
-        own = [(_pad_left(k, columns - length), _pad_left(v, columns - length)) for k, v in own]
-        row = torch.zeros((1, columns), dtype=torch.long, device=device)
-        row[:, columns - length :] = 1
-        self._batch_cache = _cache_of([(torch.cat([bk, k]), torch.cat([bv, v])) for (bk, bv), (k, v) in zip(batch, own)])
-        self._mask = torch.cat([self._mask, row])
         self._running.append(seq)
 
     def _decode(self) -> None:
@@ -339,34 +328,44 @@ class BatchEngine:
         device = self.engine.device
         tokens = torch.tensor([[s.ids[-1]] for s in self._running], dtype=torch.long, device=device)
         positions = torch.tensor([[len(s.ids) - 1] for s in self._running], dtype=torch.long, device=device)
-        self._mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=torch.long, device=device)], dim=1)
-        logits, self._batch_cache = self.engine.forward(tokens, self._batch_cache, attention_mask=self._mask,
-                                                        position_ids=positions)
+        mask = self._kv.prepare_step()
+        logits, _ = self.engine.forward(tokens, self._kv.cache, attention_mask=mask, position_ids=positions)
+        self._kv.advance()
         now = time.monotonic()
         # every running sequence got a token this step: one gap per step (one metric call, not
         # one per sequence), the longest of them (a sequence that just joined has a shorter one)
         self.observer.token_gap(now - min(s.last_token_at for s in self._running))
-        greedy = logits.argmax(dim=-1).tolist()  # one call for every plain greedy row
         leaving = []
-        for row, seq in enumerate(self._running):
+        for row, (seq, token) in enumerate(zip(self._running, self._pick(self._running, logits))):
             seq.last_token_at = now
-            token = greedy[row] if _plain_greedy(seq.params) else None
-            if not self._take(seq, logits[row], token):
+            if not self._take(seq, token):
                 leaving.append(row)
         if leaving:
             self._leave(leaving)
 
-    def _take(self, seq: Sequence, logits: Any, token_id: int | None = None) -> bool:
-        """Pick ``seq``'s next token from its logits (``token_id``: already picked, greedy); False
-        when the sequence has ended (it got its final answer)."""
+    def _pick(self, seqs: list[Sequence], logits: Any) -> list[int]:
+        """Each row's next token: the greedy rows in one argmax, the rows sampled with temperature,
+        top-k and top-p in one pass (:func:`_sample_rows`), and rows with a repetition penalty
+        (it reads each sequence's own tokens) through their own logits processors."""
         import torch  # noqa: PLC0415
 
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens: list[int | None] = [greedy[i] if _plain_greedy(s.params) else None for i, s in enumerate(seqs)]
+        rows = [i for i, s in enumerate(seqs) if tokens[i] is None and s.params.repetition_penalty == 1.0]
+        if rows:
+            for i, token in zip(rows, _sample_rows(logits[rows], [seqs[i] for i in rows])):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if tokens[i] is None:
+                ids = torch.tensor([seq.ids], dtype=torch.long, device=logits.device)
+                tokens[i] = int(self.engine.pick(logits[i : i + 1], ids, seq.processors, seq.rng,
+                                                 seq.params.temperature).item())
+        return tokens  # type: ignore[return-value]
+
+    def _take(self, seq: Sequence, token_id: int) -> bool:
+        """Add ``seq``'s next token; False when the sequence has ended (it got its final answer)."""
         from model_kit.llm import FINISH_LENGTH, FINISH_STOP  # noqa: PLC0415
 
-        if token_id is None:
-            ids = torch.tensor([seq.ids], dtype=torch.long, device=logits.device)
-            token_id = int(self.engine.pick(logits.unsqueeze(0), ids, seq.processors, seq.rng,
-                                            seq.params.temperature).item())
         seq.produced += 1
         if token_id in self.engine.eos_ids:
             seq.reason = FINISH_STOP
@@ -378,7 +377,7 @@ class BatchEngine:
             elif seq.on_delta is not None and (piece := seq.text.delta()):
                 seq.unsent += piece
                 now = time.monotonic()
-                if now - seq.sent_at >= self.limits.stream_interval_s:
+                if not self._joining or now - seq.sent_at >= self.limits.stream_interval_s:
                     piece, seq.unsent, seq.sent_at = seq.unsent, "", now
                     try:
                         seq.on_delta(piece)
@@ -416,29 +415,15 @@ class BatchEngine:
             self._leave(rows)
 
     def _leave(self, rows: list[int]) -> None:
-        """Drop batch rows; trim columns that are padding in every remaining row."""
-        import torch  # noqa: PLC0415
-
-        # a finished sequence's prompt + reply, for the next turn of its conversation
-        for i in rows:
+        """Drop batch rows (the last row moves into a freed slot, in the KV and in ``_running``)."""
+        for i in sorted(rows, reverse=True):  # a higher row moved down is never one still to drop
             seq = self._running[i]
-            if seq.reason != "cancelled":
-                real = int(self._mask[i].sum())  # the tokens fed so far (the last picked one is not)
-                start = self._mask.shape[1] - real
-                self.prefix.put(seq.ids[:real], [(k[i : i + 1, :, start:], v[i : i + 1, :, start:])
-                                                 for k, v in _layers(self._batch_cache)])
-        keep = [i for i in range(len(self._running)) if i not in set(rows)]
-        self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._batch_cache, self._mask = None, None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
-        used = mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        self._mask = mask[:, first:]
-        self._batch_cache = _cache_of([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-                                       for k, v in _layers(self._batch_cache)])
+            if seq.reason != "cancelled":  # its prompt + reply, for the next turn of its conversation
+                # the KV holds every token fed so far (the last one picked is not fed yet)
+                self.prefix.put(seq.ids[: self._kv.lengths[i]], self._kv.row(i))
+            self._kv.remove(i)
+            self._running[i] = self._running[-1]
+            self._running.pop()
 
     def _finish(self, seq: Sequence) -> None:
         from model_kit.llm import FINISH_LENGTH, FINISH_STOP, Generation  # noqa: PLC0415
@@ -463,7 +448,7 @@ class BatchEngine:
         for seq in [*self._prefilling, *self._running]:
             self._finish_error(seq, exc)
         self._prefilling, self._running = [], []
-        self._batch_cache, self._mask = None, None
+        self._kv.clear()
         self.prefix.clear()  # its tensors may be what filled the memory
 
     def _shutdown(self) -> None:
@@ -476,13 +461,39 @@ class BatchEngine:
         for seq in held:
             seq.reason = FINISH_CANCELLED
             self._finish(seq)
-        self._batch_cache = None
+        self._kv.clear()
         self.prefix.clear()
 
 
 def _plain_greedy(params: Any) -> bool:
     """Greedy with no logits processor: the argmax of the raw logits (as ``QwenEngine.pick``)."""
     return params.temperature == 0 and params.repetition_penalty == 1.0
+
+
+def _sample_rows(logits: Any, seqs: list[Sequence]) -> list[int]:
+    """Sampled tokens of rows whose settings are temperature, top-k and top-p: the arithmetic of
+    transformers' warpers (``model_kit.llm._processors``) on all rows at once, then each row draws
+    from its own generator, so a seed gives the same text in any batch (and as the warpers would)."""
+    import torch  # noqa: PLC0415
+
+    device = logits.device
+    params = [s.params for s in seqs]
+    scores = logits.float() / torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)[:, None]
+    vocab = scores.shape[-1]
+    if any(p.top_k for p in params):
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=device)
+        kth = scores.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if any(p.top_p < 1.0 for p in params):
+        ordered, order = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        # 1 - top_p rounded to float32 from Python's double, as the warper's comparison does
+        limit = torch.tensor([1 - p.top_p for p in params], dtype=torch.float32, device=device)[:, None]
+        drop = cumulative <= limit
+        drop[:, -1:] = False  # the likeliest token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    probs = scores.softmax(dim=-1)
+    return [int(torch.multinomial(probs[i], num_samples=1, generator=s.rng)[0]) for i, s in enumerate(seqs)]
 
 
 def _layers(cache: Any) -> list[tuple[Any, Any]]:
@@ -493,18 +504,6 @@ def _cache_of(layers: list[tuple[Any, Any]]) -> Any:
     from transformers import DynamicCache  # noqa: PLC0415
 
     return DynamicCache(ddp_cache_data=layers)
-
-
-def _pad_left(tensor: Any, count: int) -> Any:
-    """``count`` zero columns before ``tensor``'s sequence axis (-2 for KV, -1 for a mask)."""
-    import torch  # noqa: PLC0415
-
-    if count <= 0:
-        return tensor
-    axis = -1 if tensor.dim() == 2 else -2
-    shape = list(tensor.shape)
-    shape[axis] = count
-    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=axis)
 
 
 def _as_oom(exc: Exception) -> Exception:

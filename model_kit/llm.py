@@ -5,8 +5,9 @@ The interface follows Triton's vLLM backend (docs/ARCHITECTURE.md): ``text_input
 ``sampling_parameters`` (JSON). Generation is the continuous-batching step loop of
 :mod:`model_kit.batching` (many sequences decoded together, each token seen as it is made):
 
-- streaming sends one response per new piece of text, holding back an incomplete UTF-8 sequence
-  and anything that may be the start of a stop string;
+- streaming sends one response per new piece of text (pieces joined over
+  ``QWEN_STREAM_INTERVAL_MS`` while the model is busy: ``Limits``), holding back an incomplete
+  UTF-8 sequence and anything that may be the start of a stop string;
 - cancellation is checked before every step;
 - a stop string, an end-of-sequence token or ``max_tokens`` ends the loop, and the final response
   (always sent) says why, with the token counts.
@@ -393,7 +394,8 @@ def engine_limits(engine: QwenEngine) -> Limits:
         kv_tokens=int(_env_float("QWEN_KV_CACHE_GB", 6.0) * 1e9 // per_token),
         prefix_tokens=int(_env_float("QWEN_PREFIX_CACHE_GB", 2.0) * 1e9 // per_token),
         prefill_chunk=_env_int("QWEN_PREFILL_CHUNK", defaults.prefill_chunk),
-        stream_interval_s=_env_float("QWEN_STREAM_INTERVAL_MS", 0.0) / 1000,
+        stream_interval_s=_env_float("QWEN_STREAM_INTERVAL_MS", defaults.stream_interval_s * 1000) / 1000,
+        stream_join_above=_env_int("QWEN_STREAM_JOIN_ABOVE", defaults.stream_join_above),
     )
 
 

@@ -34,9 +34,10 @@ def url(triton) -> str:
 def one_at_a_time(triton, tiny_models_dir, tmp_path_factory, monkeypatch_module):
     """A second server whose engine takes one sequence at a time, queues one more and keeps no
     prefixes (the old engine's behaviour, and the cold reference for prefix reuse), and joins a
-    stream's deltas for 100 ms. (After the session server, which must not see these settings.)"""
+    stream's deltas for 100 ms however few requests it holds. (After the session server, which
+    must not see these settings.)"""
     settings = {"QWEN_MAX_BATCH": "1", "QWEN_MAX_WAITING": "1", "QWEN_PREFIX_CACHE_GB": "0",
-                "QWEN_STREAM_INTERVAL_MS": "100"}
+                "QWEN_STREAM_INTERVAL_MS": "100", "QWEN_STREAM_JOIN_ABOVE": "0"}
     for name, value in settings.items():
         monkeypatch_module.setenv(name, value)
     server = TritonServer(triton_settings(tiny_models_dir),
@@ -121,6 +122,42 @@ def test_eight_concurrent_streams_equal_each_run_alone(url: str) -> None:
     assert text_of(together[6]) == unstopped[: unstopped.find(stop)]  # cut at the stop string
     assert together[6].last("finish_reason") == "stop"
     assert together[0].last("output_tokens") == 12 and together[0].last("finish_reason") == "length"
+
+
+def test_a_full_batch_gives_each_stream_its_solo_text(url: str) -> None:
+    """Twelve streams at once: the batch KV grows past 8 rows and rows leave at different steps;
+    greedy rows, seeded top-k/top-p rows (sampled together) and a row with a repetition penalty
+    (its own logits processors) each give the text they give alone."""
+    requests = []
+    for i in range(12):
+        sampling: dict = {"temperature": 0, "max_tokens": 30 + 6 * i}
+        if i in (3, 8):
+            sampling = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 100 + i, "max_tokens": 40}
+        if i == 10:
+            sampling = {"temperature": 0, "repetition_penalty": 1.3, "max_tokens": 40}
+        prompt = f"busy {i}: " + "the lighthouse at dusk " * (1 + 9 * (i % 4))
+        requests.append({"text_input": prompt, "stream": True, "sampling_parameters": sampling})
+    alone = [stream(url, "qwen_base", r) for r in requests]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda r: stream(url, "qwen_base", r), requests))
+    assert [text_of(r) for r in together] == [text_of(r) for r in alone]
+
+
+def test_a_busy_model_joins_a_streams_deltas(url: str) -> None:
+    """With more requests held than QWEN_STREAM_JOIN_ABOVE (8 by default), a stream's deltas are
+    joined over QWEN_STREAM_INTERVAL_MS (50 ms); alone, every delta is sent. The text is the same."""
+    request = {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 100}}
+    busy = [Live(url, "qwen_base", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 3000}})
+            for _ in range(8)]
+    for live in busy:
+        live.wait_for(1)
+    joined = stream(url, "qwen_base", request)
+    for live in busy:
+        live.cancel()
+    alone = stream(url, "qwen_base", request)
+    assert text_of(joined) == text_of(alone)
+    assert joined.last("output_tokens") == alone.last("output_tokens") == 100
+    assert len(joined.responses) < 40 < len(alone.responses), (len(joined.responses), len(alone.responses))
 
 
 def test_cancelling_one_stream_leaves_the_others_running(url: str) -> None:
