@@ -348,8 +348,7 @@ async def _full_queue(runtime: Runtime, app: _App, triton_url: str, jobs: int, f
 async def main(args: argparse.Namespace) -> None:
     from model_kit.tiny import build_all
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from supabase_stub import SupabaseStub  # the tests' local stand-in for Supabase (it checks the contract)
+    from harness.supabase_stub import SupabaseStub  # the local stand-in for Supabase (it checks the contract)
 
     models = build_all(Path(args.models_dir))
     split = _cpu_split() if args.pin else None

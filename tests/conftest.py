@@ -63,7 +63,7 @@ def redis_server(tmp_path: Path):
 @pytest.fixture()
 def supabase():
     """A fresh Supabase stand-in (tests/supabase_stub.py); the test must leave no contract violation."""
-    from tests.supabase_stub import SupabaseStub
+    from harness.supabase_stub import SupabaseStub
 
     with SupabaseStub() as stub:
         yield stub

@@ -9,7 +9,7 @@ import pytest
 from bridge.launcher import free_port
 from bridge.registration import FUNCTIONS, public_worker_url, register_worker
 from bridge.settings import Settings
-from tests.supabase_stub import SupabaseStub
+from harness.supabase_stub import SupabaseStub
 
 
 @pytest.fixture()

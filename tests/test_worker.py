@@ -18,7 +18,7 @@ from bridge.runtime import Runtime
 from bridge.safety import REFUSAL_REASON
 from tests.job_outputs import decode_mp4
 from tests.bridge_stack import TERMINAL, chat_job, push, sdxl_job, stack_settings, wait_state, wan_job
-from tests.supabase_stub import SupabaseStub
+from harness.supabase_stub import SupabaseStub
 
 pytestmark = pytest.mark.timeout(600)
 
