@@ -137,7 +137,7 @@ def _app_process(redis_url: str) -> None:
     """``bench/overhead.py --app REDIS_URL``: the app side of :class:`_App` (stdin/stdout, one JSON line each)."""
     import redis
 
-    from bridge.queue import events_key
+    from bridge.job_state import events_key
 
     client = redis.Redis.from_url(redis_url)
     for line in sys.stdin:

@@ -167,7 +167,7 @@ class Worker:
         ready = self._prefetched[queue_name]
         while not self._stopping:
             await ready.wait()
-            delivery = await self.queue.take(queue_name, timeout=5.0, count=False)  # counted in begin
+            delivery = await self.queue.take(queue_name, timeout=5.0)  # counted when it starts
             if delivery is None:
                 continue
             ready.clear()
@@ -248,7 +248,7 @@ class Worker:
         payload lets the claim check that its owner still holds the job. While it is in flight
         (docs/ARCHITECTURE.md, one job's path: per-job overhead) the local checks run (the spool stat, the safety gate) and,
         when the GPU is free at once, the job's request starts (:meth:`_start_early`)."""
-        began = asyncio.ensure_future(self.queue.begin(job.id, delivery, count=False))  # counted at the start
+        began = asyncio.ensure_future(self.queue.begin(job.id, delivery))  # counted at the start
         try:
             await asyncio.sleep(0)  # the script is sent before the checks below take the loop
             spooled, refusal = self.spool.has(job.id), _job_refusal(job)
