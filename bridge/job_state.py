@@ -139,10 +139,6 @@ class JobState:
 
         return int((await self._retrying(send))[1])
 
-    async def cancel_requested(self, job_id: str) -> bool:
-        """Whether a cancel was requested for ``job_id`` (within ``cancel_ttl_s``)."""
-        return bool(await self._retrying(lambda: self._client.exists(cancel_key(job_id))))
-
     def watch_cancels(self) -> CancelWatch:
         """``async with queue.watch_cancels() as watch: async for job_id in watch: ...`` — the
         subscription is live once the ``async with`` is entered."""

@@ -16,6 +16,7 @@ import functools
 import io
 import logging
 import random
+import re
 import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -210,7 +211,7 @@ class Worker:
                 with suppress(Exception):
                     # The exception's text (paths, internals) stays in the log; the job's state reaches clients.
                     await self.queue.set_state(delivery.job_id, event=False,
-                                               error=f"internal error ({type(exc).__name__}); the worker's log has the details")
+                                               error="internal error; the worker's log has the details")
             await self._requeue(delivery, count_attempt=True)
         finally:
             # Only the task that registered the job forgets it (a duplicate delivery must not).
@@ -503,12 +504,14 @@ class Worker:
             raise JobFailed(f"time limit of {job.type.time_limit_s:.0f}s exceeded; generation stopped",
                             "timeout") from None
         except ResidencyError as exc:
-            raise Retry(f"model {model} unavailable: {exc}") from None
+            log.warning("job %s: model %s unavailable: %s", job.id, model, exc)
+            raise Retry(f"model {model} unavailable: {client_text(str(exc))}") from None
         except InferenceFailed as exc:
+            log.warning("job %s: %s failed: %s", job.id, model, exc.message)
             if exc.transient:
                 await self._recover_model(model, reload=isinstance(exc, ModelProcessDied))
-                raise Retry(exc.message) from None
-            raise JobFailed(exc.message) from None
+                raise Retry(client_text(exc.message)) from None
+            raise JobFailed(client_text(exc.message)) from None
 
     async def _generate_text(self, delivery: Delivery, job: Job) -> SpoolEntry:
         """A chat-queue job on a Qwen model; the reply goes to the callback's metadata.response."""
@@ -624,9 +627,9 @@ class Worker:
         except (ReportingError, SpoolError) as exc:
             # The app is told what happened, not the text (spool paths, Storage's answers): the log has it.
             log.error("job %s: results could not be stored: %s", job.id, exc)
+            where = "written to the worker's disk" if isinstance(exc, SpoolError) else "uploaded to storage"
             await self._fail(delivery, job, JobFailed(
-                f"results could not be stored ({type(exc).__name__}); the worker's log has the details",
-                "storage_error"))
+                f"results could not be {where}; the worker's log has the details", "storage_error"))
             return
         await self._settle(delivery, job.id, "completed")
         await self._forget_spool(job.id)
@@ -816,6 +819,25 @@ def _check_output(text: str, job: Job) -> None:
     verdict = check_output(text, *job_texts(job))
     if not verdict.allowed:
         raise JobFailed(verdict.reason or REFUSAL_REASON, "content_refused")
+
+
+# What a model's or the server's error text may carry that is no business of the app: the Python
+# backend's stack ("At:" and file lines), tracebacks, file paths, network addresses.
+_TRACEBACK = "Traceback (most recent call last):"
+_STACK = re.compile(r"\n\s*At:\s*\n.*", re.S)
+_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+-]+){2,}/?")
+_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
+
+
+def client_text(text: str, limit: int = 500) -> str:
+    """An error text fit for the app (the callback's ``error_message``, the job's stored error):
+    what went wrong, without stack, paths or addresses, on one line; the log keeps the original."""
+    head, _, trace = text.partition(_TRACEBACK)
+    if trace.strip():  # a traceback's last line is the error itself
+        head = f"{head} {trace.strip().splitlines()[-1]}"
+    text = _ADDRESS.sub("<address>", _PATH.sub("<path>", _STACK.sub("", head)))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _monotonic_since(wall_time: float) -> float:

@@ -569,3 +569,23 @@ async def test_a_result_in_the_spool_is_reported_again_even_past_max_attempts(
     assert callback["status"] == "cancelled" and callback["error_message"] == "cancelled on request", callback
     assert "terminal_status" not in callback["metadata"]
     assert Spool(settings.spool_dir).load(job["id"]) is None  # settled: the spool entry is gone
+
+
+def test_error_texts_for_the_app_keep_the_reason_and_drop_stack_paths_and_addresses() -> None:
+    """What a model or the server says goes to the app without the Python backend's stack, file
+    paths or addresses (the worker's log keeps the original); the reason itself stays."""
+    from bridge.worker import client_text
+
+    backend = ("Failed to process the request(s) for model instance 'sdxl_0_0', message: RuntimeError: CUDA error: "
+               "an illegal memory access was encountered\n\nAt:\n  /app/model_kit/diffusion.py(212): run\n"
+               "  /app/model_repository/sdxl/1/model.py(88): execute\n")
+    assert client_text(backend) == ("Failed to process the request(s) for model instance 'sdxl_0_0', message: "
+                                    "RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert client_text("Traceback (most recent call last):\n  File \"/app/x.py\", line 3, in f\nValueError: boom") \
+        == "ValueError: boom"
+    assert client_text("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.3.7:8001: refused") \
+        == "failed to connect to all addresses; last error: UNKNOWN: ipv4:<address>: refused"
+    assert client_text("failed to open /workspace/models/wan/config.json") == "failed to open <path>"
+    field = "parameters.width: must be a multiple of 8 (got 65)"  # the models' own reasons pass as they are
+    assert client_text(field) == field
+    assert len(client_text("x" * 2000)) == 500
