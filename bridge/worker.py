@@ -60,6 +60,45 @@ class Retry(Exception):
     """The job may succeed on another attempt (the model process or the server went away)."""
 
 
+@dataclass(eq=False)
+class RunningJob:
+    """Everything of one job this worker took, from the take to its end (or back to its queue).
+
+    :meth:`Worker.run_job` makes it and closes it in one place; the lifecycle fills it in as it
+    goes: the job once parsed, the claim's answer (``begin``) with the spool stat and the gate's
+    verdict found while it was on its way, a request started early (``head``), whether the job
+    has started, its cancel, the progress callback and the spool fsync in flight."""
+
+    delivery: Delivery
+    task: asyncio.Task
+    job: Job | None = None  # None until parsed
+    begin: Begin | None = None  # the claim's answer
+    spooled: bool = False  # the spool holds a result from before a crash
+    refusal: JobFailed | None = None  # the safety gate's, found while the claim was on its way
+    head: _HeadStart | None = None  # its request, started while the claim was on its way
+    # Past the point of no return: holding the GPU, or reporting its end. Shutdown lets these
+    # finish within the grace period; the others go straight back to their queue.
+    started: bool = False
+    cancelled: bool = False  # the app asked to cancel it
+    progress_send: asyncio.Task | None = None  # its progress callback in flight
+    spool_sync: asyncio.Task | None = None  # its spool entry's fsync
+
+    @property
+    def job_id(self) -> str | None:
+        return self.job.id if self.job is not None else self.delivery.job_id
+
+
+@dataclass
+class _HeadStart:
+    """A job's request started while its claim was on its way (:meth:`Worker._start_early`)."""
+
+    waiting: Waiting  # its GPU grant
+    started: float  # time.monotonic() when the request started
+    request: asyncio.Task = field(init=False)
+    throttle: ProgressThrottle | None = None  # set once the job is ours: its progress goes there
+    adopted: bool = False  # the job's generation took the request and the grant over
+
+
 class Worker:
     """One bridge process's job runner."""
 
@@ -94,13 +133,7 @@ class Worker:
         )
         self._on_triton_failure = on_triton_failure
         self._tasks: list[asyncio.Task] = []
-        self._running: dict[str, asyncio.Task] = {}  # job id -> its task
-        self._cancelled: set[str] = set()  # job ids the app asked to cancel
-        # Job ids past the point of no return: holding the GPU, or reporting their end. Shutdown
-        # lets these finish within the grace period; the others go straight back to their queue.
-        self._started: set[str] = set()
-        self._progress_sends: dict[str, asyncio.Task] = {}  # job id -> its progress callback in flight
-        self._spool_syncs: dict[str, asyncio.Task] = {}  # job id -> its spool entry's fsync
+        self._running: dict[str, RunningJob] = {}  # job id -> the run that claimed it here
         self._unsent: set[asyncio.Event] = set()  # requests not yet written to Triton: set once they are
         self._stopping = False
         self._prefetched = {name: asyncio.Event() for name in QUEUES}  # set: the queue may take its next job
@@ -138,10 +171,10 @@ class Worker:
         for task in self._tasks:
             if task.get_name().startswith("take:"):
                 task.cancel()
-        for job_id, task in list(self._running.items()):
-            if job_id not in self._started:  # taken but not started: straight back to the queue
-                task.cancel()
-        running = [task for job_id, task in self._running.items() if job_id in self._started]
+        for run in list(self._running.values()):
+            if not run.started:  # taken but not started: straight back to the queue
+                run.task.cancel()
+        running = [run.task for run in self._running.values() if run.started]
         if running:
             log.info("waiting up to %.0fs for %d running job(s)", grace, len(running))
             _, pending = await asyncio.wait(running, timeout=grace)
@@ -189,17 +222,21 @@ class Worker:
 
     # ------------------------------------------------------------------ one job
     async def run_job(self, delivery: Delivery) -> None:
-        """Run one delivery to a terminal state (or back to its queue). Never raises."""
+        """Run one delivery to a terminal state (or back to its queue). Never raises.
+
+        Everything of the job lives on its :class:`RunningJob`, made here, and leaves this worker
+        in the ``finally`` below (a requeue forgets it a little earlier: :meth:`_requeue`)."""
+        run = RunningJob(delivery, asyncio.current_task())  # type: ignore[arg-type]
         try:
-            await self._run_delivery(delivery)
+            await self._run_delivery(run)
         except asyncio.CancelledError:
-            asyncio.current_task().uncancel()  # type: ignore[union-attr] - we finish the job below
-            if delivery.job_id in self._cancelled:
-                await self._finish_cancelled(delivery, parse_job(delivery.raw))
+            run.task.uncancel()  # we finish the job below
+            if run.cancelled:  # (only a job claimed here is cancelled: it was parsed)
+                await self._finish_cancelled(run)
                 return
             try:
                 async with asyncio.timeout(SHUTDOWN_REQUEUE_S):
-                    await self._requeue(delivery, count_attempt=False)
+                    await self._requeue(run, count_attempt=False)
             except TimeoutError:  # Redis is away: the job stays in the processing list for the reaper
                 log.error("job %s interrupted by shutdown; Redis unreachable for %.0fs, left in this worker's "
                           "processing list for the reaper", delivery.job_id, SHUTDOWN_REQUEUE_S)
@@ -212,53 +249,59 @@ class Worker:
                     # The exception's text (paths, internals) stays in the log; the job's state reaches clients.
                     await self.queue.set_state(delivery.job_id, event=False,
                                                error="internal error; the worker's log has the details")
-            await self._requeue(delivery, count_attempt=True)
+            await self._requeue(run, count_attempt=True)
         finally:
-            # Only the task that registered the job forgets it (a duplicate delivery must not).
-            if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
-                del self._running[delivery.job_id]
-                self.activity.end(delivery.job_id)
-                self._cancelled.discard(delivery.job_id)
-                self._started.discard(delivery.job_id)
-                self._progress_sends.pop(delivery.job_id, None)
-                self._spool_syncs.pop(delivery.job_id, None)
+            self._forget(run)
 
-    async def _run_delivery(self, delivery: Delivery) -> None:
+    def _forget(self, run: RunningJob, requeued: bool = False) -> bool:
+        """The job leaves this worker's books; True if ``run`` was the one that held it here (a
+        duplicate delivery of a job running here holds nothing)."""
+        if run.job_id is None or self._running.get(run.job_id) is not run:
+            return False
+        del self._running[run.job_id]
+        self.activity.end(run.job_id, requeued=requeued)
+        return True
+
+    async def _run_delivery(self, run: RunningJob) -> None:
+        delivery = run.delivery
         try:
-            job = parse_job(delivery.raw)
+            job = run.job = parse_job(delivery.raw)
         except DeadLetter as exc:
             log.warning("dead-lettered a payload from %s: %s", delivery.queue, exc.reason)
             metrics.inc_dead_letter(delivery.queue, "unparseable")
             await self.queue.dead_letter(delivery, exc.reason)
             return
         except InvalidJob as exc:
-            await self._refuse(delivery, exc)
+            await self._refuse(run, exc)
             return
-        if job.id in self._running:
-            begin, spooled, refusal, head = Begin(None, self.settings.worker_id, False), False, None, None
+        if job.id in self._running:  # a duplicate of a job running here: acknowledged below
+            run.begin = Begin(None, self.settings.worker_id, False)
         else:
-            begin, spooled, refusal, head = await self._claim(delivery, job)
+            await self._claim(run)
         try:
-            await self._run_claimed(delivery, job, begin, spooled, refusal, head)
+            await self._run_claimed(run)
         finally:
-            if head is not None and not head.adopted:
-                await self._abandon(head)  # the job ended before its generation took the request over
+            if run.head is not None and not run.head.adopted:
+                await self._abandon(run.head)  # the job ended before its generation took the request over
 
-    async def _claim(self, delivery: Delivery, job: Job) -> tuple[Begin, bool, JobFailed | None, _HeadStart | None]:
+    async def _claim(self, run: RunningJob) -> None:
         """One round trip: finished? claimed by a live worker? cancel requested? (docs/ARCHITECTURE.md, process life cycle) The raw
         payload lets the claim check that its owner still holds the job. While it is in flight
         (docs/ARCHITECTURE.md, one job's path: per-job overhead) the local checks run (the spool stat, the safety gate) and,
-        when the GPU is free at once, the job's request starts (:meth:`_start_early`)."""
+        when the GPU is free at once, the job's request starts (:meth:`_start_early`). Fills in the
+        run's ``begin``, ``spooled``, ``refusal`` and ``head``."""
+        job, delivery = run.job, run.delivery
+        assert job is not None
         began = asyncio.ensure_future(self.queue.begin(job.id, delivery))  # counted at the start
         try:
             await asyncio.sleep(0)  # the script is sent before the checks below take the loop
-            spooled, refusal = self.spool.has(job.id), _job_refusal(job)
+            run.spooled, run.refusal = self.spool.has(job.id), _job_refusal(job)
         except BaseException:
             await began  # (also when cancelled meanwhile: the claim is known, then released)
             raise
-        head = self._start_early(delivery, job) if not spooled and refusal is None else None
+        head = self._start_early(run) if not run.spooled and run.refusal is None else None
         try:
-            begin = await began
+            begin = run.begin = await began
         except BaseException:
             if head is not None:
                 await self._abandon(head)
@@ -267,23 +310,25 @@ class Worker:
                 dataclasses.replace(delivery, attempt=begin.attempt or delivery.attempt))):
             await self._abandon(head)  # not this worker's to run now: stop the request before anything else
             head = None
-        return begin, spooled, refusal, head
+        run.head = head
 
-    def _start_early(self, delivery: Delivery, job: Job) -> _HeadStart | None:
+    def _start_early(self, run: RunningJob) -> _HeadStart | None:
         """Start the job's request before its claim is known, when that costs nothing if the claim
         says no: a one-stage generation with no reference image to fetch, its model resident, the
         GPU granted at once. Its progress is reported only once the job is ours; nothing else of
         it is (no callback, state or spool entry), so a duplicate only has its request cancelled."""
+        job = run.job
+        assert job is not None
         stages = job_stages(job.type.name)
         if (job.type.output == "text" or len(stages) != 1 or job.reference_image_url
                 or self.residency.state(job.model) != "ready"):
             return None
-        waiting = self._waiting_for(delivery, job, stages[0].models, stages[0])
+        waiting = self._waiting_for(run, stages[0].models, stages[0])
         if not self.dispatcher.try_acquire(waiting):
             return None
         head = _HeadStart(waiting, time.monotonic())
         head.request = asyncio.create_task(
-            self._infer(job, _render_inputs(job, job.prompt, None), self._on_progress(job, lambda: head.throttle)),
+            self._infer(job, _render_inputs(job, job.prompt, None), self._on_progress(run, lambda: head.throttle)),
             name=f"request:{job.id}")
         return head
 
@@ -303,8 +348,9 @@ class Worker:
         request.add_done_callback(_retrieve)  # its outcome does not matter any more
         self.dispatcher.release(head.waiting)
 
-    async def _run_claimed(self, delivery: Delivery, job: Job, begin: Begin, spooled: bool,
-                           refusal: JobFailed | None, head: _HeadStart | None) -> None:
+    async def _run_claimed(self, run: RunningJob) -> None:
+        job, begin, delivery = run.job, run.begin, run.delivery
+        assert job is not None and begin is not None
         if begin.finished:
             log.info("job %s already finished; duplicate delivery acknowledged", job.id)
             await self.queue.ack(delivery)
@@ -317,63 +363,62 @@ class Worker:
             await self.queue.ack(delivery)
             return
         assert delivery.job_id is not None
-        delivery = dataclasses.replace(delivery, attempt=begin.attempt or delivery.attempt)
-        self._running[job.id] = asyncio.current_task()  # type: ignore[assignment]
+        delivery = run.delivery = dataclasses.replace(delivery, attempt=begin.attempt or delivery.attempt)
+        self._running[job.id] = run
         self.activity.begin(job.id, job.requested_type, job.model, delivery.queue)
         try:
             # (docs/ARCHITECTURE.md, process life cycle) An unreadable spool is requeued like an unwritable one, not counted as an
             # attempt by the catch-all. (A stat first: most jobs have no entry, no thread needed.)
-            entry = await asyncio.to_thread(self.spool.load, job.id) if spooled else None
+            entry = await asyncio.to_thread(self.spool.load, job.id) if run.spooled else None
         except SpoolError as exc:
-            await self._spool_trouble(delivery, job, exc)
+            await self._spool_trouble(run, exc)
             return
         if entry is not None:
             # Generated (or settled as failed/cancelled) before a crash: report that same result
             # again, whatever the attempt count, never a different one.
             log.info("job %s: result found in the spool; reporting it again without generating", job.id)
             self._free_intake(delivery.queue)  # no GPU needed: the queue may move on
-            await self._finish_from_spool(delivery, job, entry)
+            await self._finish_from_spool(run, entry)
             return
         if self.queue.past_max_attempts(delivery):
             state = await self.queue.get_state(job.id) or {}
             last = state.get("error") or "the worker stopped during each run"
             message = f"gave up after {delivery.attempt - 1} attempts; last error: {last}"
-            await self._fail(delivery, job, JobFailed(message, "attempts_exhausted"), dead_letter=True)
+            await self._fail(run, JobFailed(message, "attempts_exhausted"), dead_letter=True)
             return
         if begin.cancelled:
-            await self._finish_cancelled(delivery, job)
+            await self._finish_cancelled(run)
             return
         try:
-            if refusal is not None:
-                raise refusal
+            if run.refusal is not None:
+                raise run.refusal
             async with self.app_cancel.watching(job, self._cancel_job):  # the app cancels in its jobs row
-                entry = await (self._generate_text(delivery, job) if job.type.output == "text"
-                               else self._generate(delivery, job, head))
+                entry = await (self._generate_text(run) if job.type.output == "text" else self._generate(run))
         except asyncio.CancelledError:
-            if job.id not in self._cancelled:
+            if not run.cancelled:
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            await self._finish_cancelled(delivery, job)
+            run.task.uncancel()
+            await self._finish_cancelled(run)
             return
         except JobFailed as exc:
-            await self._fail(delivery, job, exc)
+            await self._fail(run, exc)
             return
         except Retry as exc:
             await self.queue.set_state(job.id, error=str(exc), event=False)
             log.warning("job %s attempt %d failed (%s); requeued", job.id, delivery.attempt, exc)
-            await self._requeue(delivery, count_attempt=True)
+            await self._requeue(run, count_attempt=True)
             return
         except SpoolError as exc:
-            await self._spool_trouble(delivery, job, exc)
+            await self._spool_trouble(run, exc)
             return
-        await self.finish_job(delivery, job, entry)
+        await self.finish_job(run, entry)
 
-    async def _spool_trouble(self, delivery: Delivery, job: Job, exc: SpoolError) -> None:
-        log.error("job %s: %s; requeued", job.id, exc)
+    async def _spool_trouble(self, run: RunningJob, exc: SpoolError) -> None:
+        log.error("job %s: %s; requeued", run.job_id, exc)
         await asyncio.sleep(1.0)  # (docs/ARCHITECTURE.md, process life cycle) pause while the job is still ours, then put it back
-        await self._requeue(delivery, count_attempt=False)
+        await self._requeue(run, count_attempt=False)
 
-    async def _generate(self, delivery: Delivery, job: Job, head: _HeadStart | None = None) -> SpoolEntry:
+    async def _generate(self, run: RunningJob) -> SpoolEntry:
         """Safety gate, enhancement, reference image, the Triton run (``head``: already started
         while the job was claimed); outputs into the spool.
 
@@ -381,6 +426,8 @@ class Worker:
         the enhancement, released, then WAN for the render. Holding both at once put 55 GB of
         models on a 47 GB card beside SDXL and chat, so the chat model was evicted for the render.
         """
+        job, head = run.job, run.head
+        assert job is not None
         *enhance_stage, render = job_stages(job.type.name)  # (the gate passed job.prompt before)
         prompt, enhancement, enhance_s, throttle = job.prompt, None, 0.0, None
         # Downloaded before asking for the GPU (up to REFERENCE_TIMEOUT_S): never while holding it.
@@ -392,7 +439,7 @@ class Worker:
                 "the original prompt was used")
             prompt = enhancement.prompt
         elif enhance_stage:
-            async with self._holding_gpu(delivery, job, enhance_stage[0].models, enhance_stage[0]) as throttle:
+            async with self._holding_gpu(run, enhance_stage[0].models, enhance_stage[0]) as throttle:
                 self.activity.stage(job.id, "enhancing")
                 started = time.monotonic()
                 enhancement = await self.enhancer.enhance(job.prompt, kind="wan")  # falls back, never fails
@@ -400,7 +447,7 @@ class Worker:
             prompt = enhancement.prompt
             _check_output(prompt, job)
         held = head.waiting if head is not None else None
-        async with self._holding_gpu(delivery, job, render.models, render, throttle, held) as throttle:
+        async with self._holding_gpu(run, render.models, render, throttle, held) as throttle:
             self.activity.stage(job.id, "generating")
             if head is not None:
                 head.adopted = True  # the grant is released with this block, the request ends in it
@@ -410,30 +457,32 @@ class Worker:
             else:
                 started = time.monotonic() - enhance_s  # generation_time: the enhancement and the render
                 outputs = await self._infer(job, _render_inputs(job, prompt, reference),
-                                            self._on_progress(job, lambda: throttle))
+                                            self._on_progress(run, lambda: throttle))
             elapsed = time.monotonic() - started
         await self._let_requests_go_first()
         return await asyncio.to_thread(self._spool, job, prompt, enhancement, outputs, elapsed)
 
     @asynccontextmanager
-    async def _holding_gpu(self, delivery: Delivery, job: Job, models: Any, stage: Stage | None = None,
+    async def _holding_gpu(self, run: RunningJob, models: Any, stage: Stage | None = None,
                            throttle: ProgressThrottle | None = None,
                            held: Waiting | None = None) -> AsyncIterator[ProgressThrottle]:
         """Report ``processing`` (once per job: pass the first grant's ``throttle`` to a later
         one), wait for the dispatcher's grant (``held``: granted already), hold it for the block.
         ``stage`` gives the grant's key and expected time when the job holds the GPU more than
         once; every grant of a job keeps the job's age, so a later stage is not sent to the back."""
+        job, delivery = run.job, run.delivery
+        assert job is not None
         if throttle is None:
             throttle = ProgressThrottle(self.reporter, job.id, metadata={"job_type": job.requested_type})
-            await self._progress(job, throttle, 0.0)
-        waiting = held or self._waiting_for(delivery, job, models, stage)
+            self._progress(run, throttle, 0.0)
+        waiting = held or self._waiting_for(run, models, stage)
         if held is None:
             await self.dispatcher.acquire(waiting)
         # The job really starts now: only this costs an attempt. Counted beside the request, not
         # before it: a Redis round trip in front of every request delayed it past the previous
         # job's storing (docs/ARCHITECTURE.md, "One job's path"); the block waits for it at its end.
-        counting = None if job.id in self._started else asyncio.create_task(self._count_start(delivery, job.id))
-        self._started.add(job.id)
+        counting = None if run.started else asyncio.create_task(self._count_start(delivery, job.id))
+        run.started = True
         self._free_intake(delivery.queue)  # this job holds the GPU: the next one may be taken
         try:
             yield throttle
@@ -446,19 +495,21 @@ class Worker:
         log.info("job %s started (attempt %d)", job_id, await self.queue.count_start(delivery))
 
     @staticmethod
-    def _waiting_for(delivery: Delivery, job: Job, models: Any, stage: Stage | None) -> Waiting:
+    def _waiting_for(run: RunningJob, models: Any, stage: Stage | None) -> Waiting:
+        job, delivery = run.job, run.delivery
+        assert job is not None
         key, est_s = (stage.key, stage.est_s) if stage is not None else (job.type.name, job_cost_s(job.type.name))
         return Waiting(key, frozenset(models), _monotonic_since(delivery.taken_at),
                        interactive=is_interactive(job.type.name), est_s=est_s,
                        then=stage.then if stage is not None else frozenset())
 
-    def _on_progress(self, job: Job,
+    def _on_progress(self, run: RunningJob,
                      throttle: Callable[[], ProgressThrottle | None]) -> Callable[[dict], Awaitable[None]]:
         """The request's response handler: its progress to ``throttle()`` (None: not reported)."""
         async def on_response(outputs: dict) -> None:
             current = throttle()
             if current is not None and "progress" in outputs:
-                await self._progress(job, current, float(outputs["progress"][0]))
+                self._progress(run, current, float(outputs["progress"][0]))
 
         return on_response
 
@@ -513,12 +564,14 @@ class Worker:
                 raise Retry(client_text(exc.message)) from None
             raise JobFailed(client_text(exc.message)) from None
 
-    async def _generate_text(self, delivery: Delivery, job: Job) -> SpoolEntry:
+    async def _generate_text(self, run: RunningJob) -> SpoolEntry:
         """A chat-queue job on a Qwen model; the reply goes to the callback's metadata.response."""
+        job = run.job
+        assert job is not None
         request = job.chat
         model = request.model
         enhance = _gated(job)  # (and the gate passed job.prompt before)
-        async with self._holding_gpu(delivery, job, {model}):
+        async with self._holding_gpu(run, {model}):
             self.activity.stage(job.id, "generating")
             started = time.monotonic()
             async with self._triton_errors(job, model):
@@ -596,43 +649,46 @@ class Worker:
         metadata.update(job.notes)  # what was read differently from the payload, and why (bridge.app_payload)
         return self.spool.save(job.id, JobOutputs(job.user_id, job.requested_type, assets, metadata), durable=False)
 
-    async def _progress(self, job: Job, throttle: ProgressThrottle, fraction: float) -> None:
+    @staticmethod
+    def _progress(run: RunningJob, throttle: ProgressThrottle, fraction: float) -> None:
         """Send progress in the background: a slow callback must not hold up the GPU. While one
         send is in flight newer progress is skipped (the throttle would drop it anyway)."""
-        pending = self._progress_sends.get(job.id)
-        if pending is None or pending.done():
-            self._progress_sends[job.id] = asyncio.create_task(throttle.update(round(fraction * 100)))
+        if run.progress_send is None or run.progress_send.done():
+            run.progress_send = asyncio.create_task(throttle.update(round(fraction * 100)))
 
-    async def _quiet_progress(self, job_id: str) -> None:
+    @staticmethod
+    async def _quiet_progress(run: RunningJob) -> None:
         """Before a terminal callback: let a progress callback on its way land first (it gives up
         within its own short deadline), so nothing arrives after the terminal one."""
-        pending = self._progress_sends.pop(job_id, None)
+        pending, run.progress_send = run.progress_send, None
         if pending is not None:
             with suppress(Exception):
                 await pending
 
     # ------------------------------------------------------------------ terminal states
-    async def finish_job(self, delivery: Delivery, job: Job, entry: SpoolEntry) -> None:
+    async def finish_job(self, run: RunningJob, entry: SpoolEntry) -> None:
         """Upload, send the terminal callback, then (only then) ack and forget the spool."""
-        self._started.add(job.id)  # a shutdown now waits for it: its end may already be reported
+        job, delivery = run.job, run.delivery
+        assert job is not None
+        run.started = True  # a shutdown now waits for it: its end may already be reported
         self.activity.stage(job.id, "uploading")
-        await self._quiet_progress(job.id)
-        self._sync_spool(job.id)
+        await self._quiet_progress(run)
+        self._sync_spool(run)
         try:
             t0 = time.monotonic()
-            assets = await self._until_delivered(delivery, job.id, lambda: self.reporter.upload_assets(entry))
+            assets = await self._until_delivered(run, lambda: self.reporter.upload_assets(entry))
             upload_s = time.monotonic() - t0
             await self._until_delivered(
-                delivery, job.id, lambda: self._report(job.id, "completed", assets=assets, metadata=entry.metadata))
+                run, lambda: self._report(job.id, "completed", assets=assets, metadata=entry.metadata))
         except (ReportingError, SpoolError) as exc:
             # The app is told what happened, not the text (spool paths, Storage's answers): the log has it.
             log.error("job %s: results could not be stored: %s", job.id, exc)
             where = "written to the worker's disk" if isinstance(exc, SpoolError) else "uploaded to storage"
-            await self._fail(delivery, job, JobFailed(
+            await self._fail(run, JobFailed(
                 f"results could not be {where}; the worker's log has the details", "storage_error"))
             return
         await self._settle(delivery, job.id, "completed")
-        await self._forget_spool(job.id)
+        await self._forget_spool(run)
         # End to end from the moment this worker took the job; what is neither generation nor
         # upload is waiting (for the GPU, a model load, or the queue ahead of it at this worker).
         run_s = float(entry.metadata.get("generation_time", 0.0))
@@ -641,7 +697,7 @@ class Worker:
                                      run_s=run_s, upload_s=upload_s, total_s=total_s)
         log.info("job %s completed", job.id, extra={"job_id": job.id, "job_type": job.requested_type})
 
-    async def _until_delivered(self, delivery: Delivery, job_id: str, send: Callable[[], Awaitable[T]]) -> T:
+    async def _until_delivered(self, run: RunningJob, send: Callable[[], Awaitable[T]]) -> T:
         """Repeat a reporting round until it gets through. A passed deadline does not drop or
         requeue the job: it stays in this worker's processing list (a crash returns it; the spool
         keeps its outputs) while its queue moves on to the next job and we try again later."""
@@ -650,43 +706,48 @@ class Worker:
             try:
                 return await send()
             except ReportingDeadline as exc:
-                log.warning("job %s: reporting deadline passed (%s); trying again in %.0fs", job_id, exc, pause)
-                self._free_intake(delivery.queue)  # nothing of this job needs the GPU now
+                log.warning("job %s: reporting deadline passed (%s); trying again in %.0fs", run.job_id, exc, pause)
+                self._free_intake(run.delivery.queue)  # nothing of this job needs the GPU now
                 await asyncio.sleep(pause * (0.5 + random.random()))
                 pause = min(pause * 2, REPORT_RETRY_MAX_PAUSE_S)
 
-    async def _refuse(self, delivery: Delivery, exc: InvalidJob) -> None:
+    async def _refuse(self, run: RunningJob, exc: InvalidJob) -> None:
         log.warning("job %s refused: %s", exc.job_id, exc.message)
         metadata = {"error_type": "invalid_payload", "job_type": exc.job_type, "timestamp": _now_iso()}
-        if not await self._report_terminal(delivery, exc.job_id, "failed", exc.message, metadata):
+        if not await self._report_terminal(run, exc.job_id, "failed", exc.message, metadata):
             return
-        await self._settle(delivery, exc.job_id, "failed")
+        await self._settle(run.delivery, exc.job_id, "failed")
         metrics.observe_job_finished(exc.job_type or "unknown", "failed")
 
-    async def _fail(self, delivery: Delivery, job: Job, exc: JobFailed, dead_letter: bool = False) -> None:
+    async def _fail(self, run: RunningJob, exc: JobFailed, dead_letter: bool = False) -> None:
+        job = run.job
+        assert job is not None
         log.warning("job %s failed: %s", job.id, exc.message)
         if exc.error_type == "content_refused":
             metrics.inc_safety_refusal(job.type.name)
         metadata = {"error_type": exc.error_type, "job_type": job.requested_type, "timestamp": _now_iso()}
-        await self._settle_terminal(delivery, job, "failed", exc.message, metadata, dead_letter)
+        await self._settle_terminal(run, "failed", exc.message, metadata, dead_letter)
 
-    async def _finish_cancelled(self, delivery: Delivery, job: Job) -> None:
-        metadata = {"job_type": job.requested_type, "timestamp": _now_iso()}
-        await self._settle_terminal(delivery, job, "cancelled", "cancelled on request", metadata)
+    async def _finish_cancelled(self, run: RunningJob) -> None:
+        assert run.job is not None
+        metadata = {"job_type": run.job.requested_type, "timestamp": _now_iso()}
+        await self._settle_terminal(run, "cancelled", "cancelled on request", metadata)
 
-    async def _settle_terminal(self, delivery: Delivery, job: Job, status: str, message: str, metadata: dict,
+    async def _settle_terminal(self, run: RunningJob, status: str, message: str, metadata: dict,
                                dead_letter: bool = False, remember: bool = True) -> None:
         """A failed or cancelled end: remembered in the spool first (a crash after the app took
         it re-sends this same result), then reported, then settled. A shutdown meanwhile waits
         for it (cancelled halfway, the job went back to its queue after its end was reported)."""
-        self._started.add(job.id)
+        job, delivery = run.job, run.delivery
+        assert job is not None
+        run.started = True
         if remember:
             record = {**metadata, TERMINAL_KEY: status, "error_message": message, "dead_letter": dead_letter}
             try:
                 await asyncio.to_thread(self.spool.save, job.id, JobOutputs(job.user_id, job.requested_type, [], record))
             except (SpoolError, ValueError) as exc:  # best effort: the report itself still goes out
                 log.warning("job %s: %s result not spooled (%s)", job.id, status, exc)
-        if not await self._report_terminal(delivery, job.id, status, message, metadata):
+        if not await self._report_terminal(run, job.id, status, message, metadata):
             return
         if dead_letter:
             await self.queue.mark_finished(job.id, status)
@@ -695,41 +756,42 @@ class Worker:
             metrics.inc_dead_letter(delivery.queue, str(metadata.get("error_type", status)))
         else:
             await self._settle(delivery, job.id, status)
-        await self._forget_spool(job.id)
+        await self._forget_spool(run)
         metrics.observe_job_finished(job.requested_type, status)
 
-    async def _finish_from_spool(self, delivery: Delivery, job: Job, entry: SpoolEntry) -> None:
+    async def _finish_from_spool(self, run: RunningJob, entry: SpoolEntry) -> None:
         status = entry.metadata.get(TERMINAL_KEY)
         if status is None:
-            await self.finish_job(delivery, job, entry)
+            await self.finish_job(run, entry)
             return
         metadata = {k: v for k, v in entry.metadata.items() if k not in (TERMINAL_KEY, "error_message", "dead_letter")}
-        await self._settle_terminal(delivery, job, status, entry.metadata.get("error_message") or status, metadata,
+        await self._settle_terminal(run, status, entry.metadata.get("error_message") or status, metadata,
                                     dead_letter=bool(entry.metadata.get("dead_letter")), remember=False)
 
-    async def _report_terminal(self, delivery: Delivery, job_id: str, status: str, message: str | None,
+    async def _report_terminal(self, run: RunningJob, job_id: str, status: str, message: str | None,
                                metadata: dict) -> bool:
         """Send a terminal callback until it gets through; False (dead-lettered) if refused."""
-        await self._quiet_progress(job_id)
+        await self._quiet_progress(run)
         try:
             await self._until_delivered(
-                delivery, job_id, lambda: self._report(job_id, status, error_message=message, metadata=metadata))
+                run, lambda: self._report(job_id, status, error_message=message, metadata=metadata))
             return True
         except ReportingError as exc:
             log.error("job %s: %s callback rejected (%s); dead-lettered", job_id, status, exc)
-            await self.queue.dead_letter(delivery, f"{status} callback rejected: {exc}")
+            await self.queue.dead_letter(run.delivery, f"{status} callback rejected: {exc}")
             return False
 
-    def _sync_spool(self, job_id: str) -> None:
+    def _sync_spool(self, run: RunningJob) -> None:
         """fsync the job's spool entry in the background while its results are uploaded: the
         entry survives a crash of this process already, and a power cut once this is done. Off
         the critical path: it costs the job no latency (docs/ARCHITECTURE.md, one job's path)."""
-        if job_id not in self._spool_syncs:
-            self._spool_syncs[job_id] = asyncio.create_task(asyncio.to_thread(self.spool.sync, job_id))
+        if run.spool_sync is None:
+            run.spool_sync = asyncio.create_task(asyncio.to_thread(self.spool.sync, run.job_id))
 
-    async def _forget_spool(self, job_id: str) -> None:
+    async def _forget_spool(self, run: RunningJob) -> None:
         """The job is settled: its spool entry may go. A failure here costs disk, not the job."""
-        sync = self._spool_syncs.pop(job_id, None)
+        job_id = run.job_id
+        sync, run.spool_sync = run.spool_sync, None
         try:
             if sync is not None:
                 with suppress(SpoolError):  # the entry goes anyway
@@ -738,17 +800,12 @@ class Worker:
         except OSError as exc:
             log.warning("job %s: spool entry not removed (%s); it is settled, nothing is resent", job_id, exc)
 
-    async def _requeue(self, delivery: Delivery, count_attempt: bool) -> None:
+    async def _requeue(self, run: RunningJob, count_attempt: bool) -> None:
         """Back to the front of its queue; the claim goes too, so any worker may take it."""
         # (docs/ARCHITECTURE.md, process life cycle) Forget the job first: this worker may take it again at once, and while this task
         # was still registered as running it, the new delivery was acknowledged as a duplicate (lost).
-        if delivery.job_id and self._running.get(delivery.job_id) is asyncio.current_task():
-            del self._running[delivery.job_id]
-            self.activity.end(delivery.job_id, requeued=True)
-            started = delivery.job_id in self._started
-            self._started.discard(delivery.job_id)
-        else:
-            started = False
+        delivery = run.delivery
+        started = self._forget(run, requeued=True) and run.started
         if count_attempt and not started:  # failed before its start: counted all the same (no endless loop)
             await self.queue.count_start(delivery)
         await self.queue.requeue(delivery, count_attempt=count_attempt)
@@ -764,22 +821,11 @@ class Worker:
 
     # ------------------------------------------------------------------ cancellation
     async def _cancel_job(self, job_id: str) -> None:
-        task = self._running.get(job_id)
-        if task is not None and not task.done():
+        run = self._running.get(job_id)
+        if run is not None and not run.task.done():
             log.info("job %s: cancel requested; stopping its generation", job_id)
-            self._cancelled.add(job_id)
-            task.cancel()
-
-
-@dataclass
-class _HeadStart:
-    """A job's request started while its claim was on its way (:meth:`Worker._start_early`)."""
-
-    waiting: Waiting  # its GPU grant
-    started: float  # time.monotonic() when the request started
-    request: asyncio.Task = field(init=False)
-    throttle: ProgressThrottle | None = None  # set once the job is ours: its progress goes there
-    adopted: bool = False  # the job's generation took the request and the grant over
+            run.cancelled = True
+            run.task.cancel()
 
 
 def _retrieve(task: asyncio.Task) -> None:
