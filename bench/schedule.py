@@ -9,7 +9,7 @@ ready to run, the loop jumps to the next timer instead of sleeping. So ``bridge.
 ``Dispatcher`` (grants, lanes, bringing models back), ``bridge.scheduler``'s ``Scheduler`` and
 ``bridge.residency``'s ``ResidencyManager`` (its lock, its drain waits, its polling of the
 repository index) run unchanged, thousands of simulated hours in seconds, deterministically for a
-seed. Each job does what ``bridge/worker.py`` does: per stage (``bridge.model_table.job_stages``:
+seed. Each job does what ``bridge/generation.py`` does: per stage (``bridge.model_table.job_stages``:
 an enhanced WAN job is two, Qwen Base for the enhancement then WAN for the render) it waits for
 the dispatcher's grant, holds its models resident (``residency.use``: loads and evictions happen
 there), computes, and releases the grant.

@@ -574,7 +574,7 @@ async def test_a_result_in_the_spool_is_reported_again_even_past_max_attempts(
 def test_error_texts_for_the_app_keep_the_reason_and_drop_stack_paths_and_addresses() -> None:
     """What a model or the server says goes to the app without the Python backend's stack, file
     paths or addresses (the worker's log keeps the original); the reason itself stays."""
-    from bridge.worker import client_text
+    from bridge.generation import client_text
 
     backend = ("Failed to process the request(s) for model instance 'sdxl_0_0', message: RuntimeError: CUDA error: "
                "an illegal memory access was encountered\n\nAt:\n  /app/model_kit/diffusion.py(212): run\n"
