@@ -389,7 +389,7 @@ async def _simulate(
     dispatcher.start()
 
     async def run_job(job: SimJob) -> None:
-        """As bridge/worker.py runs a job: per stage, the dispatcher's grant, then the models held
+        """As bridge/generation.py runs a job: per stage, the dispatcher's grant, then the models held
         resident (residency.use: loads and evictions happen here) while the model computes."""
         await asyncio.sleep(job.arrival - loop.time())
         for stage, work_s in zip(job.stages, job.phases):
