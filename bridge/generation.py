@@ -14,23 +14,19 @@ import time
 from contextlib import asynccontextmanager, suppress
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from bridge.activity import Activity
 from bridge.chat import prepare_chat
-from bridge.dispatcher import Dispatcher, JobFailed, Waiting
+from bridge.dispatcher import JobFailed, Waiting
 from bridge.fetch import FetchError, fetch_job_reference
 from bridge.jobs import Job
 from bridge.model_table import Stage, is_interactive, job_cost_s, job_stages
-from bridge.queue import Delivery, Queue
-from bridge.reporting import ProgressThrottle, Reporter
-from bridge.residency import ResidencyError, ResidencyManager
+from bridge.queue import Delivery
+from bridge.reporting import ProgressThrottle
+from bridge.residency import ResidencyError
 from bridge.running_job import HeadStart, RunningJob
 from bridge.safety import REFUSAL_REASON, check_output
 from bridge.safety_paths import job_texts
-from bridge.settings import Settings
-from bridge.spool import JobOutputs, OutputAsset, Spool, SpoolEntry
-from bridge.supabase_io import SupabaseIO
-from bridge.textgen import Enhancer
-from bridge.triton_client import InferenceFailed, ModelProcessDied, TritonClient
+from bridge.spool import JobOutputs, OutputAsset, SpoolEntry
+from bridge.triton_client import InferenceFailed, ModelProcessDied
 
 log = logging.getLogger(__name__)
 
@@ -47,36 +43,15 @@ class Retry(Exception):
 class Generation:
     """Runs a claimed job's GPU part for the worker; everything of the job is on its :class:`RunningJob`."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        queue: Queue,
-        triton: TritonClient,
-        residency: ResidencyManager,
-        reporter: Reporter,
-        spool: Spool,
-        enhancer: Enhancer,
-        dispatcher: Dispatcher,
-        activity: Activity,
-        supabase: SupabaseIO | None,
-        on_triton_failure: Callable[[], Awaitable[None]] | None,
-        missing_models: Callable[[], Any],
-        free_intake: Callable[[str], None],
-    ) -> None:
-        self.settings = settings
-        self.queue = queue
-        self.triton = triton
-        self.residency = residency
-        self.reporter = reporter
-        self.spool = spool
-        self.enhancer = enhancer
-        self.dispatcher = dispatcher
-        self.activity = activity
-        self.supabase = supabase
-        self._on_triton_failure = on_triton_failure
-        self.missing_models = missing_models  # models whose weights are not on the volume
-        self._free_intake = free_intake  # the job holds the GPU: its queue may take the next one
+    def __init__(self, worker: Any) -> None:
+        """``worker``: the :class:`bridge.worker.Worker` this runs jobs for; its services (queue,
+        Triton, residency, dispatcher, spool, reporter, ...) are this one's."""
+        w = worker
+        self.settings, self.queue, self.triton, self.residency = w.settings, w.queue, w.triton, w.residency
+        self.reporter, self.spool, self.enhancer, self.dispatcher = w.reporter, w.spool, w.enhancer, w.dispatcher
+        self.activity, self.supabase, self._on_triton_failure = w.activity, w.supabase, w.on_triton_failure
+        self.missing_models = lambda: w.missing_models()  # models whose weights are not on the volume
+        self._free_intake = w.free_intake  # the job holds the GPU: its queue may take the next one
         self._unsent: set[asyncio.Event] = set()  # requests not yet written to Triton: set once they are
 
     def start_early(self, run: RunningJob) -> HeadStart | None:

@@ -79,12 +79,7 @@ class Worker:
                       lanes=settings.gpu_lanes),
             residency,
         )
-        self.generation = Generation(
-            settings, queue=queue, triton=triton, residency=residency, reporter=reporter, spool=spool,
-            enhancer=enhancer, dispatcher=self.dispatcher, activity=self.activity, supabase=supabase,
-            on_triton_failure=on_triton_failure, missing_models=lambda: self.missing_models(),
-            free_intake=self._free_intake,
-        )
+        self.on_triton_failure = on_triton_failure
         self._tasks: list[asyncio.Task] = []
         self._running: dict[str, RunningJob] = {}  # job id -> the run that claimed it here
         self._stopping = False
@@ -92,6 +87,7 @@ class Worker:
         self._intake: dict[str, asyncio.Task] = {}  # queue -> the job taken last, while it keeps the next out
         # Models whose weights are not on the volume (the runtime sets it: bridge.availability).
         self.missing_models: Callable[[], Any] = frozenset
+        self.generation = Generation(self)  # a claimed job's GPU part
 
     # ------------------------------------------------------------------ lifecycle
     async def start_jobs(self, queues: Any = None) -> None:
@@ -159,10 +155,10 @@ class Worker:
             ready.clear()
             task = asyncio.create_task(self.run_job(delivery), name=f"job:{delivery.job_id}")
             self._intake[queue_name] = task
-            task.add_done_callback(lambda done, name=queue_name: self._free_intake(name, done))
-            # The next job of this queue is taken once this one holds the GPU or ends (_free_intake).
+            task.add_done_callback(lambda done, name=queue_name: self.free_intake(name, done))
+            # The next job of this queue is taken once this one holds the GPU or ends (free_intake).
 
-    def _free_intake(self, queue_name: str, task: asyncio.Task | None = None) -> None:
+    def free_intake(self, queue_name: str, task: asyncio.Task | None = None) -> None:
         """``task`` (default: the current one) no longer keeps ``queue_name`` from taking its next
         job: it holds the GPU, needs none, or ended. Only the job taken last counts: a job that
         ends after the next one was taken must not let a third in, or the worker would take the
@@ -293,7 +289,7 @@ class Worker:
             # Generated (or settled as failed/cancelled) before a crash: report that same result
             # again, whatever the attempt count, never a different one.
             log.info("job %s: result found in the spool; reporting it again without generating", job.id)
-            self._free_intake(delivery.queue)  # no GPU needed: the queue may move on
+            self.free_intake(delivery.queue)  # no GPU needed: the queue may move on
             await self._finish_from_spool(run, entry)
             return
         if self.queue.past_max_attempts(delivery):
@@ -377,7 +373,7 @@ class Worker:
                 return await send()
             except ReportingDeadline as exc:
                 log.warning("job %s: reporting deadline passed (%s); trying again in %.0fs", run.job_id, exc, pause)
-                self._free_intake(run.delivery.queue)  # nothing of this job needs the GPU now
+                self.free_intake(run.delivery.queue)  # nothing of this job needs the GPU now
                 await asyncio.sleep(pause * (0.5 + random.random()))
                 pause = min(pause * 2, REPORT_RETRY_MAX_PAUSE_S)
 
