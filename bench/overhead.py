@@ -18,7 +18,7 @@ said: results go to OUTPUT_DIR, statuses to Redis. Figures:
   thumbnail, asset metadata; then the files placed: hard links in local mode) and the rest
   (claims, safety gate, scheduling, states, hand-offs between tasks and threads).
 - the same overhead on the production path, Supabase mode, against the tests' local stand-in
-  (``tests/supabase_stub.py``, checking the contract): uploads and the signed callback, without
+  (``harness/supabase_stub.py``, checking the contract): uploads and the signed callback, without
   the network's latency; the stand-in runs in this process, so its own work is counted too.
 - per-job overhead with a full queue (target ≤ 2 ms): ``--batch`` jobs queued at once, wall time
   until all completed, against the same requests sent directly back to back. Each side's wall
@@ -137,7 +137,7 @@ def _app_process(redis_url: str) -> None:
     """``bench/overhead.py --app REDIS_URL``: the app side of :class:`_App` (stdin/stdout, one JSON line each)."""
     import redis
 
-    from bridge.queue import events_key
+    from bridge.job_state import events_key
 
     client = redis.Redis.from_url(redis_url)
     for line in sys.stdin:
@@ -348,8 +348,7 @@ async def _full_queue(runtime: Runtime, app: _App, triton_url: str, jobs: int, f
 async def main(args: argparse.Namespace) -> None:
     from model_kit.tiny import build_all
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from supabase_stub import SupabaseStub  # the tests' local stand-in for Supabase (it checks the contract)
+    from harness.supabase_stub import SupabaseStub  # the local stand-in for Supabase (it checks the contract)
 
     models = build_all(Path(args.models_dir))
     split = _cpu_split() if args.pin else None

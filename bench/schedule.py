@@ -5,11 +5,11 @@ FIFO-with-LRU baseline.
     .venv/bin/python bench/schedule.py --seed 1 --jobs 3000 --loads 0.3,0.5,0.7,0.85
 
 How it works. The simulation runs on an asyncio event loop whose clock is virtual: when nothing is
-ready to run, the loop jumps to the next timer instead of sleeping. So ``bridge.worker``'s
+ready to run, the loop jumps to the next timer instead of sleeping. So ``bridge.dispatcher``'s
 ``Dispatcher`` (grants, lanes, bringing models back), ``bridge.scheduler``'s ``Scheduler`` and
 ``bridge.residency``'s ``ResidencyManager`` (its lock, its drain waits, its polling of the
 repository index) run unchanged, thousands of simulated hours in seconds, deterministically for a
-seed. Each job does what ``bridge/worker.py`` does: per stage (``bridge.model_table.job_stages``:
+seed. Each job does what ``bridge/generation.py`` does: per stage (``bridge.model_table.job_stages``:
 an enhanced WAN job is two, Qwen Base for the enhancement then WAN for the render) it waits for
 the dispatcher's grant, holds its models resident (``residency.use``: loads and evictions happen
 there), computes, and releases the grant.
@@ -63,7 +63,7 @@ from bridge.model_table import ModelTable, Stage, build_table, is_interactive, j
 from bridge.residency import ResidencyManager
 from bridge.scheduler import Decision, ModelView, Running, Scheduler, WaitingGroup, plan_residency
 from bridge.settings import Settings
-from bridge.worker import Dispatcher, JobFailed, Waiting
+from bridge.dispatcher import Dispatcher, JobFailed, Waiting
 
 UNLOAD_LAG_S = 1.7
 LOAD_S = {"sdxl": 8.0, "qwen_instruct": 10.0, "qwen_base": 10.0, "wan": 25.0}
@@ -389,7 +389,7 @@ async def _simulate(
     dispatcher.start()
 
     async def run_job(job: SimJob) -> None:
-        """As bridge/worker.py runs a job: per stage, the dispatcher's grant, then the models held
+        """As bridge/generation.py runs a job: per stage, the dispatcher's grant, then the models held
         resident (residency.use: loads and evictions happen here) while the model computes."""
         await asyncio.sleep(job.arrival - loop.time())
         for stage, work_s in zip(job.stages, job.phases):

@@ -4,9 +4,9 @@
 
 Everything is real and local: a tritonserver on the tiny models (CPU), a redis-server with an
 append-only file, two ``python -m bridge serve`` processes sharing them, and the Supabase
-stand-in from the tests (which checks every upload and callback against the contract). Jobs are
-pushed as a stream (mostly SDXL 64x64 and WAN 32x32 images, some WAN videos, ~5% invalid ones
-that must fail); meanwhile, every ``--fault-every`` seconds on average, one fault:
+stand-in (``harness/supabase_stub.py``, which checks every upload and callback against the
+contract). Jobs are pushed as a stream (mostly SDXL 64x64 and WAN 32x32 images, some WAN videos,
+~5% invalid ones that must fail); meanwhile, every ``--fault-every`` seconds on average, one fault:
 
 - ``kill``: SIGKILL a bridge, start it again (every other time under a new WORKER_ID);
 - ``term``: SIGTERM a bridge (graceful: running jobs requeued), start it again;
@@ -44,8 +44,8 @@ import redis  # noqa: E402
 from bridge.launcher import TritonServer, free_port  # noqa: E402
 from bridge.redis_server import RedisServer  # noqa: E402
 from bridge.settings import Settings  # noqa: E402
-from tests.processes import BridgeProcess, Outcomes, bridge_env, children_of, queue_of  # noqa: E402
-from tests.supabase_stub import SupabaseStub  # noqa: E402
+from harness.processes import BridgeProcess, Outcomes, bridge_env, children_of, queue_of  # noqa: E402
+from harness.supabase_stub import SupabaseStub  # noqa: E402
 
 FAULTS = ("kill", "term", "supabase", "redis", "stub")
 console = Console()

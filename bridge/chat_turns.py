@@ -35,7 +35,7 @@ from bridge.safety import SafetyVerdict, check_prompt, check_texts
 from bridge.safety_paths import chat_texts
 from bridge.textgen import TextResult
 from bridge.triton_client import InferenceFailed
-from bridge.worker import JobFailed, Waiting
+from bridge.dispatcher import JobFailed, Waiting
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

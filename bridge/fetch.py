@@ -110,7 +110,8 @@ async def fetch_job_reference(
     except StorageFailed as exc:
         raise FetchError(f"{_FIELD}: {exc}") from None
     except httpx.HTTPError as exc:
-        raise FetchError(f"{_FIELD}: storage unreachable ({type(exc).__name__}: {exc})") from None
+        log.warning("reference image: storage unreachable: %s: %s", type(exc).__name__, exc)
+        raise FetchError(f"{_FIELD}: storage unreachable") from None
     if len(data) > max_bytes:
         raise FetchError(f"{_FIELD}: image is {len(data)} bytes, over the {max_bytes}-byte limit")
     await asyncio.to_thread(_check_image, data, max_pixels)
@@ -247,7 +248,9 @@ async def _get_from_any(
             return await _get_once(client, url, address, max_bytes)
         except httpx.ConnectError as exc:
             last_error = exc
-    raise FetchError(f"{_FIELD}: cannot connect to {url.host!r} ({last_error})")
+    # The connection errors name addresses (private ones too): the log has them, the app the host it gave.
+    log.warning("reference image: cannot connect to %r: %s", url.host, last_error)
+    raise FetchError(f"{_FIELD}: cannot connect to {url.host!r}")
 
 
 async def _get_once(client: httpx.AsyncClient, url: httpx.URL, address: IPAddress, max_bytes: int) -> bytes | str:
@@ -270,7 +273,8 @@ async def _get_once(client: httpx.AsyncClient, url: httpx.URL, address: IPAddres
     except httpx.TimeoutException:
         raise FetchError(f"{_FIELD}: timed out talking to {url.host!r}") from None
     except httpx.HTTPError as exc:
-        raise FetchError(f"{_FIELD}: download from {url.host!r} failed ({type(exc).__name__}: {exc})") from None
+        log.warning("reference image: download from %r failed: %s: %s", url.host, type(exc).__name__, exc)
+        raise FetchError(f"{_FIELD}: download from {url.host!r} failed") from None
 
 
 async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:

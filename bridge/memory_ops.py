@@ -50,7 +50,7 @@ class MemoryOps:
 
     def __init__(self, keep: int = 20,
                  record: Callable[..., Awaitable[Any]] | None = None) -> None:
-        # record(job_id, status, error_message=..., metadata=...): the job-state record (worker.record_state)
+        # record(job_id, status, error_message=..., metadata=...): the job-state record (reporting.record_state)
         self._record = record
         self._ids = itertools.count(1)
         self._ops: deque[Operation] = deque(maxlen=keep)

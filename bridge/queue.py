@@ -1,5 +1,6 @@
-"""All Redis access of the bridge: a reliable queue, heartbeats and the reaper, dead letters,
-idempotency marks, job state with an event stream, and cancellation.
+"""All Redis access of the bridge: a reliable queue, heartbeats and the reaper, dead letters and
+idempotency marks here; job state with an event stream, and cancellation, in
+:mod:`bridge.job_state` (inherited by :class:`Queue`: one client, one set of connection pools).
 
 Reliable-queue semantics (no job is ever only in memory):
 
@@ -11,9 +12,10 @@ Reliable-queue semantics (no job is ever only in memory):
   :meth:`Queue.reap` returns the jobs of workers whose heartbeat expired to the front of their
   queues and forgets them. A worker never reaps itself; a restarted worker with the same id takes
   back its own orphans on its first :meth:`Queue.take`.
-- Attempts are counted in Redis per job (by id, else by a hash of the raw bytes), so a crash and
-  redelivery counts; each delivery adds a unique token to a set, which makes the count idempotent
-  under retries and lets a SIGTERM requeue take its token back.
+- Attempts are counted in Redis per job (by id, else by a hash of the raw bytes) when a run
+  starts (:meth:`Queue.count_start`), so a crash mid-run and the redelivery count; each delivery
+  adds a unique token to a set, which makes the count idempotent under retries and lets a SIGTERM
+  requeue take its token back.
 
 Robustness: commands go through a connection pool whose redis-py ``Retry`` absorbs short blips;
 around that, every call retries connection errors with exponential backoff and jitter for as long
@@ -22,8 +24,8 @@ ends. Blocking reads (BLMOVE, XREAD BLOCK, pub/sub) use a second pool so they ne
 calls. The URL may carry a password; it is never logged (only scheme, host, port and db are).
 
 Key layout: ``{queue}``, ``processing:{worker}:{queue}``, ``dead_letter``, ``workers``,
-``worker:{id}``, ``worker_queues:{id}``, ``attempts:{job}``, ``finished:{job}``, ``job:{job}``,
-``job_events:{job}``, ``cancel:{job}``; channel ``job_cancel``.
+``worker:{id}``, ``worker_queues:{id}``, ``attempts:{job}``, ``finished:{job}``, ``job_claim:{job}``
+(and :mod:`bridge.job_state`'s).
 """
 
 from __future__ import annotations
@@ -31,13 +33,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import inspect
 import json
 import logging
 import time
 import uuid
-from collections import Counter, defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -50,6 +51,7 @@ from redis.backoff import EqualJitterBackoff, NoBackoff
 
 from bridge import metrics
 from bridge.jobs import QUEUES, peek_id
+from bridge.job_state import _FATAL, _RETRYABLE, _SET_STATE, BLOCK_CHUNK_S, JobState, _text, cancel_key
 from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,15 +61,7 @@ Side = Literal["left", "right"]
 
 DEAD_LETTER_KEY = "dead_letter"
 WORKERS_KEY = "workers"
-CANCEL_CHANNEL = "job_cancel"
-#: Longest single server-side block; a longer wait is several of these (no polling in between).
-BLOCK_CHUNK_S = 5.0
 DAY_S = 86_400
-
-# Connection trouble worth waiting out; a wrong password or missing permission is not.
-_RETRYABLE = (rex.ConnectionError, rex.TimeoutError, ConnectionError, asyncio.TimeoutError)
-_FATAL = (rex.AuthenticationError, rex.AuthorizationError, rex.ExternalAuthProviderError)
-
 
 class RedisUnavailable(RuntimeError):
     """Redis stayed unreachable for longer than the queue's ``give_up_after_s``."""
@@ -103,18 +97,6 @@ def finished_key(job_id: str) -> str:
     return f"finished:{job_id}"
 
 
-def state_key(job_id: str) -> str:
-    return f"job:{job_id}"
-
-
-def events_key(job_id: str) -> str:
-    return f"job_events:{job_id}"
-
-
-def cancel_key(job_id: str) -> str:
-    return f"cancel:{job_id}"
-
-
 # --- Lua scripts (each one atomic on the server) ----------------------------------------------
 
 # KEYS: attempts. ARGV: token, ttl_s. Adding the same token twice (a retried call) counts once.
@@ -125,14 +107,12 @@ return redis.call('SCARD', KEYS[1])
 """
 
 # Everything a job checks before it runs, in one round trip (docs/ARCHITECTURE.md, one job's path: per-job overhead).
-# KEYS: finished, claim, cancel, attempts. ARGV: this worker id, claim ttl_s, raw ('' = not checked),
-# delivery token ('' = count nothing), attempts ttl_s.
+# KEYS: finished, claim, cancel, attempts. ARGV: this worker id, claim ttl_s, raw ('' = not checked).
 # Returns {finished status or false, the other live owner or false, cancel requested 0/1, attempt}.
-# Without a token the attempt is the number this run gets once counted (runs so far + 1): the worker
-# counts a run only when it really starts on the GPU (count_start; docs/ARCHITECTURE.md).
-# A finished job is neither claimed nor counted; else the job id is claimed for this worker unless a
-# live worker (one with a heartbeat) holds it, and this delivery counts as an attempt (as in
-# _COUNT_ATTEMPT: the same token twice counts once).
+# The attempt is the number this run gets once counted (runs so far + 1): the worker counts a run
+# only when it really starts on the GPU (count_start; docs/ARCHITECTURE.md, one job's path).
+# A finished job is not claimed; else the job id is claimed for this worker unless a live worker
+# (one with a heartbeat) holds it.
 # (docs/ARCHITECTURE.md, process life cycle, tests/test_faults.py) A live owner's claim counts only while that owner really holds the
 # payload in one of its processing lists: a claim outlives a requeue (until released), the owner's
 # restart under the same id (which returns its orphans) and a reap; honouring it then dropped the job.
@@ -150,30 +130,9 @@ if owner and owner ~= ARGV[1] and redis.call('EXISTS', 'worker:' .. owner) == 1 
   if held then return {false, owner, 0, 0} end
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-local attempt = redis.call('SCARD', KEYS[4]) + 1
-if ARGV[4] ~= '' then
-  redis.call('SADD', KEYS[4], ARGV[4])
-  redis.call('EXPIRE', KEYS[4], ARGV[5])
-  attempt = redis.call('SCARD', KEYS[4])
-end
-return {false, false, redis.call('EXISTS', KEYS[3]), attempt}
+return {false, false, redis.call('EXISTS', KEYS[3]), redis.call('SCARD', KEYS[4]) + 1}
 """
 
-# A job's state and its event in one command (docs/ARCHITECTURE.md, one job's path: a MULTI pipeline of five cost the worker
-# several times the CPU). KEYS: state hash, event stream. ARGV: ttl_s, stream maxlen, event JSON
-# ('' = no event), number of fields to set, then name/value pairs, then names of fields to delete.
-_SET_STATE = """
-local n = tonumber(ARGV[4])
-if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + 2 * n)) end
-if #ARGV > 4 + 2 * n then redis.call('HDEL', KEYS[1], unpack(ARGV, 5 + 2 * n)) end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if ARGV[3] == '' then return false end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return id
-"""
-
-# KEYS[1] claim key; ARGV[1] this worker id. Only the owner's own claim is released (docs/ARCHITECTURE.md, process life cycle).
 _RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -246,8 +205,8 @@ return 1
 @dataclass(frozen=True)
 class Delivery:
     """One job taken from a queue; it sits in ``processing_key`` until acked, requeued or
-    dead-lettered. ``attempt`` is 1 for the first run, 2 after one redelivery, ... (0 while not
-    counted yet: see :meth:`Queue.take`)."""
+    dead-lettered. ``attempt`` is 0 when taken; :meth:`Queue.begin` gives the number its run will
+    get (1 for the first, 2 after one started run, ...) and :meth:`Queue.count_start` counts it."""
 
     raw: bytes
     queue: str
@@ -271,7 +230,7 @@ class Begin:
     finished: str | None
     owner: str | None
     cancelled: bool
-    attempt: int = 0  # the delivery's attempt number once counted (0: not counted)
+    attempt: int = 0  # the number the delivery's run gets once counted (0: a duplicate, not claimed)
 
     @property
     def ours(self) -> bool:
@@ -321,12 +280,11 @@ def _safe_location(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path or ''}"
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+class Queue(JobState):
+    """The bridge's Redis client. Create one per process; ``await close()`` when done.
 
-
-class Queue:
-    """The bridge's Redis client. Create one per process; ``await close()`` when done."""
+    The job queue is here; what the bridge keeps about each job (state, events, cancel requests)
+    is :class:`bridge.job_state.JobState`'s, on the same connections."""
 
     def __init__(
         self,
@@ -419,20 +377,15 @@ class Queue:
     def __repr__(self) -> str:
         return f"Queue({self.location}, worker_id={self.worker_id!r})"
 
-    @property
-    def redis_down(self) -> bool:
-        """True while an outage is in progress (as seen by this queue's last calls)."""
-        return self._link.down_since is not None
-
     # --- taking and settling jobs ---------------------------------------------------------
 
-    async def take(self, queue: str, timeout: float = 0, *, count: bool = True) -> Delivery | None:
+    async def take(self, queue: str, timeout: float = 0) -> Delivery | None:
         """Wait up to ``timeout`` seconds (0: forever) for the next job of ``queue`` and move it to
         this worker's processing list; ``None`` on timeout. Wakes as soon as a job is pushed. While
         Redis is away it keeps retrying (the job stays in Redis) until ``timeout`` runs out.
 
-        The delivery counts as an attempt; with ``count=False`` not yet (``attempt`` is 0): the
-        worker counts it in :meth:`begin`, saving a round trip per job."""
+        Taking costs no attempt (``attempt`` is 0): only a run that starts does
+        (:meth:`count_start`)."""
         deadline = time.monotonic() + timeout if timeout > 0 else None
         processing = processing_key(self.worker_id, queue)
         source = "LEFT" if self.pop_side == "left" else "RIGHT"
@@ -469,20 +422,8 @@ class Queue:
                 if raw is not None:
                     break
             self._held[queue][raw] += 1
-        job_id = peek_id(raw)
         token = uuid.uuid4().hex
-        key = attempts_key(raw, job_id)
-        attempt = 0
-        try:
-            if count:
-                attempt = await self._retrying(
-                    lambda: self._scripts["count_attempt"](keys=[key], args=[token, int(self.finished_ttl_s)])
-                )
-        except BaseException:
-            self._release(queue, raw)
-            self._clean.discard(queue)  # recovered by the next take
-            raise
-        delivery = Delivery(raw=raw, queue=queue, attempt=int(attempt), job_id=job_id, token=token, processing_key=processing)
+        delivery = Delivery(raw=raw, queue=queue, attempt=0, job_id=peek_id(raw), token=token, processing_key=processing)
         self._open[token] = delivery
         return delivery
 
@@ -617,18 +558,16 @@ class Queue:
         return int(await self._retrying(lambda: self._scripts["count_attempt"](
             keys=[delivery.attempts_key], args=[delivery.token, int(self.finished_ttl_s)])))
 
-    async def begin(self, job_id: str, delivery: Delivery | None = None, *, count: bool = True) -> Begin:
+    async def begin(self, job_id: str, delivery: Delivery | None = None) -> Begin:
         """Everything to check before running ``job_id``, in one round trip: whether it already
         finished (then it is not claimed), else claim it for this worker unless another live
         worker holds it (given the ``delivery``, only while that worker holds the same payload in a
-        processing list), count the ``delivery`` as an attempt, and whether a cancel was requested.
-        (A delivery taken with ``count=False`` gets its attempt number here; with ``count=False``
-        here too, it is counted by :meth:`count_start` and ``attempt`` is the number it will get.)"""
-        raw, token = (delivery.raw, delivery.token if count else "") if delivery is not None else (b"", "")
+        processing list), whether a cancel was requested, and the attempt number the run will get
+        once it starts (:meth:`count_start` counts it)."""
+        raw = delivery.raw if delivery is not None else b""
         keys = [finished_key(job_id), claim_key(job_id), cancel_key(job_id), attempts_key(raw, job_id)]
         finished, owner, cancelled, attempt = await self._retrying(
-            lambda: self._scripts["begin"](keys=keys, args=[self.worker_id, int(self.state_ttl_s), raw, token,
-                                                            int(self.finished_ttl_s)])
+            lambda: self._scripts["begin"](keys=keys, args=[self.worker_id, int(self.state_ttl_s), raw])
         )
         return Begin(finished=_text(finished) if finished else None, owner=_text(owner) if owner else None,
                      cancelled=bool(cancelled), attempt=int(attempt or 0))
@@ -636,11 +575,6 @@ class Queue:
     async def release_claim(self, job_id: str) -> None:
         """Release this worker's claim on ``job_id`` (another worker's claim is left alone)."""
         await self._retrying(lambda: self._scripts["release_claim"](keys=[claim_key(job_id)], args=[self.worker_id]))
-
-    async def finished_status(self, job_id: str) -> str | None:
-        """The terminal status recorded by :meth:`mark_finished`, or None."""
-        value = await self._retrying(lambda: self._client.get(finished_key(job_id)))
-        return None if value is None else _text(value)
 
     # --- heartbeats and the reaper -----------------------------------------------------------
 
@@ -673,94 +607,6 @@ class Queue:
                     log.error("reaping failed: %s", exc)
             await asyncio.sleep(interval)
 
-    # --- job state, events, cancellation ----------------------------------------------------
-
-    async def set_state(self, job_id: str, *, event: bool = True, **fields: Any) -> str | None:
-        """Update hash ``job:{id}`` (status, progress, assets, error, type, user_id, ... as JSON;
-        ``updated_at`` is set; a ``None`` value deletes its field) and, with ``event``, append the
-        same fields to ``job_events:{id}``. Returns the event id."""
-        fields.setdefault("updated_at", time.time())
-        present = {name: json.dumps(value) for name, value in fields.items() if value is not None}
-        absent = [name for name, value in fields.items() if value is None]
-        keys = [state_key(job_id), events_key(job_id)]
-        args: list[Any] = [int(self.state_ttl_s), self.events_maxlen, json.dumps(fields) if event else "", len(present)]
-        for name, value in present.items():
-            args += [name, value]
-        args += absent
-        event_id = await self._retrying(lambda: self._scripts["set_state"](keys=keys, args=args))
-        return _text(event_id) if event else None
-
-    async def get_state(self, job_id: str) -> dict[str, Any] | None:
-        """The fields set by :meth:`set_state`, decoded; None for an unknown (or expired) job."""
-        raw = await self._retrying(lambda: self._client.hgetall(state_key(job_id)))
-        if not raw:
-            return None
-        state = {}
-        for name, value in raw.items():
-            try:
-                state[_text(name)] = json.loads(value)
-            except ValueError:
-                state[_text(name)] = _text(value)
-        return state
-
-    async def add_event(self, job_id: str, event: dict[str, Any]) -> str:
-        """Append one event to ``job_events:{id}`` (capped at ``events_maxlen``); returns its id."""
-        stream = events_key(job_id)
-
-        async def write() -> Any:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.xadd(stream, {"data": json.dumps(event)}, maxlen=self.events_maxlen, approximate=True)
-                pipe.expire(stream, int(self.state_ttl_s))
-                return (await pipe.execute())[0]
-
-        return _text(await self._retrying(write))
-
-    async def events(
-        self, job_id: str, last_id: str = "0", block_ms: int | None = None, count: int = 100
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """Events after ``last_id`` (``"0"``: from the start; ``"$"``: only new ones), waiting up
-        to ``block_ms`` for one when there are none yet. For SSE: pass the last id you got."""
-        stream = events_key(job_id)
-        if block_ms is None:
-            reply = await self._retrying(lambda: self._client.xread({stream: last_id}, count=count))
-        else:
-            block = max(1, min(int(block_ms), int(BLOCK_CHUNK_S * 1000)))
-            reply = await self._retrying(lambda: self._events.xread({stream: last_id}, count=count, block=block))
-        out = []
-        for _name, entries in reply or []:
-            for entry_id, data in entries:
-                out.append((_text(entry_id), json.loads(data[b"data"])))
-        return out
-
-    async def request_cancel(self, job_id: str) -> int:
-        """Ask for ``job_id`` to be cancelled: set ``cancel:{id}`` (for later checks) and publish it
-        on ``job_cancel`` (for running jobs). Returns how many listeners got the message."""
-
-        async def send() -> list[Any]:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(cancel_key(job_id), "1", ex=int(self.cancel_ttl_s))
-                pipe.publish(CANCEL_CHANNEL, job_id)
-                return await pipe.execute()
-
-        return int((await self._retrying(send))[1])
-
-    async def cancel_requested(self, job_id: str) -> bool:
-        """Whether a cancel was requested for ``job_id`` (within ``cancel_ttl_s``)."""
-        return bool(await self._retrying(lambda: self._client.exists(cancel_key(job_id))))
-
-    def watch_cancels(self) -> "CancelWatch":
-        """``async with queue.watch_cancels() as watch: async for job_id in watch: ...`` — the
-        subscription is live once the ``async with`` is entered."""
-        return CancelWatch(self)
-
-    async def listen_cancels(self, on_cancel: Callable[[str], Awaitable[None] | None]) -> None:
-        """Call ``on_cancel(job_id)`` for every cancel request, forever (run it as a task)."""
-        async with self.watch_cancels() as watch:
-            async for job_id in watch:
-                result = on_cancel(job_id)
-                if inspect.isawaitable(result):
-                    await result
-
     # --- producers and the scheduler --------------------------------------------------------
 
     async def push(self, queue: str, payload: bytes | str | dict[str, Any]) -> int:
@@ -779,11 +625,6 @@ class Queue:
                 return await pipe.execute()
 
         return dict(zip(names, map(int, await self._retrying(count))))
-
-    async def peek_oldest(self, queue: str) -> bytes | None:
-        """The job that :meth:`take` would serve next, without taking it."""
-        index = 0 if self.pop_side == "left" else -1
-        return await self._retrying(lambda: self._client.lindex(queue, index))
 
     async def peek_waiting(self, queue: str, count: int) -> list[bytes]:
         """Up to ``count`` jobs of ``queue`` in the order :meth:`take` serves them (the operator's page)."""
@@ -887,57 +728,3 @@ class Queue:
                 continue
             self._link.up()
             return result
-
-
-class CancelWatch:
-    """A live subscription to cancel requests; iterate it for job ids. After an outage it
-    resubscribes and replays every cancel still on record (messages sent meanwhile are lost)."""
-
-    def __init__(self, queue: Queue) -> None:
-        self._queue = queue
-        self._pubsub: Any = None
-        self._pending: deque[str] = deque()
-
-    async def __aenter__(self) -> "CancelWatch":
-        await self._queue._retrying(self._subscribe)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._drop()
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        while True:
-            if self._pending:
-                return self._pending.popleft()
-            try:
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            except _RETRYABLE as exc:
-                if isinstance(exc, _FATAL):
-                    raise
-                self._queue._link.down(exc, 1)
-                await self._drop()
-                await self._queue._retrying(self._resubscribe)
-                continue
-            if message and message.get("type") == "message":
-                return _text(message["data"])
-
-    async def _subscribe(self) -> None:
-        await self._drop()
-        self._pubsub = self._queue._blocking.pubsub()
-        await self._pubsub.subscribe(CANCEL_CHANNEL)
-
-    async def _resubscribe(self) -> None:
-        await self._subscribe()
-        async for key in self._queue._client.scan_iter(match="cancel:*", count=500):
-            self._pending.append(_text(key).removeprefix("cancel:"))
-
-    async def _drop(self) -> None:
-        if self._pubsub is not None:
-            pubsub, self._pubsub = self._pubsub, None
-            try:
-                await pubsub.aclose()
-            except (rex.RedisError, OSError):
-                pass

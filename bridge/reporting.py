@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import httpx
 from pydantic import SecretStr
@@ -37,6 +37,9 @@ from pydantic import SecretStr
 from bridge.settings import Settings
 from bridge.spool import SpoolEntry, check_id, read_spooled
 from bridge.supabase_io import StorageFailed, SupabaseIO
+
+if TYPE_CHECKING:
+    from bridge.queue import Queue
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +463,49 @@ def make_reporter(settings: Settings, record: RecordStatus, **options: Any) -> S
     if settings.local_mode:
         return LocalReporter(settings.output_dir, record)
     return SupabaseReporter.from_settings(settings, **options)
+
+
+# --- state recording (the API's /jobs views, local mode's status record) ---------------------
+
+
+async def record_state(queue: Queue, job_id: str, status: str, assets: Any = None,
+                       error_message: str | None = None, metadata: dict | None = None) -> None:
+    """Keep a job's state in Redis: local mode's status record, and the API's /jobs view."""
+    fields: dict[str, Any] = {"status": status}
+    if assets:
+        fields["assets"] = assets
+    if error_message:
+        fields["error"] = error_message
+    if metadata:
+        fields["metadata"] = metadata
+        if "progress" in metadata:
+            fields["progress"] = metadata["progress"]
+    if status == "completed":
+        fields["progress"] = 100
+    await queue.set_state(job_id, **fields)
+
+
+class RecordingReporter:
+    """A Supabase reporter that also keeps each status in Redis (for the API's /jobs views).
+
+    (The local reporter records through ``record_state`` itself.)
+    """
+
+    def __init__(self, inner: Reporter, queue: Queue) -> None:
+        self.inner = inner
+        self.queue = queue
+
+    async def upload_assets(self, entry: SpoolEntry, **kwargs: Any) -> list[dict[str, Any]]:
+        return await self.inner.upload_assets(entry, **kwargs)
+
+    async def send_callback(self, job_id: str, status: str, assets: Any = None, error_message: str | None = None,
+                            metadata: dict | None = None, **kwargs: Any) -> dict[str, Any]:
+        answer = await self.inner.send_callback(job_id, status, assets, error_message, metadata, **kwargs)
+        await record_state(self.queue, job_id, status, assets, error_message, metadata)
+        return answer
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 # --- progress -----------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ until the repository index says the model is gone: Triton's unload returns befor
 free. Only then is anything loaded. A model is never reloaded in place; a failed load is unloaded
 again, reported, and refused for ``load_retry_backoff_s`` instead of being retried forever.
 
-The control of the server is a small protocol (:class:`ModelControl`); :class:`TritonModelControl`
-is the real one over ``tritonclient.grpc.aio``. Time comes from an injectable clock and sleep,
-so the whole manager also runs under a simulated clock (``bench/schedule.py``).
+The control of the server is a small protocol (:class:`ModelControl`); the real one,
+:class:`bridge.triton_client.TritonModelControl`, is with the rest of the Triton client. Time
+comes from an injectable clock and sleep, so the whole manager also runs under a simulated clock
+(``bench/schedule.py``).
 
 GPU memory is measured with NVML when ``pynvml`` and a GPU are present; without them the table's
 estimates are all there is.
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from bridge.gpu_memory import GpuMemory, GpuMemoryInfo, NvmlMemory
-from bridge.launcher import GRPC_API_KEY_HEADER
 from bridge.model_table import (
     POLICY_RANK,
     ModelTable,
@@ -42,6 +42,7 @@ from bridge.residency_report import (
     metrics_observer,
 )
 from bridge.scheduler import Eviction, ModelView, occupied_gb, plan_residency
+from bridge.triton_client import TritonModelControl
 
 log = logging.getLogger(__name__)
 
@@ -70,42 +71,6 @@ class ModelControl(Protocol):
     async def index(self) -> dict[str, str]:
         """Model name → state (``READY``, ``LOADING``, ``UNLOADING``, ``UNAVAILABLE``)."""
         ...
-
-
-class TritonModelControl:
-    """:class:`ModelControl` over Triton's gRPC repository API (``tritonclient.grpc.aio``)."""
-
-    def __init__(self, url: str, api_key: Any = None, client: Any = None) -> None:
-        if client is None:
-            import tritonclient.grpc.aio as grpcaio
-
-            client = grpcaio.InferenceServerClient(url)
-        self._client = client
-        key = api_key.get_secret_value() if hasattr(api_key, "get_secret_value") else api_key
-        self._headers = {GRPC_API_KEY_HEADER: key} if key else None
-
-    async def load(self, name: str, timeout_s: float | None = None) -> None:
-        """Load ``name``; returns when the model is ready (or raises the server's error)."""
-        await self._client.load_model(name, headers=self._headers, client_timeout=timeout_s)
-
-    async def unload(self, name: str) -> None:
-        """Ask for ``name`` to be unloaded; returns before its memory is free."""
-        await self._client.unload_model(name, headers=self._headers)
-
-    async def index(self) -> dict[str, str]:
-        """State per model; a model with several versions reports its most alive one."""
-        reply = await self._client.get_model_repository_index(headers=self._headers, as_json=True)
-        order = {"READY": 3, "LOADING": 2, "UNLOADING": 1}
-        states: dict[str, str] = {}
-        for entry in reply.get("models", []):
-            state = (entry.get("state") or "UNAVAILABLE").upper()
-            name = entry["name"]
-            if order.get(state, 0) >= order.get(states.get(name, ""), 0):
-                states[name] = state
-        return states
-
-    async def close(self) -> None:
-        await self._client.close()
 
 
 @dataclass
@@ -694,7 +659,6 @@ __all__ = [
     "ResidencyEvent",
     "ResidencyManager",
     "ResidencyReport",
-    "TritonModelControl",
     "looks_like_oom",
     "metrics_observer",
 ]

@@ -29,14 +29,14 @@ from bridge.memory_ops import MemoryOps
 from bridge.prompt_data import get_data
 from bridge.queue import Queue
 from bridge.redis_server import RedisServer
-from bridge.reporting import make_reporter, supabase_io_of
-from bridge.residency import ResidencyManager, TritonModelControl, metrics_observer
+from bridge.reporting import RecordingReporter, make_reporter, record_state, supabase_io_of
+from bridge.residency import ResidencyManager, metrics_observer
 from bridge.settings import Settings
 from bridge.spool import Spool
 from bridge.stub_watch import StubWatch
 from bridge.textgen import Enhancer, TextService
-from bridge.triton_client import TritonClient
-from bridge.worker import RecordingReporter, Worker, record_state
+from bridge.triton_client import TritonClient, TritonModelControl
+from bridge.worker import Worker
 
 log = logging.getLogger(__name__)
 

@@ -188,3 +188,35 @@ class TritonClient:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(request, watch, return_exceptions=True)
+
+
+class TritonModelControl:
+    """:class:`bridge.residency.ModelControl` over Triton's gRPC repository API (``tritonclient.grpc.aio``)."""
+
+    def __init__(self, url: str, api_key: Any = None, client: Any = None) -> None:
+        self._client = client if client is not None else grpcaio.InferenceServerClient(url)
+        key = api_key.get_secret_value() if hasattr(api_key, "get_secret_value") else api_key
+        self._headers = {GRPC_API_KEY_HEADER: key} if key else None
+
+    async def load(self, name: str, timeout_s: float | None = None) -> None:
+        """Load ``name``; returns when the model is ready (or raises the server's error)."""
+        await self._client.load_model(name, headers=self._headers, client_timeout=timeout_s)
+
+    async def unload(self, name: str) -> None:
+        """Ask for ``name`` to be unloaded; returns before its memory is free."""
+        await self._client.unload_model(name, headers=self._headers)
+
+    async def index(self) -> dict[str, str]:
+        """State per model; a model with several versions reports its most alive one."""
+        reply = await self._client.get_model_repository_index(headers=self._headers, as_json=True)
+        order = {"READY": 3, "LOADING": 2, "UNLOADING": 1}
+        states: dict[str, str] = {}
+        for entry in reply.get("models", []):
+            state = (entry.get("state") or "UNAVAILABLE").upper()
+            name = entry["name"]
+            if order.get(state, 0) >= order.get(states.get(name, ""), 0):
+                states[name] = state
+        return states
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -62,8 +62,8 @@ def redis_server(tmp_path: Path):
 
 @pytest.fixture()
 def supabase():
-    """A fresh Supabase stand-in (tests/supabase_stub.py); the test must leave no contract violation."""
-    from tests.supabase_stub import SupabaseStub
+    """A fresh Supabase stand-in (harness/supabase_stub.py); the test must leave no contract violation."""
+    from harness.supabase_stub import SupabaseStub
 
     with SupabaseStub() as stub:
         yield stub

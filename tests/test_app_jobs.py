@@ -21,7 +21,7 @@ from bridge.runtime import Runtime
 from tests.job_outputs import decode_mp4
 from tests.app_payloads import USER_ID, app_request, queue_element, queue_json
 from tests.bridge_stack import TERMINAL, stack_settings, wait_state
-from tests.supabase_stub import SupabaseStub
+from harness.supabase_stub import SupabaseStub
 
 pytestmark = pytest.mark.timeout(600)
 

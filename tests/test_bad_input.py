@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from bridge.jobs import JOB_TYPES, MAX_SEED
 from bridge.redis_server import RedisServer
 from tests.bridge_stack import sdxl_job, wan_job
-from tests.processes import BridgeProcess, Outcomes, bridge_env, queue_of, wait_until
-from tests.supabase_stub import SupabaseStub
+from harness.processes import BridgeProcess, Outcomes, bridge_env, queue_of, wait_until
+from harness.supabase_stub import SupabaseStub
 
 pytestmark = pytest.mark.timeout(600)
 

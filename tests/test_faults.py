@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from tests.bridge_stack import sdxl_job, wan_job
-from tests.processes import (
+from harness.processes import (
     BridgeProcess,
     Outcomes,
     bridge_env,
@@ -34,7 +34,7 @@ from tests.processes import (
     wait_terminals,
     wait_until,
 )
-from tests.supabase_stub import SupabaseStub
+from harness.supabase_stub import SupabaseStub
 
 pytestmark = pytest.mark.timeout(420)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -12,8 +13,8 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from bridge.job_state import CANCEL_CHANNEL
 from bridge.queue import (
-    CANCEL_CHANNEL,
     DEAD_LETTER_KEY,
     WORKERS_KEY,
     Queue,
@@ -86,7 +87,7 @@ async def test_rpush_producer_is_served_oldest_first(queue: Queue, raw: aioredis
     taken = [await queue.take(Q, timeout=1) for _ in payloads]
     assert [d.raw.decode() for d in taken] == payloads
     assert [d.job_id for d in taken] == [f"j{i}" for i in range(5)]
-    assert all(d.attempt == 1 and d.queue == Q for d in taken)
+    assert all(d.attempt == 0 and d.queue == Q for d in taken)  # taking costs no attempt: a start does
     # Until acknowledged they sit in this worker's processing list, nowhere else.
     assert await raw.llen(Q) == 0
     assert await raw.lrange(processing_key("w1", Q), 0, -1) == [p.encode() for p in payloads]
@@ -101,7 +102,7 @@ async def test_pop_side_right_serves_an_lpush_producer_oldest_first(redis_server
         for i in range(3):
             await raw.lpush(Q, job(f"j{i}"))
         assert [(await q.take(Q, 1)).job_id for _ in range(3)] == ["j0", "j1", "j2"]
-        assert await q.peek_oldest(Q) is None
+        assert await raw.llen(Q) == 0
     finally:
         await q.close()
 
@@ -160,31 +161,34 @@ async def test_requeue_puts_the_job_at_the_front_and_counts_an_attempt(queue: Qu
     for name in ("a", "b", "c"):
         await queue.push(Q, job(name))
     first = await queue.take(Q, 1)
+    assert await queue.count_start(first) == 1
     assert await queue.requeue(first) is True
     assert await raw.llen(processing_key("w1", Q)) == 0
     assert [json.loads(x)["id"] for x in await raw.lrange(Q, 0, -1)] == ["a", "b", "c"]
     again = await queue.take(Q, 1)
-    assert (again.job_id, again.attempt) == ("a", 2)
+    assert again.job_id == "a" and await queue.count_start(again) == 2
 
 
 async def test_requeue_without_counting_takes_the_attempt_back(queue: Queue) -> None:
     await queue.push(Q, job("a"))
     d1 = await queue.take(Q, 1)
+    assert await queue.count_start(d1) == 1
     assert await queue.requeue(d1, count_attempt=False)  # SIGTERM: not the job's fault
     d2 = await queue.take(Q, 1)
-    assert d2.attempt == 1
+    assert await queue.count_start(d2) == 1
     assert await queue.requeue(d2, count_attempt=True)
     d3 = await queue.take(Q, 1)
-    assert d3.attempt == 2
+    assert await queue.count_start(d3) == 2
 
 
 async def test_attempts_are_counted_for_payloads_without_an_id(queue: Queue, raw: aioredis.Redis) -> None:
     await queue.push(Q, b"not json at all")
     d1 = await queue.take(Q, 1)
     assert d1.job_id is None and d1.attempts_key.startswith("attempts:sha256:")
+    await queue.count_start(d1)
     await queue.requeue(d1)
     d2 = await queue.take(Q, 1)
-    assert d2.attempt == 2 and d2.raw == b"not json at all"
+    assert await queue.count_start(d2) == 2 and d2.raw == b"not json at all"
 
 
 async def test_past_max_attempts(redis_server: RedisServer) -> None:
@@ -194,7 +198,9 @@ async def test_past_max_attempts(redis_server: RedisServer) -> None:
         seen = []
         for _ in range(3):
             d = await q.take(Q, 1)
+            d = dataclasses.replace(d, attempt=(await q.begin("a", d)).attempt)  # as the worker does
             seen.append(q.past_max_attempts(d))
+            await q.count_start(d)
             await q.requeue(d)
         assert seen == [False, False, True]
     finally:
@@ -204,7 +210,7 @@ async def test_past_max_attempts(redis_server: RedisServer) -> None:
 async def test_ack_clears_attempts_and_is_idempotent(queue: Queue, raw: aioredis.Redis) -> None:
     await queue.push(Q, job("a"))
     d = await queue.take(Q, 1)
-    assert await raw.exists(attempts_key(d.raw))
+    assert await queue.count_start(d) == 1 and await raw.exists(attempts_key(d.raw))
     assert await queue.ack(d) is True
     assert await queue.ack(d) is False  # already gone: nothing else removed
     assert not await raw.exists(attempts_key(d.raw))
@@ -256,7 +262,9 @@ async def test_reaper_returns_a_dead_workers_jobs_to_the_front(redis_server: Red
     try:
         for name in ("a", "b", "c", "d", "e"):
             await raw.rpush(Q, job(name))
-        held = [await dead.take(Q, 1) for _ in range(2)]  # a, b: the dead worker crashes holding them
+        held = [await dead.take(Q, 1) for _ in range(2)]  # a, b: the dead worker crashes running them
+        for delivery in held:
+            await dead.count_start(delivery)
         kept = await live.take(Q, 1)  # c: a live worker holds it
         assert [d.job_id for d in held] == ["a", "b"] and kept.job_id == "c"
         assert await reaper.reap() == 0  # everyone is alive
@@ -269,7 +277,7 @@ async def test_reaper_returns_a_dead_workers_jobs_to_the_front(redis_server: Red
         members = {m.decode() for m in await raw.smembers(WORKERS_KEY)}
         assert "dead" not in members and "live" in members
         redelivered = await reaper.take(Q, 1)
-        assert (redelivered.job_id, redelivered.attempt) == ("a", 2)  # a crash counts
+        assert redelivered.job_id == "a" and await reaper.count_start(redelivered) == 2  # a crash counts
         assert await reaper.reap() == 0
     finally:
         for q in (dead, live, reaper):
@@ -313,12 +321,13 @@ async def test_restarted_worker_takes_back_its_own_orphans(redis_server: RedisSe
     first = make_queue(redis_server, worker_id="pod-1")
     await first.push(Q, job("a"))
     await first.push(Q, job("b"))
-    assert (await first.take(Q, 1)).job_id == "a"
+    taken = await first.take(Q, 1)
+    assert taken.job_id == "a" and await first.count_start(taken) == 1
     await first.close()  # crash: "a" stays in processing:pod-1:sdxl_queue
     second = make_queue(redis_server, worker_id="pod-1")  # same id after a restart
     try:
         d = await second.take(Q, 1)
-        assert (d.job_id, d.attempt) == ("a", 2)
+        assert d.job_id == "a" and await second.count_start(d) == 2
         assert await raw.lrange(processing_key("pod-1", Q), 0, -1) == [d.raw]
     finally:
         await second.close()
@@ -328,6 +337,7 @@ async def test_release_all_returns_everything_held_uncounted(queue: Queue, raw: 
     for name in ("a", "b", "c", "d", "e"):
         await queue.push(Q, job(name))
     a, b, c = [await queue.take(Q, 1) for _ in range(3)]
+    assert await queue.count_start(a) == 1
     await queue.ack(b)
     # An orphan: in our processing list but held by no delivery (a BLMOVE whose reply was lost).
     await raw.lmove(Q, processing_key("w1", Q), "LEFT", "RIGHT")
@@ -336,7 +346,7 @@ async def test_release_all_returns_everything_held_uncounted(queue: Queue, raw: 
     assert await raw.llen(processing_key("w1", Q)) == 0
     assert not await raw.exists(heartbeat_key("w1")) and not await raw.sismember(WORKERS_KEY, "w1")
     again = await queue.take(Q, 1)
-    assert (again.job_id, again.attempt) == ("a", 1)  # a shutdown is not the job's fault
+    assert again.job_id == "a" and await queue.count_start(again) == 1  # a shutdown is not the job's fault
     assert await queue.ack(a) is False  # the released delivery is void
 
 
@@ -356,9 +366,10 @@ async def test_cancelled_take_loses_nothing(queue: Queue, raw: aioredis.Redis) -
 
 
 async def test_finished_marks(queue: Queue, raw: aioredis.Redis) -> None:
-    assert await queue.finished_status("j1") is None
+    assert await raw.get("finished:j1") is None
     await queue.mark_finished("j1", "completed")
-    assert await queue.finished_status("j1") == "completed"
+    assert await raw.get("finished:j1") == b"completed"
+    assert (await queue.begin("j1")).finished == "completed"  # what a duplicate delivery finds
     assert await raw.ttl("finished:j1") > 86_400
 
 
@@ -368,12 +379,11 @@ async def test_begin_checks_finished_claim_and_cancel_in_one_step(redis_server: 
         await one.heartbeat()
         await two.heartbeat()
         await raw.rpush("sdxl_queue", job("j1"), job("j1", other=True))
-        held = await one.take("sdxl_queue", count=False)
+        held = await one.take("sdxl_queue")
         assert held.attempt == 0
         first = await one.begin("j1", held)
         assert (first.finished, first.owner, first.cancelled, first.attempt) == (None, None, False, 1)
         assert await raw.get("job_claim:j1") == b"w1"
-        assert (await one.begin("j1", held)).attempt == 1  # the same delivery counts once
         duplicate = await two.begin("j1", held)
         assert duplicate.owner == "w1" and duplicate.finished is None  # w1 holds it: w2 must not run it
         assert duplicate.attempt == 0  # a duplicate is not counted
@@ -399,18 +409,18 @@ async def test_an_attempt_is_counted_at_the_start_not_when_taken_or_reaped(redis
     try:
         await raw.rpush("sdxl_queue", job("j1"))
         await dead.heartbeat()
-        taken = await dead.take("sdxl_queue", count=False)
-        assert (await dead.begin("j1", taken, count=False)).attempt == 1  # the number its start will get
+        taken = await dead.take("sdxl_queue")
+        assert (await dead.begin("j1", taken)).attempt == 1  # the number its start will get
         assert await raw.scard("attempts:j1") == 0
         await asyncio.sleep(0.5)  # killed before the start: its heartbeat expires
         assert await live.reap() == 1
-        again = await live.take("sdxl_queue", count=False)
-        assert (await live.begin("j1", again, count=False)).attempt == 1  # the reaped delivery cost nothing
+        again = await live.take("sdxl_queue")
+        assert (await live.begin("j1", again)).attempt == 1  # the reaped delivery cost nothing
         assert await live.count_start(again) == 1
         assert await live.count_start(again) == 1  # once per delivery
         assert await live.requeue(again)  # a failed run: it stays counted
-        third = await live.take("sdxl_queue", count=False)
-        assert (await live.begin("j1", third, count=False)).attempt == 2
+        third = await live.take("sdxl_queue")
+        assert (await live.begin("j1", third)).attempt == 2
     finally:
         await dead.close()
         await live.close()
@@ -422,7 +432,7 @@ async def test_settle_marks_acks_and_releases_in_one_step(queue: Queue, raw: aio
     assert (await queue.begin("j1", delivery)).owner is None
     assert await queue.settle(delivery, "completed") is True
     assert await where(raw, delivery.raw) == {"queue": 0, "processing": 0, "dead": 0}
-    assert await queue.finished_status("j1") == "completed"
+    assert await raw.get("finished:j1") == b"completed"
     assert await raw.exists("job_claim:j1", delivery.attempts_key) == 0
     assert await queue.settle(delivery, "completed") is False  # settled once only
     # Another worker's claim is left alone.
@@ -430,7 +440,7 @@ async def test_settle_marks_acks_and_releases_in_one_step(queue: Queue, raw: aio
     other = await queue.take("sdxl_queue")
     await raw.set("job_claim:j2", "w9")
     assert await queue.settle(other, "failed") is True
-    assert await raw.get("job_claim:j2") == b"w9" and await queue.finished_status("j2") == "failed"
+    assert await raw.get("job_claim:j2") == b"w9" and await raw.get("finished:j2") == b"failed"
 
 
 async def test_state_round_trip(queue: Queue, raw: aioredis.Redis) -> None:
@@ -458,9 +468,9 @@ async def test_events_follow_state_and_wake_a_blocked_reader(queue: Queue, raw: 
     reader = asyncio.create_task(queue.events("j1", last, block_ms=5000))
     await wait_blocked(raw)
     sent = time.monotonic()
-    await queue.add_event("j1", {"progress": 55})
+    await queue.set_state("j1", progress=55)
     got = await reader
-    assert [e[1] for e in got] == [{"progress": 55}] and time.monotonic() - sent < 1
+    assert [e[1]["progress"] for e in got] == [55] and time.monotonic() - sent < 1
     start = time.monotonic()
     assert await queue.events("j1", got[-1][0], block_ms=200) == []
     assert time.monotonic() - start >= 0.15
@@ -470,9 +480,9 @@ async def test_event_stream_is_capped(redis_server: RedisServer, raw: aioredis.R
     q = make_queue(redis_server, events_maxlen=10)
     try:
         for i in range(500):
-            await q.add_event("j1", {"progress": i})
+            await q.set_state("j1", progress=i)
         assert await raw.xlen("job_events:j1") < 200  # MAXLEN ~ trims in whole nodes
-        assert (await q.events("j1", count=1000))[-1][1] == {"progress": 499}
+        assert (await q.events("j1", count=1000))[-1][1]["progress"] == 499
     finally:
         await q.close()
 
@@ -480,14 +490,14 @@ async def test_event_stream_is_capped(redis_server: RedisServer, raw: aioredis.R
 async def test_cancel_reaches_a_listener_fast(queue: Queue, redis_server: RedisServer) -> None:
     api = make_queue(redis_server, worker_id="api")
     try:
-        assert not await queue.cancel_requested("j9")
+        assert not (await queue.begin("j9")).cancelled
         async with queue.watch_cancels() as watch:
             sent = time.monotonic()
             assert await api.request_cancel("j9") == 1
             job_id = await asyncio.wait_for(watch.__anext__(), 2)
             latency = time.monotonic() - sent
         assert job_id == "j9" and latency < 0.1, f"cancel took {latency * 1000:.1f} ms"
-        assert await queue.cancel_requested("j9")
+        assert (await queue.begin("j9")).cancelled  # a worker about to run it finds the flag
     finally:
         await api.close()
 
@@ -505,13 +515,13 @@ async def test_listen_cancels_calls_back(queue: Queue, raw: aioredis.Redis) -> N
 
 
 async def test_depths_and_peek(queue: Queue) -> None:
-    assert await queue.peek_oldest(Q) is None
+    assert await queue.peek_waiting(Q, 5) == []
     await queue.push(Q, {"id": "first"})
     await queue.push(Q, job("second"))
     await queue.push("wan_queue", job("w"))
     assert await queue.queue_depths() == {"sdxl_queue": 2, "wan_queue": 1, "chat_queue": 0}
     assert await queue.queue_depths(["chat_queue"]) == {"chat_queue": 0}
-    assert json.loads(await queue.peek_oldest(Q))["id"] == "first"
+    assert [json.loads(raw)["id"] for raw in await queue.peek_waiting(Q, 5)] == ["first", "second"]
     assert (await queue.take(Q, 1)).job_id == "first"  # peek did not take it
 
 
@@ -534,14 +544,15 @@ async def test_redis_restart_during_a_blocking_take(tmp_path, caplog: pytest.Log
         await raw.aclose()
         server.stop(kill=True)
         await asyncio.sleep(0.7)  # the take keeps retrying against a dead port
-        assert not waiter.done() and q.redis_down
+        assert not waiter.done()
+        assert any("unreachable" in r.getMessage() for r in caplog.records if r.name == "bridge.queue")
         await asyncio.to_thread(server.start)
         raw = aioredis.Redis.from_url(server.url)
         await wait_blocked(raw)  # the take is blocked again, no polling
         await raw.rpush(Q, job("after-restart"))
         delivery = await asyncio.wait_for(waiter, 10)
-        assert delivery.job_id == "after-restart" and delivery.attempt == 1
-        assert not q.redis_down
+        assert delivery.job_id == "after-restart"
+        assert any("reachable again" in r.getMessage() for r in caplog.records if r.name == "bridge.queue")
         assert await raw.lrange("wan_queue", 0, -1) == [job("waiting").encode()]  # nothing lost
         assert await raw.lrange(processing_key("w1", Q), 0, -1) == [delivery.raw]
     finally:

@@ -1,4 +1,4 @@
-"""bridge.registration against the recording Supabase stand-in (tests/supabase_stub.py)."""
+"""bridge.registration against the recording Supabase stand-in (harness/supabase_stub.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from bridge.launcher import free_port
 from bridge.registration import FUNCTIONS, public_worker_url, register_worker
 from bridge.settings import Settings
-from tests.supabase_stub import SupabaseStub
+from harness.supabase_stub import SupabaseStub
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""bridge.reporting against the local Supabase stand-in (tests/supabase_stub.py): uploads, thumbnails,
+"""bridge.reporting against the local Supabase stand-in (harness/supabase_stub.py): uploads, thumbnails,
 the signed callback, retries and their deadline, rejections, the progress throttle, resending from
 the spool, local mode, and that secrets never leak."""
 
@@ -32,7 +32,7 @@ from bridge.reporting import (
 from bridge.settings import Settings
 from bridge.spool import Spool
 from job_outputs import USER, VIDEO_FRAMES, VIDEO_FPS, image_outputs, new_job_id, video_outputs, webp_size
-from supabase_stub import SupabaseStub
+from harness.supabase_stub import SupabaseStub
 
 FAST = {"request_timeout_s": 0.5, "backoff_base_s": 0.02, "backoff_max_s": 0.1}
 

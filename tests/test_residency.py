@@ -27,13 +27,9 @@ from tritonclient.utils import InferenceServerException
 from bridge.gpu_memory import GpuMemoryInfo
 from bridge.launcher import TritonServer
 from bridge.model_table import ModelSpec, ModelTable
-from bridge.residency import (
-    ResidencyError,
-    ResidencyEvent,
-    ResidencyManager,
-    TritonModelControl,
-)
+from bridge.residency import ResidencyError, ResidencyEvent, ResidencyManager
 from bridge.scheduler import Scheduler, WaitingGroup
+from bridge.triton_client import TritonModelControl
 from tests.conftest import triton_settings
 
 pytestmark = pytest.mark.timeout(600)

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from tests.bridge_stack import sdxl_job, wan_job
-from tests.processes import BridgeProcess, Outcomes, bridge_env, inference_counts, queue_of, wait_terminals
-from tests.supabase_stub import SupabaseStub
+from harness.processes import BridgeProcess, Outcomes, bridge_env, inference_counts, queue_of, wait_terminals
+from harness.supabase_stub import SupabaseStub
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -37,7 +37,7 @@ from bridge.scheduler import (
     wanted_next,
 )
 from bridge.settings import SettingsError, load_settings
-from bridge.worker import Dispatcher, Waiting
+from bridge.dispatcher import Dispatcher, Waiting
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import schedule as bench

@@ -31,8 +31,8 @@ from bridge.launcher import TritonServer, find_tritonserver, free_port
 from bridge.redis_server import RedisServer
 from tests.bridge_stack import sdxl_job
 from tests.conftest import triton_settings
-from tests.processes import REPO, BridgeProcess, Outcomes, bridge_env, push, wait_terminals
-from tests.supabase_stub import SupabaseStub
+from harness.processes import REPO, BridgeProcess, Outcomes, bridge_env, push, wait_terminals
+from harness.supabase_stub import SupabaseStub
 
 pytestmark = pytest.mark.timeout(420)
 

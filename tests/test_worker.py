@@ -10,15 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from PIL import Image
 
 from bridge import metrics
 from bridge.jobs import JOB_TYPES
+from bridge.queue import finished_key
 from bridge.runtime import Runtime
 from bridge.safety import REFUSAL_REASON
 from tests.job_outputs import decode_mp4
 from tests.bridge_stack import TERMINAL, chat_job, push, sdxl_job, stack_settings, wait_state, wan_job
-from tests.supabase_stub import SupabaseStub
+from harness.supabase_stub import SupabaseStub
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,6 +49,13 @@ def assert_callback_sequence(stub: SupabaseStub, job_id: str, terminal: str) -> 
     assert statuses.count(terminal) == 1 and all(s == "processing" for s in statuses[:-1]), statuses
     progress = [c["metadata"].get("progress") for c in stub.callbacks(job_id) if c["status"] == "processing"]
     assert progress == sorted(progress), f"progress went backwards: {progress}"
+
+
+async def finished_mark(redis_server, job_id: str) -> str | None:
+    """The job's finished mark (what a duplicate delivery's claim finds), read straight from Redis."""
+    async with aioredis.Redis.from_url(redis_server.url) as raw:
+        value = await raw.get(finished_key(job_id))
+    return None if value is None else value.decode()
 
 
 def stored(stub: SupabaseStub, path: str) -> bytes:
@@ -492,14 +501,14 @@ async def test_a_shutdown_lets_a_job_that_is_reporting_its_end_finish(
     assert [c["status"] for c in supabase.callbacks(job["id"], outcome=None)] == ["failed"] * 2  # hung, retried
     assert [c["status"] for c in supabase.callbacks(job["id"])] == ["failed"]
     async with Queue(redis_server.url, worker_id="reader") as reader:
-        assert await reader.finished_status(job["id"]) == "failed"
+        assert await finished_mark(redis_server, job["id"]) == "failed"
         assert await reader.queue_depths(["sdxl_queue"]) == {"sdxl_queue": 0}
 
 
 async def test_a_job_whose_worker_died_each_time_fails_after_max_attempts(
     tiny_models_dir, triton, redis_server, supabase: SupabaseStub, tmp_path: Path
 ) -> None:
-    """Three workers take the job and die (no ack, heartbeat gone; another worker's reaper puts it
+    """Three workers start the job and die (no ack, heartbeat gone; another worker's reaper puts it
     back each time): the fourth delivery fails it with a clear message and a dead-letter entry."""
     from bridge.queue import Queue
 
@@ -512,7 +521,7 @@ async def test_a_job_whose_worker_died_each_time_fails_after_max_attempts(
             async with Queue(redis_server.url, worker_id=f"doomed-{attempt}", heartbeat_ttl_s=0.5) as doomed:
                 await doomed.heartbeat()
                 delivery = await doomed.take("sdxl_queue", timeout=5)
-                assert delivery is not None and delivery.attempt == attempt
+                assert delivery is not None and await doomed.count_start(delivery) == attempt  # started, then died
             await asyncio.sleep(0.7)  # its heartbeat expires: the worker is dead
             assert await reaper.reap() == 1
     async with Runtime(settings, api=False) as runtime:
@@ -521,7 +530,7 @@ async def test_a_job_whose_worker_died_each_time_fails_after_max_attempts(
         # end of this block lets that end finish rather than requeue a job already reported.
     async with Queue(redis_server.url, worker_id="reader") as reader:
         letters = await reader.dead_letters()
-        finished = await reader.finished_status(job["id"])
+    finished = await finished_mark(redis_server, job["id"])
     assert callback["status"] == "failed" and "gave up after 3 attempts" in callback["error_message"]
     assert callback["metadata"]["error_type"] == "attempts_exhausted"
     assert [c["status"] for c in supabase.callbacks(job["id"], outcome=None)] == ["failed"]  # never ran again
@@ -550,12 +559,33 @@ async def test_a_result_in_the_spool_is_reported_again_even_past_max_attempts(
         for attempt in range(1, 4):
             async with Queue(redis_server.url, worker_id=f"doomed-{attempt}", heartbeat_ttl_s=0.5) as doomed:
                 await doomed.heartbeat()
-                assert (await doomed.take("sdxl_queue", timeout=5)).attempt == attempt
+                delivery = await doomed.take("sdxl_queue", timeout=5)
+                assert await doomed.count_start(delivery) == attempt  # started, then died
             await asyncio.sleep(0.7)
             assert await reaper.reap() == 1
     async with Runtime(settings, api=False) as runtime:
         callback = await wait_terminal(supabase, job["id"], timeout=60)
-        assert await runtime.queue.finished_status(job["id"]) == "cancelled"
+        assert await finished_mark(redis_server, job["id"]) == "cancelled"
     assert callback["status"] == "cancelled" and callback["error_message"] == "cancelled on request", callback
     assert "terminal_status" not in callback["metadata"]
     assert Spool(settings.spool_dir).load(job["id"]) is None  # settled: the spool entry is gone
+
+
+def test_error_texts_for_the_app_keep_the_reason_and_drop_stack_paths_and_addresses() -> None:
+    """What a model or the server says goes to the app without the Python backend's stack, file
+    paths or addresses (the worker's log keeps the original); the reason itself stays."""
+    from bridge.generation import client_text
+
+    backend = ("Failed to process the request(s) for model instance 'sdxl_0_0', message: RuntimeError: CUDA error: "
+               "an illegal memory access was encountered\n\nAt:\n  /app/model_kit/diffusion.py(212): run\n"
+               "  /app/model_repository/sdxl/1/model.py(88): execute\n")
+    assert client_text(backend) == ("Failed to process the request(s) for model instance 'sdxl_0_0', message: "
+                                    "RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert client_text("Traceback (most recent call last):\n  File \"/app/x.py\", line 3, in f\nValueError: boom") \
+        == "ValueError: boom"
+    assert client_text("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.3.7:8001: refused") \
+        == "failed to connect to all addresses; last error: UNKNOWN: ipv4:<address>: refused"
+    assert client_text("failed to open /workspace/models/wan/config.json") == "failed to open <path>"
+    field = "parameters.width: must be a multiple of 8 (got 65)"  # the models' own reasons pass as they are
+    assert client_text(field) == field
+    assert len(client_text("x" * 2000)) == 500
