@@ -202,3 +202,22 @@ def test_the_stream_guard_releases_only_checked_text_and_stops_at_the_line() -> 
     assert guard.feed("more text") == "" and guard.flush() == ""
     quiet = safety.StreamGuard("a story about a harbour", step=16)
     assert quiet.feed("short") == "" and quiet.flush() == "short"  # held back until checked
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+def test_ascii_text_folds_as_the_general_path_does(text: str) -> None:
+    from bridge.safety_text import _fold_any, fold
+
+    assert fold(text) == _fold_any(text)
+
+
+def test_a_remembered_reading_answers_as_a_fresh_one() -> None:
+    matcher = safety._matcher(None)
+    text = "The girl in the story is 12 years old, a story of the sea. " * 3
+    first = matcher.signals(text)
+    assert text in matcher.recent  # the stream guard of the same request finds it here
+    assert matcher.signals(text) == first == matcher.read(text) == (True, False)
+    too_long = "a" * (safety.RECENT_CHARS + 1)
+    matcher.signals(too_long)
+    assert too_long not in matcher.recent and matcher.recent_chars <= safety.RECENT_CHARS
