@@ -6,6 +6,7 @@ Test phrases are short and non-graphic: a minor or age term beside a sexual term
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -221,3 +222,21 @@ def test_a_remembered_reading_answers_as_a_fresh_one() -> None:
     too_long = "a" * (safety.RECENT_CHARS + 1)
     matcher.signals(too_long)
     assert too_long not in matcher.recent and matcher.recent_chars <= safety.RECENT_CHARS
+
+
+_TERM_TEXTS = [t.rstrip("*") for t in (*safety.builtin.MINOR_TERMS, *safety.builtin.SEXUAL_TERMS)
+               if not safety._CJK.search(t)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([*_TERM_TEXTS, "kiid", "k1d", "a", "s", "es", " ", "-", "_"]), min_size=1, max_size=4),
+       st.integers(0, 40))
+def test_terms_grouped_by_first_letter_match_as_the_plain_alternation(words: list[str], cut: int) -> None:
+    from bridge.safety_text import fold
+
+    patterns = sorted({safety._term_pattern(t) for t in _TERM_TEXTS}, key=len, reverse=True)
+    plain = re.compile(r"(?<![^\W\d_])(?:" + "|".join(patterns) + r")(?![^\W\d_])")
+    grouped = safety._alternation(_TERM_TEXTS)
+    text = fold(" ".join(words))
+    text = text[:cut] + text[cut + 1:]  # a letter dropped somewhere: near misses too
+    assert bool(plain.search(text)) == bool(grouped.search(text))
