@@ -112,12 +112,14 @@ async def _turn(http: httpx.AsyncClient, messages: list[dict], max_tokens: int) 
     return first - started, last - first, tokens, "".join(text)
 
 
-async def _round(http: httpx.AsyncClient, streams: int, max_tokens: int) -> Round:
+async def _round(http: httpx.AsyncClient, streams: int, max_tokens: int, tag: str) -> Round:
     result = Round(streams)
 
     async def one(i: int) -> None:
         words = (20, 150, 400)[i % 3]  # mixed prompt lengths
-        messages = [{"role": "user", "content": f"Turn {i}: " + _prompt(i, words)}]
+        # Every round's and engine's prompts its own (``tag``): none is read by the safety gate before
+        # (bridge/safety.py remembers the last texts it read) nor found in the prefix cache.
+        messages = [{"role": "user", "content": f"{tag}, turn {i}: " + _prompt(i, words)}]
         try:
             ttft, span, tokens, _ = await _turn(http, messages, max_tokens)
         except Exception as exc:  # noqa: BLE001 - counted and shown, the round goes on
@@ -189,10 +191,10 @@ async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Nam
                 def call(*call_args):
                     return loop.run_in_executor(app, _in_app, runtime.api_port, KEY, *call_args)
 
-                await call("round", 2, 8)  # warm-up
+                await call("round", 2, 8, "warm-up")
                 rounds = []
                 for streams in args.streams:
-                    rounds.append(await call("round", streams, args.max_tokens))
+                    rounds.append(await call("round", streams, args.max_tokens, f"{name} {streams}"))
                     r = rounds[-1]
                     console.print(f"{name}: {streams} streams, {r.tokens} tokens in {r.seconds:.1f}s")
                 turns = await call("conversation", args.turns, name)

@@ -26,6 +26,7 @@ gate off. The reason given is clear and never names what matched.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
@@ -45,6 +46,9 @@ LEETSPEAK = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b
              "!": "i", "|": "l", "+": "t", "€": "e", "£": "l", "¡": "i", "ø": "o", "(": "c", "#": "h"}
 #: Characters that may sit between single letters to hide a word ("m.i.n.o.r", "k i d", "k-i-d").
 SEPARATORS = " .-_*~|/\\,:;'`\"+·•=^"
+#: Texts (and their characters in all) whose signals a matcher remembers (:meth:`_Matcher.signals`).
+RECENT_TEXTS = 64
+RECENT_CHARS = 2_000_000
 _REPEATS = re.compile(r"(.)\1{2,}", re.DOTALL)
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 
@@ -157,7 +161,7 @@ class StreamGuard:
 
     def _release(self) -> str:
         window = self._text[max(0, self._checked - self._overlap):]
-        minor, sexual = self._matcher.signals(window)
+        minor, sexual = self._matcher.read(window)  # each window once: nothing to remember
         self._minor, self._sexual = self._minor or minor, self._sexual or sexual
         if self._sexual and (self._minor or self._context_minor):
             self.refused = True
@@ -209,10 +213,31 @@ def _alternation(terms: Iterable[str]) -> re.Pattern[str]:
     terms = [t for t in dict.fromkeys(terms) if fold(t.rstrip("*")).strip()]
     words = sorted({_term_pattern(t) for t in terms if not _CJK.search(t)}, key=len, reverse=True)
     anywhere = sorted({re.escape(fold(t)) for t in terms if _CJK.search(t)}, key=len, reverse=True)
-    parts = [r"(?<![^\W\d_])(?:" + "|".join(words) + r")(?![^\W\d_])"]
+    parts = [r"(?<![^\W\d_])(?:" + "|".join(_by_first_letter(words)) + r")(?![^\W\d_])"]
     if anywhere:
         parts.append("|".join(anywhere))
     return re.compile("|".join(parts))
+
+
+_FIRST_LETTER = re.compile(r"([^\W\d_])(?:\+|\{(\d+),\})")
+
+
+def _by_first_letter(words: list[str]) -> list[str]:
+    """Term patterns grouped under their first letter ("k+i+d+|k+i+d+d+o+" → "k(?:k*i+d+|k*i+d+d+o+)"),
+    the same matches: ``re`` tries every branch of an alternation at every position, but skips a
+    branch that starts with another letter at once, so a few dozen branches instead of hundreds
+    made a search four times faster (the stream guard reads every delta; docs/ARCHITECTURE.md,
+    "What it measured"). Patterns not starting with a letter stay as they are."""
+    groups: dict[str, list[str]] = {}
+    others = []
+    for word in words:
+        first = _FIRST_LETTER.match(word)
+        if first is None:
+            others.append(word)
+            continue
+        more = "*" if first.group(2) is None else f"{{{int(first.group(2)) - 1},}}"
+        groups.setdefault(first.group(1), []).append(first.group(1) + more + word[first.end():])
+    return [f"{re.escape(letter)}(?:{'|'.join(group)})" for letter, group in groups.items()] + others
 
 
 def _substrings(terms: Iterable[str]) -> re.Pattern[str]:
@@ -272,6 +297,9 @@ class _Matcher:
         self.compound_vocab = self.signal_words | {fold(w) for w in builtin.COMPOUND_GLUE}
         self.longest_word = max(map(len, self.compound_vocab))
         self.split_cache: dict[str, list[str] | None] = {}
+        self.recent: dict[str, tuple[bool, bool]] = {}  # text → signals (:meth:`signals`)
+        self.recent_chars = 0
+        self.recent_lock = threading.Lock()  # read from the API's CPU threads and its event loop
 
     # ------------------------------------------------------------------ views
     def _age_regex(self) -> str:
@@ -363,6 +391,24 @@ class _Matcher:
 
     # ------------------------------------------------------------------ signals
     def signals(self, text: str) -> tuple[bool, bool]:
+        """:meth:`read`, remembered for the last texts read: a chat's messages are read by the
+        prompt gate, then again as the context of its answer's :class:`StreamGuard` (on the event
+        loop, where a 400-word prompt cost 17 ms; docs/ARCHITECTURE.md, "What it measured")."""
+        with self.recent_lock:
+            found = self.recent.get(text)
+        if found is None:
+            found = self.read(text)
+            if len(text) <= RECENT_CHARS:
+                with self.recent_lock:
+                    self.recent[text] = found
+                    self.recent_chars += len(text)
+                    while self.recent_chars > RECENT_CHARS or len(self.recent) > RECENT_TEXTS:
+                        oldest = next(iter(self.recent))  # dicts keep insertion order: the oldest first
+                        del self.recent[oldest]
+                        self.recent_chars -= len(oldest)
+        return found
+
+    def read(self, text: str) -> tuple[bool, bool]:
         """(minor signal, sexual signal) in ``text`` with the runs it hides (base64, hex) decoded,
         or both in one whole-text transform (rot13, reversed): those turn ordinary words into
         others ("un" reversed is "nu"), so a transform's signals are not mixed with the text's."""

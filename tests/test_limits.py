@@ -16,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from bridge.chat import MAX_MESSAGE_CHARS
 from bridge.limits import MAX_JSON_DEPTH
 from tests.stack import api_error, client, running, wait_for_state
 
@@ -236,13 +237,13 @@ async def test_info_answers_carry_no_file_paths(http: httpx.AsyncClient, stack, 
 
 
 def _heavy_scene(i: int) -> dict:
-    """A scene request of 20 characters with 20 aliases each (the most allowed) and 4,000
-    characters of text: about 0.1-0.5 s of CPU here (the safety gate reads it all, the rules
-    compile every alias), under the test's time limit alone, far over it two dozen times."""
-    words = " ".join(f"*Luna{i} walks toward the harbour window at dawn, smiling.*" for _ in range(80))
+    """A scene request of 20 characters with 20 aliases each and 32,000 characters of text (the
+    most allowed): about 0.1-0.5 s of CPU here (the safety gate reads it all, the rules compile
+    every alias), under the test's time limit alone, far over it two dozen times."""
+    words = " ".join(f"*Luna{i} walks toward the harbour window at dawn, smiling.*" for _ in range(600))
     characters = [{"name": f"Name{c}", "appearance": "tall, silver hair",
                    "aliases": [f"{c:02d}{a:02d}" + "y" * 36 for a in range(20)]} for c in range(20)]
-    return {"text": words[:4000], "use_model": False, "characters": characters}
+    return {"text": words[:MAX_MESSAGE_CHARS], "use_model": False, "characters": characters}
 
 
 async def test_cpu_work_past_its_time_limit_is_a_503_and_the_loop_keeps_answering(settings_for) -> None:

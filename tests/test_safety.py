@@ -5,7 +5,9 @@ Test phrases are short and non-graphic: a minor or age term beside a sexual term
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -202,3 +204,50 @@ def test_the_stream_guard_releases_only_checked_text_and_stops_at_the_line() -> 
     assert guard.feed("more text") == "" and guard.flush() == ""
     quiet = safety.StreamGuard("a story about a harbour", step=16)
     assert quiet.feed("short") == "" and quiet.flush() == "short"  # held back until checked
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+def test_ascii_text_folds_as_the_general_path_does(text: str) -> None:
+    from bridge.safety_text import _fold_any, fold
+
+    assert fold(text) == _fold_any(text)
+
+
+def test_a_remembered_reading_answers_as_a_fresh_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    matcher = safety._matcher(None)
+    text = "The girl in the story is 12 years old, a story of the sea. " * 3
+    first = matcher.signals(text)
+    assert text in matcher.recent  # the stream guard of the same request finds it here
+    assert matcher.signals(text) == first == matcher.read(text) == (True, False)
+    monkeypatch.setattr(safety, "RECENT_CHARS", 1000)  # a small bound: the oldest texts go
+    too_long = "a harbour " * 101
+    matcher.signals(too_long)
+    assert too_long not in matcher.recent
+    short = "a short text about the harbour"
+    matcher.signals(short)  # remembered, and the oldest texts make room within the bound
+    assert short in matcher.recent and matcher.recent_chars <= 1000
+    assert matcher.recent_chars == sum(map(len, matcher.recent))
+
+
+_TERM_TEXTS = [t.rstrip("*") for t in (*safety.builtin.MINOR_TERMS, *safety.builtin.SEXUAL_TERMS)
+               if not safety._CJK.search(t)]
+
+
+@functools.cache
+def _plain_and_grouped() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    patterns = sorted({safety._term_pattern(t) for t in _TERM_TEXTS}, key=len, reverse=True)
+    plain = re.compile(r"(?<![^\W\d_])(?:" + "|".join(patterns) + r")(?![^\W\d_])")
+    return plain, safety._alternation(_TERM_TEXTS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([*_TERM_TEXTS, "kiid", "k1d", "a", "s", "es", " ", "-", "_"]), min_size=1, max_size=4),
+       st.integers(0, 40))
+def test_terms_grouped_by_first_letter_match_as_the_plain_alternation(words: list[str], cut: int) -> None:
+    from bridge.safety_text import fold
+
+    plain, grouped = _plain_and_grouped()
+    text = fold(" ".join(words))
+    text = text[:cut] + text[cut + 1:]  # a letter dropped somewhere: near misses too
+    assert bool(plain.search(text)) == bool(grouped.search(text))
