@@ -400,8 +400,9 @@ class _Matcher:
             found = self.read(text)
             if len(text) <= RECENT_CHARS:
                 with self.recent_lock:
+                    if text not in self.recent:  # two threads may have read the same text at once
+                        self.recent_chars += len(text)
                     self.recent[text] = found
-                    self.recent_chars += len(text)
                     while self.recent_chars > RECENT_CHARS or len(self.recent) > RECENT_TEXTS:
                         oldest = next(iter(self.recent))  # dicts keep insertion order: the oldest first
                         del self.recent[oldest]

@@ -251,3 +251,27 @@ def test_terms_grouped_by_first_letter_match_as_the_plain_alternation(words: lis
     text = fold(" ".join(words))
     text = text[:cut] + text[cut + 1:]  # a letter dropped somewhere: near misses too
     assert bool(plain.search(text)) == bool(grouped.search(text))
+
+
+def test_a_text_read_by_two_threads_at_once_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API's CPU threads may read the same prompt at the same time: both miss, both remember
+    it; the bound on remembered characters must count it once."""
+    import threading
+
+    matcher = safety._matcher(None)
+    both_missed = threading.Barrier(2)
+    read = matcher.read
+
+    def read_together(text: str) -> tuple[bool, bool]:
+        both_missed.wait(timeout=10)
+        return read(text)
+
+    monkeypatch.setattr(matcher, "read", read_together)
+    text = f"a lantern on the pier, read twice at once {id(both_missed)}"
+    threads = [threading.Thread(target=matcher.signals, args=(text,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert text in matcher.recent
+    assert matcher.recent_chars == sum(map(len, matcher.recent))
