@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from bridge.api_common import ApiError, data_source, public_snapshot, runtime_of
 from bridge.api_types import ApiRuntime
 from bridge.jobs import Model, peek_id
+from bridge.limits import WholeNumber
 from bridge.prompt_data import DataFileError, get_data, load_data
 from bridge.residency import ResidencyError
 
@@ -133,8 +134,8 @@ class AdminRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     action: Literal["dead_letters", "requeue_dead_letter", "queue_depths", "templates_reload"]
-    limit: int = Field(20, ge=1, le=200)
-    index: int | None = None
+    limit: WholeNumber = Field(20, ge=1, le=200)
+    index: WholeNumber | None = None
     job_id: str | None = Field(None, min_length=1, max_length=128)
 
 

@@ -49,6 +49,7 @@ from bridge.chat_turns import (
     tokenizer_lock,
     tokenizer_of,
 )
+from bridge.limits import WholeNumber
 from bridge.prompt_data import PromptData
 from bridge.residency import ResidencyError
 from bridge.safety import OUTPUT_REFUSAL_REASON, StreamGuard, check_output
@@ -231,13 +232,13 @@ class ChatCompletionRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, le=8192)
-    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+    max_tokens: WholeNumber | None = Field(None, ge=1, le=8192)
+    max_completion_tokens: WholeNumber | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
+    n: WholeNumber = Field(1, ge=1, le=1, description="Only one choice is generated.")
     stop: StopSequences = None
-    seed: int | None = Field(None, ge=0)
+    seed: WholeNumber | None = Field(None, ge=0)
     sfw_mode: bool = False
 
     def chat_request(self) -> ChatRequest:
@@ -395,12 +396,12 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str] = Field(description="One prompt, not empty (a list of exactly one is accepted).")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int = Field(16, ge=1, le=8192)  # OpenAI's default
+    max_tokens: WholeNumber = Field(16, ge=1, le=8192)  # OpenAI's default
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
+    n: WholeNumber = Field(1, ge=1, le=1, description="Only one choice is generated.")
     stop: StopSequences = None
-    seed: int | None = Field(None, ge=0)
+    seed: WholeNumber | None = Field(None, ge=0)
 
     @field_validator("prompt")
     @classmethod

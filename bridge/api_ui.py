@@ -42,6 +42,7 @@ from bridge.api_common import ApiError, EventStream, probe, public_failure, runt
 from bridge.api_jobs import cancel_job, queue_job
 from bridge.api_types import ApiRuntime
 from bridge.jobs import JOB_TYPES, QUEUES, peek_id
+from bridge.limits import WholeNumber
 
 router = APIRouter(prefix="/ui")
 
@@ -370,10 +371,10 @@ class TestJob(BaseModel):
 
     type: str = Field(..., min_length=1, max_length=64)
     prompt: str = Field(..., min_length=1, max_length=2000)
-    width: int | None = Field(None, ge=16, le=2048)
-    height: int | None = Field(None, ge=16, le=2048)
-    steps: int | None = Field(None, ge=1, le=100)
-    frames: int | None = Field(None, ge=1, le=241)
+    width: WholeNumber | None = Field(None, ge=16, le=2048)
+    height: WholeNumber | None = Field(None, ge=16, le=2048)
+    steps: WholeNumber | None = Field(None, ge=1, le=100)
+    frames: WholeNumber | None = Field(None, ge=1, le=241)
 
 
 @router.post("/jobs", status_code=202)

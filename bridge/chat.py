@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bridge.limits import WholeNumber
 from bridge.prompt_data import PromptData, Template, get_data
 from bridge.safety import MINOR_RULE
 
@@ -109,7 +110,7 @@ class ChatRequest(BaseModel):
     conversation_id: str | None = None
     context_type: str | None = None
     conversation_history: list[HistoryTurn] | None = Field(None, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1, le=8192)
+    max_tokens: WholeNumber | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     model: Literal["qwen_instruct", "qwen_base"] = "qwen_instruct"

@@ -8,6 +8,9 @@ Python's ``json`` recurses once per nesting level and raises ``RecursionError`` 
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from pydantic import BeforeValidator
 
 #: Deepest JSON nesting a request or queued job may have (the deepest legitimate body, a job's
 #: ``metadata``, is a few levels).
@@ -34,3 +37,14 @@ def json_depth(body: bytes | str) -> int:
         else:
             depth -= 1
     return deepest
+
+
+def _not_a_bool(value: object) -> object:
+    if isinstance(value, bool):  # JSON true/false: pydantic's lax mode would read them as 1/0
+        raise ValueError("a whole number is expected, not true or false")
+    return value
+
+
+#: An integer field of a request: ``true``/``false`` are refused, as the OpenAPI document's
+#: ``integer`` says (docs/API.md, "Limits"); everything else is pydantic's ``int``.
+WholeNumber = Annotated[int, BeforeValidator(_not_a_bool)]
