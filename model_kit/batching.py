@@ -392,21 +392,28 @@ class BatchEngine:
         return False
 
     def _drop_cancelled(self) -> None:
+        """Sequences whose client went away leave, wherever they are. Checked at most every
+        ``CANCEL_CHECK_S``: each check is a round trip to the server, and with a long queue a
+        check of every waiting sequence on every step cost more than the step itself."""
         from model_kit.llm import FINISH_CANCELLED  # noqa: PLC0415
 
-        with self._lock:
-            for seq in [s for s in self._waiting if s.cancelled()]:
-                self._waiting.remove(seq)
-                seq.reason = FINISH_CANCELLED
-                self._finish(seq)
-        for seq in [s for s in self._prefilling if s.cancelled()]:
-            self._prefilling.remove(seq)
-            seq.reason = FINISH_CANCELLED
-            self._finish(seq)
         now = time.monotonic()
         if now - self._checked_at < CANCEL_CHECK_S:
             return
         self._checked_at = now
+        with self._lock:
+            waiting = list(self._waiting)
+        gone = [s for s in waiting if s.cancelled()]  # outside the lock: ``submit`` is not held up
+        if gone:
+            with self._lock:
+                for seq in gone:
+                    self._waiting.remove(seq)
+        gone += [s for s in self._prefilling if s.cancelled()]
+        for seq in gone:
+            if seq in self._prefilling:
+                self._prefilling.remove(seq)
+            seq.reason = FINISH_CANCELLED
+            self._finish(seq)
         rows = [i for i, s in enumerate(self._running) if s.cancelled()]
         for i in rows:
             self._running[i].reason = FINISH_CANCELLED

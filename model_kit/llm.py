@@ -318,7 +318,8 @@ class TritonPythonModel(StreamingModel):
             self.dtype = torch.bfloat16
         folder = resolve_hf_folder(weights_path(self.name, self.parameters))
         self.pipe = QwenEngine(folder, self.device, self.dtype, context=int(self.parameters.get("max_model_len") or 0))
-        self.batcher = BatchEngine(self.pipe, engine_limits(self.pipe), ChatMetrics(self.name))
+        self.metrics = ChatMetrics(self.name)
+        self.batcher = BatchEngine(self.pipe, engine_limits(self.pipe), self.metrics)
 
     def execute(self, requests: list) -> None:
         for raw in requests:
@@ -376,6 +377,9 @@ class TritonPythonModel(StreamingModel):
         if batcher is not None:
             batcher.stop()  # every request still held gets its final response
         self.batcher = None
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
         self.pipe = None
 
 

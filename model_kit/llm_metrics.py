@@ -1,10 +1,18 @@
 """The Qwen models' Triton custom metrics (``pb_utils.MetricFamily``), on Triton's metrics port
 beside its own (docs/DEPLOY.md, "Chat metrics"). Labelled by model; the engine thread reports
-through :class:`ChatMetrics` (the :class:`model_kit.batching.Observer` protocol)."""
+through :class:`ChatMetrics` (the :class:`model_kit.batching.Observer` protocol).
+
+Each metric update is a round trip to the server; the engine thread only queues it and a thread
+of its own sends them (as Triton's vLLM backend does), so a decode step never waits for one."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+log = logging.getLogger("model_kit.llm_metrics")
 
 # Seconds: a token every 10 ms .. 2 s; a first token within 20 ms .. 30 s.
 _GAP_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
@@ -26,6 +34,7 @@ class ChatMetrics:
             return fam.Metric(labels=labels, **extra)
 
         self._families: list[Any] = []
+        self._updates: queue.SimpleQueue[tuple[Callable[[float], None], float] | None] = queue.SimpleQueue()
         self._ttft = metric("qwen_time_to_first_token_seconds", "Seconds from arrival to the first new token",
                             family.HISTOGRAM, buckets=_FIRST_BUCKETS)
         self._itl = metric("qwen_inter_token_latency_seconds", "Seconds between two new tokens of one sequence",
@@ -41,25 +50,40 @@ class ChatMetrics:
         self._running = metric("qwen_sequences_running", "Sequences in the batch (prefilling or decoding)",
                                family.GAUGE)
         self._waiting = metric("qwen_sequences_waiting", "Sequences queued in front of the batch", family.GAUGE)
+        self._thread = threading.Thread(target=self._send, name="qwen-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Send what is queued, then stop (before the model's families go)."""
+        self._updates.put(None)
+        self._thread.join(timeout=10)
+
+    def _send(self) -> None:
+        while (update := self._updates.get()) is not None:
+            call, value = update
+            try:
+                call(value)
+            except Exception as exc:  # noqa: BLE001 - a lost metric update must not stop the others
+                log.warning("a metric update failed: %s", exc)
 
     def first_token(self, seconds: float) -> None:
-        self._ttft.observe(seconds)
+        self._updates.put((self._ttft.observe, seconds))
 
     def token_gap(self, seconds: float) -> None:
-        self._itl.observe(seconds)
+        self._updates.put((self._itl.observe, seconds))
 
     def finished(self, input_tokens: int, output_tokens: int, reused_tokens: int) -> None:
-        self._sequences.increment(1)
-        self._tokens_in.increment(input_tokens)
-        self._tokens_out.increment(output_tokens)
+        self._updates.put((self._sequences.increment, 1))
+        self._updates.put((self._tokens_in.increment, input_tokens))
+        self._updates.put((self._tokens_out.increment, output_tokens))
         if reused_tokens:
-            self._reused.increment(reused_tokens)
+            self._updates.put((self._reused.increment, reused_tokens))
 
     def occupancy(self, running: int, waiting: int) -> None:
-        self._running.set(running)
-        self._waiting.set(waiting)
+        self._updates.put((self._running.set, running))
+        self._updates.put((self._waiting.set, waiting))
 
     def prefix_lookup(self, hit: bool) -> None:
-        self._lookups.increment(1)
+        self._updates.put((self._lookups.increment, 1))
         if hit:
-            self._hits.increment(1)
+            self._updates.put((self._hits.increment, 1))

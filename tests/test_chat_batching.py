@@ -31,7 +31,12 @@ def url(triton) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_at_a_time(triton, tiny_models_dir, tmp_path_factory, monkeypatch_module):
+def one_at_a_time(solo_server: TritonServer) -> str:
+    return solo_server.grpc_url
+
+
+@pytest.fixture(scope="module")
+def solo_server(triton, tiny_models_dir, tmp_path_factory, monkeypatch_module):
     """A second server whose engine takes one sequence at a time, queues one more and keeps no
     prefixes (the old engine's behaviour, and the cold reference for prefix reuse), and joins a
     stream's deltas for 100 ms however few requests it holds. (After the session server, which
@@ -43,7 +48,7 @@ def one_at_a_time(triton, tiny_models_dir, tmp_path_factory, monkeypatch_module)
     server = TritonServer(triton_settings(tiny_models_dir),
                           log_path=tmp_path_factory.mktemp("triton-solo") / "tritonserver.log").start()
     load_model(server.grpc_url, "qwen_instruct")
-    yield server.grpc_url
+    yield server
     server.stop()
 
 
@@ -192,6 +197,29 @@ def test_a_full_queue_is_refused_as_unavailable(one_at_a_time: str) -> None:
     assert not queued.done.is_set()
     running.cancel()
     assert queued.finish().last("output_tokens") == 3  # the queued one is served once there is room
+
+
+def test_a_request_cancelled_in_the_queue_leaves_it(solo_server: TritonServer) -> None:
+    """A queued request whose client goes away is dropped from the queue while the running one
+    goes on (the engine checks the queue at most every 50 ms, not on every step)."""
+    url = solo_server.grpc_url
+    running = Live(url, "qwen_instruct", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 3000}})
+    running.wait_for(2)
+    queued = Live(url, "qwen_instruct", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 3}})
+    _wait_for_metric(solo_server.metrics_url, "qwen_sequences_waiting", 1)
+    queued.cancel()
+    _wait_for_metric(solo_server.metrics_url, "qwen_sequences_waiting", 0)
+    assert not running.done.is_set()
+    assert not queued.result.final
+    running.cancel()
+    _wait_for_metric(solo_server.metrics_url, "qwen_sequences_running", 0)
+
+
+def _wait_for_metric(url: str, name: str, value: float, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := _metric(url, name, "qwen_instruct")) != value:
+        assert time.monotonic() < deadline, f"{name} stayed {seen}, not {value}"
+        time.sleep(0.02)
 
 
 def test_deltas_joined_over_the_stream_interval_give_the_same_text(one_at_a_time: str) -> None:
