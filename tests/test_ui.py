@@ -103,7 +103,8 @@ async def test_a_submitted_job_runs_on_the_page_and_a_wan_job_is_cancelled_from_
     deadline = time.monotonic() + 120
     while not await page.locator(done).count():
         assert time.monotonic() < deadline, f"job {sdxl_id} did not end; progress seen {sorted(seen)}"
-        value = await page.locator(bar).get_attribute("data-progress", timeout=1000) if await page.locator(bar).count() else None
+        # One read in the page: the row may leave #running between two separate locator calls.
+        value = await page.evaluate("s => document.querySelector(s)?.dataset.progress ?? null", bar)
         if value is not None:
             seen.add(int(value))
         await asyncio.sleep(0.05)
