@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
@@ -309,18 +310,19 @@ async def _stream_chunks(
     finish, prompt_tokens, output_tokens = "stop", 0, 0
     yield chunk({"role": "assistant", "content": ""})
     try:
-        pieces = runtime.text.stream(model, prepared.messages, sampling, request_id=f"chat-{uuid.uuid4().hex}")
-        async for piece in pieces:
-            checked = guard.feed(piece.text)
-            if guard.refused:
-                await pieces.aclose()  # the model stops generating the rest
-                break
-            text = masker.feed(checked) if masker else checked
-            if text:
-                yield chunk({"content": text})
-            if piece.finish_reason is not None:
-                finish = piece.finish_reason
-                prompt_tokens, output_tokens = piece.input_tokens or 0, piece.output_tokens or 0
+        # closed here, not when collected: closing it is what stops the model's request
+        async with aclosing(runtime.text.stream(model, prepared.messages, sampling,
+                                                request_id=f"chat-{uuid.uuid4().hex}")) as pieces:
+            async for piece in pieces:
+                checked = guard.feed(piece.text)
+                if guard.refused:
+                    break  # leaving the ``async with`` stops the model generating the rest
+                text = masker.feed(checked) if masker else checked
+                if text:
+                    yield chunk({"content": text})
+                if piece.finish_reason is not None:
+                    finish = piece.finish_reason
+                    prompt_tokens, output_tokens = piece.input_tokens or 0, piece.output_tokens or 0
     except (ResidencyError, InferenceFailed) as exc:
         error = generation_error(model, exc)
         yield sse({"error": {"message": error.message, "type": error.type, "param": None}})
@@ -454,13 +456,14 @@ async def completions(request: Request, body: CompletionRequest) -> dict[str, An
     async def events() -> AsyncIterator[str]:
         finish, usage = "stop", _usage(0, 0)
         try:
-            async for piece in runtime.text.stream(body.model, prompt, body.sampling(),
-                                                   request_id=f"cmpl-{uuid.uuid4().hex}"):
-                if piece.text:
-                    yield sse(event(piece.text, None))
-                if piece.finish_reason is not None:
-                    finish = piece.finish_reason
-                    usage = _usage(piece.input_tokens or 0, piece.output_tokens or 0)
+            async with aclosing(runtime.text.stream(body.model, prompt, body.sampling(),
+                                                    request_id=f"cmpl-{uuid.uuid4().hex}")) as pieces:
+                async for piece in pieces:
+                    if piece.text:
+                        yield sse(event(piece.text, None))
+                    if piece.finish_reason is not None:
+                        finish = piece.finish_reason
+                        usage = _usage(piece.input_tokens or 0, piece.output_tokens or 0)
         except (ResidencyError, InferenceFailed) as exc:
             error = _prompt_error(generation_error(body.model, exc))
             yield sse({"error": {"message": error.message, "type": error.type, "param": error.param}})

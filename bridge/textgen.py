@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal
 
@@ -73,10 +74,11 @@ class TextService:
         self, model: TextModel, messages: list[dict[str, str]] | str, sampling: dict[str, Any], *, request_id: str = ""
     ) -> AsyncIterator[TextChunk]:
         """Stream a reply token by token (``messages`` a plain string: a text completion of it);
-        leaving early cancels the request on the server."""
+        leaving early stops the request on the server (``TritonClient.responses``)."""
         inputs = {**_prompt(messages), "stream": True, "sampling_parameters": sampling}
-        async with self.residency.use(model):
-            async for outputs in self.triton.responses(model, inputs, request_id=request_id):
+        async with self.residency.use(model), \
+                aclosing(self.triton.responses(model, inputs, request_id=request_id, stoppable=True)) as responses:
+            async for outputs in responses:
                 yield TextChunk(
                     text=_first(outputs, "text_output") or "",
                     finish_reason=_first(outputs, "finish_reason"),
@@ -92,7 +94,7 @@ class TextService:
         started = time.monotonic()
         inputs = {**_prompt(messages), "stream": False, "sampling_parameters": sampling}
         async with self.residency.use(model):
-            outputs = await self.triton.run(model, inputs, timeout=timeout, request_id=request_id)
+            outputs = await self.triton.run(model, inputs, timeout=timeout, request_id=request_id, stoppable=True)
         return TextResult(
             text=_first(outputs, "text_output") or "",
             finish_reason=_first(outputs, "finish_reason") or "stop",

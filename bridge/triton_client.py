@@ -3,7 +3,11 @@
 Every model in our repository is decoupled, so every request is a bidirectional stream: we send
 one request, half-close, and read responses until the server ends the stream after the model's
 final response. Closing the iterator early (an ``asyncio`` cancellation, a time limit, ``break``)
-cancels the gRPC call, which the model sees as ``is_cancelled()`` within one step.
+cancels the gRPC call, which the model sees as ``is_cancelled()`` within one step; a request of a
+model that takes stop requests (the Qwen models) is stopped that way instead and its stream read to
+its end in the background: Triton 24.10's gRPC frontend can crash, or hold the request for ever
+(its model then never unloads), when a cancellation meets a response on its way, and a chat stream
+is always sending (docs/ARCHITECTURE.md, "Stopping a stream").
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 OnResponse = Callable[[Outputs], Awaitable[None] | None]
+
+#: A stopped request's stream is read this long at most for its final answer, then cancelled.
+STOP_WAIT_S = 10.0
+_END = object()  # the reader's last item
 
 # Messages that mean the model (or the server) is gone rather than the request being wrong.
 _TRANSIENT_MARKERS = ("is not healthy", "failed to connect", "unavailable", "connection",
@@ -73,6 +81,18 @@ def _outputs(result: grpcclient.InferResult) -> Outputs:
     return {out.name: result.as_numpy(out.name) for out in result.get_response().outputs}
 
 
+async def _read(stream: Any, arrived: asyncio.Queue) -> None:
+    """Every ``(result, error)`` of ``stream`` into ``arrived``, then an exception it raised, if
+    any, then ``_END``."""
+    try:
+        async for item in stream:
+            arrived.put_nowait(item)
+    except Exception as exc:  # noqa: BLE001 - the consumer raises it
+        arrived.put_nowait(exc)
+    finally:
+        arrived.put_nowait(_END)
+
+
 class TritonClient:
     """A grpc.aio client for one Triton server."""
 
@@ -82,6 +102,7 @@ class TritonClient:
         self._client = grpcaio.InferenceServerClient(url)
         # Beside each request: returns (a reason) once the model's process is gone (bridge/stub_watch.py).
         self.watch: Callable[[str], Awaitable[str]] | None = None
+        self._stopping: set[asyncio.Task] = set()  # stopped requests whose streams are still read
 
     @property
     def raw(self) -> grpcaio.InferenceServerClient:
@@ -93,6 +114,9 @@ class TritonClient:
         return self._headers
 
     async def close(self) -> None:
+        for task in list(self._stopping):
+            task.cancel()
+        await asyncio.gather(*self._stopping, return_exceptions=True)
         await self._client.close()
 
     async def is_live(self) -> bool:
@@ -102,11 +126,13 @@ class TritonClient:
             return False
 
     async def responses(self, model: str, inputs: dict[str, Any], request_id: str = "",
-                        on_sent: Callable[[], None] | None = None) -> AsyncIterator[Outputs]:
+                        on_sent: Callable[[], None] | None = None, stoppable: bool = False) -> AsyncIterator[Outputs]:
         """Yield each response's outputs; raise :class:`InferenceFailed` on an error response.
         ``on_sent`` is called once the request is written to the stream.
 
-        Leaving the iteration early cancels the request on the server.
+        Leaving the iteration early cancels the request on the server: with ``stoppable`` (the
+        model takes ``stop_request_id``) and a ``request_id``, by a stop request, its stream read
+        to its end in the background (the module's docstring says why); else by cancelling the call.
         """
         tensors = [_input(name, value) for name, value in inputs.items() if value is not None]
 
@@ -116,9 +142,16 @@ class TritonClient:
                 on_sent()
 
         stream = self._client.stream_infer(_requests())
+        # Read by a task of its own: a caller cancelled while awaiting the call itself would cancel
+        # the gRPC call with it (grpc.aio does), which a stop request is there to avoid.
+        arrived: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.ensure_future(_read(stream, arrived))
         finished = False
         try:
-            async for result, error in stream:
+            while (item := await arrived.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                result, error = item
                 if error is not None:
                     raise InferenceFailed(model, error.message() if hasattr(error, "message") else str(error))
                 yield _outputs(result)
@@ -130,8 +163,38 @@ class TritonClient:
                 raise InferenceFailed(model, f"{exc.code().name}: {exc.details()}") from None  # type: ignore[attr-defined]
             raise
         finally:
-            if not finished:
+            if not finished and not (stoppable and request_id and self._stop_later(model, request_id, stream, reader)):
                 stream.cancel()
+                reader.cancel()
+
+    def _stop_later(self, model: str, request_id: str, stream: Any, reader: asyncio.Future) -> bool:
+        """Start :meth:`_stop` in the background; False if the stream already ended or the loop
+        is closing (the caller cancels the call)."""
+        if reader.done():
+            return False
+        try:
+            task = asyncio.get_running_loop().create_task(self._stop(model, request_id, stream, reader))
+        except RuntimeError:
+            return False
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        return True
+
+    async def _stop(self, model: str, request_id: str, stream: Any, reader: asyncio.Future) -> None:
+        """Ask ``model`` to stop ``request_id`` and wait for its stream to end; cancel the call
+        only if that does not happen within :data:`STOP_WAIT_S`."""
+        try:
+            async with asyncio.timeout(STOP_WAIT_S):
+                async for _ in self.responses(model, {"stop_request_id": request_id}):
+                    pass
+                await asyncio.shield(reader)
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - the fallback below
+            log.warning("%s: request %s not stopped (%s); its call is cancelled", model, request_id,
+                        type(exc).__name__)
+            stream.cancel()
+            reader.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     async def run(
         self,
@@ -142,6 +205,7 @@ class TritonClient:
         timeout: float | None = None,
         request_id: str = "",
         on_sent: Callable[[], None] | None = None,
+        stoppable: bool = False,
     ) -> Outputs:
         """Run one request to completion; every response goes to ``on_response``; return the
         outputs of all responses merged (later responses win), i.e. the final results.
@@ -149,7 +213,7 @@ class TritonClient:
         merged: Outputs = {}
 
         async def _consume() -> None:
-            async with aclosing(self.responses(model, inputs, request_id, on_sent)) as responses:
+            async with aclosing(self.responses(model, inputs, request_id, on_sent, stoppable)) as responses:
                 async for outputs in responses:
                     merged.update(outputs)
                     if on_response is not None:
@@ -219,4 +283,8 @@ class TritonModelControl:
         return states
 
     async def close(self) -> None:
+        for task in list(self._stopping):
+            task.cancel()
+        await asyncio.gather(*self._stopping, return_exceptions=True)
         await self._client.close()
+

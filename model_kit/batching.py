@@ -48,6 +48,9 @@ CANCEL_CHECK_S = 0.05
 #: A shorter shared prefix (a chat template's first tokens) is prefilled again: not worth a copy.
 MIN_REUSE = 16
 
+#: Request ids stopped before their request came, remembered (the most recent) for when it does.
+STOPS_REMEMBERED = 1024
+
 
 class QueueFull(RuntimeError):
     """The queue in front of the model is full; the caller should try again later."""
@@ -113,6 +116,8 @@ class Sequence:
     reason: str | None = None
     unsent: str = ""  # final text not sent yet (``stream_interval_s``)
     sent_at: float = 0.0
+    request_id: str = ""  # the client's id, for :meth:`BatchEngine.stop`
+    stop_asked: bool = False  # a stop request named it (set by the caller's thread)
 
 
 class PrefixCache:
@@ -185,6 +190,7 @@ class BatchEngine:
 
         self._kv = BatchKV(engine.model.config.num_hidden_layers, limits.max_batch, limits.kv_tokens)
         self._stopping = False
+        self._stopped_early: OrderedDict[str, None] = OrderedDict()  # ids stopped before they came
         self._reported = (-1, -1)
         self._checked_at = 0.0
         self._joining = False  # deltas joined over ``stream_interval_s`` this step
@@ -199,9 +205,31 @@ class BatchEngine:
                 raise QueueFull("the model is shutting down")
             if len(self._waiting) >= self.limits.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} sequences already wait for the model")
+            if seq.request_id and self._stopped_early.pop(seq.request_id, False) is None:
+                seq.stop_asked = True  # its client stopped it before it came
             self._waiting.append(seq)
             self._lock.notify()
         self._report()
+
+    def stop_request(self, request_id: str) -> bool:
+        """End the sequences of ``request_id`` at the next step (each gets its final answer,
+        ``cancelled``); False if none is held: the id is then remembered (the last
+        ``STOPS_REMEMBERED``), and a request with it that comes later ends at once (a client may
+        leave before its request reached the engine). The client's way to stop a stream without
+        cancelling its gRPC call (docs/ARCHITECTURE.md, "Stopping a stream")."""
+        if not request_id:
+            return False
+        with self._lock:
+            held = [*self._waiting, *self._prefilling, *self._running]
+            found = [seq for seq in held if seq.request_id == request_id]
+            for seq in found:
+                seq.stop_asked = True
+            if not found:
+                self._stopped_early[request_id] = None
+                while len(self._stopped_early) > STOPS_REMEMBERED:
+                    self._stopped_early.popitem(last=False)
+            self._lock.notify()
+        return bool(found)
 
     def stop(self) -> None:
         """End the loop; every sequence still held gets its final answer (cancelled)."""
@@ -392,29 +420,34 @@ class BatchEngine:
         return False
 
     def _drop_cancelled(self) -> None:
-        """Sequences whose client went away leave, wherever they are. Checked at most every
-        ``CANCEL_CHECK_S``: each check is a round trip to the server, and with a long queue a
-        check of every waiting sequence on every step cost more than the step itself."""
+        """Sequences a stop request named (every step) or whose client went away (asked the
+        server at most every ``CANCEL_CHECK_S``: each check is a round trip, and with a long
+        queue a check of every waiting sequence on every step cost more than the step) leave,
+        wherever they are, with their final answer."""
         from model_kit.llm import FINISH_CANCELLED  # noqa: PLC0415
 
         now = time.monotonic()
-        if now - self._checked_at < CANCEL_CHECK_S:
-            return
-        self._checked_at = now
+        ask = now - self._checked_at >= CANCEL_CHECK_S
+        if ask:
+            self._checked_at = now
+
+        def gone(seq: Sequence) -> bool:
+            return seq.stop_asked or (ask and seq.cancelled())
+
         with self._lock:
             waiting = list(self._waiting)
-        gone = [s for s in waiting if s.cancelled()]  # outside the lock: ``submit`` is not held up
-        if gone:
+        dropped = [s for s in waiting if gone(s)]  # outside the lock: ``submit`` is not held up
+        if dropped:
             with self._lock:
-                for seq in gone:
+                for seq in dropped:
                     self._waiting.remove(seq)
-        gone += [s for s in self._prefilling if s.cancelled()]
-        for seq in gone:
+        dropped += [s for s in self._prefilling if gone(s)]
+        for seq in dropped:
             if seq in self._prefilling:
                 self._prefilling.remove(seq)
             seq.reason = FINISH_CANCELLED
             self._finish(seq)
-        rows = [i for i, s in enumerate(self._running) if s.cancelled()]
+        rows = [i for i, s in enumerate(self._running) if gone(s)]
         for i in rows:
             self._running[i].reason = FINISH_CANCELLED
             self._finish(self._running[i])

@@ -326,6 +326,10 @@ class TritonPythonModel(StreamingModel):
             request = Request(raw)
             try:
                 request.check_cancelled()
+                stop = request.string("stop_request_id")
+                if stop is not None:
+                    self._stop(request, stop)
+                    continue
                 self._submit(request)
             except ParamError as exc:
                 request.fail(str(exc), "INVALID_ARG")
@@ -336,6 +340,14 @@ class TritonPythonModel(StreamingModel):
             except Exception as exc:  # noqa: BLE001 - every error must end the stream
                 request.fail(f"{type(exc).__name__}: {exc}", _error_code(exc))
         return None
+
+    def _stop(self, request: Request, request_id: str) -> None:
+        """A stop request: the stream ``request_id`` ends at the next step with its final answer
+        (``cancelled``); this request's own answer says whether one was held."""
+        found = self.batcher.stop_request(request_id)
+        _log_info(f"{self.name} stop request for '{request_id}': {'stopped' if found else 'not held'}")
+        request.send({"text_output": strings([""]), "finish_reason": strings(["cancelled" if found else "not_found"])},
+                     final=True)
 
     def _submit(self, request: Request) -> None:
         params = parse_sampling_parameters(request.bytes("sampling_parameters"))
@@ -360,7 +372,7 @@ class TritonPythonModel(StreamingModel):
             request.fail(f"{type(exc).__name__}: {exc}", _error_code(exc))
 
         self.batcher.submit(Sequence(prompt_ids, params, request.cancelled, on_delta if stream else None,
-                                     on_done, on_error))
+                                     on_done, on_error, request_id=request.request.request_id()))
 
     def _prompt(self, request: Request) -> tuple[str, list[int]]:
         """Which input holds the prompt, and its token ids."""

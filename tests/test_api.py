@@ -16,6 +16,7 @@ import re
 import sys
 import time
 import typing
+import urllib.request
 import uuid
 
 import httpx
@@ -342,19 +343,39 @@ async def test_streamed_completion_arrives_incrementally_and_ends_with_done(http
     assert events[0].at < events[-1].at
 
 
-async def test_leaving_a_stream_early_ends_the_request_on_the_server(http: httpx.AsyncClient, stack) -> None:
+async def test_leaving_a_stream_early_stops_the_request_on_the_server(http: httpx.AsyncClient, stack, triton) -> None:
     # greedy decoding: the tiny model never stops by itself, 3500 tokens take well over 10 s
     body = {"model": "qwen_instruct", "messages": USER, "max_tokens": 3500, "stream": True, "temperature": 0}
+
+    def stopped() -> list[str]:
+        # "not held": the client left before its request reached the model, which then ends it on arrival
+        return re.findall(r"qwen_instruct stop request for '(chat-\w+)': (?:stopped|not held)", triton.log_path.read_text())
+
+    before = stopped()
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.aiter_lines()
         while "content" not in await anext(lines) or stack.residency.report().models["qwen_instruct"].in_flight == 0:
             pass
         assert stack.residency.report().models["qwen_instruct"].in_flight == 1
-    for _ in range(100):  # the disconnect closes the stream, which cancels the Triton request
-        if stack.residency.report().models["qwen_instruct"].in_flight == 0:
-            break
+    # the disconnect ends the turn: the bridge sends the model a stop request (not a cancelled
+    # gRPC call, docs/ARCHITECTURE.md "Stopping a stream"), the model ends the stream within a step
+    deadline = time.monotonic() + 10
+    ended = None
+    while ended is None or _metric(triton, "qwen_sequences_running") != 0:
+        assert time.monotonic() < deadline, "the request was not stopped"
         await asyncio.sleep(0.05)
+        if len(stopped()) > len(before):
+            ended = re.search(rf"qwen_instruct request '{stopped()[-1]}': finish_reason=(\w+) .* output_tokens=(\d+)",
+                              triton.log_path.read_text())
+    assert ended.group(1) == "cancelled" and int(ended.group(2)) < 3500
     assert stack.residency.report().models["qwen_instruct"].in_flight == 0
+
+
+def _metric(triton, name: str) -> float:
+    body = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    match = re.search(rf'^{name}\{{model="qwen_instruct"\}} (\S+)$', body, re.M)
+    assert match, name
+    return float(match.group(1))
 
 
 async def test_openai_route_validation_errors_are_422_naming_the_field(http: httpx.AsyncClient) -> None:

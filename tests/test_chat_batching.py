@@ -8,6 +8,7 @@ import re
 import threading
 import time
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -62,13 +63,14 @@ class Live:
     """A streaming request running in the background, with the time of each response."""
 
     def __init__(self, url: str, model: str, inputs: dict) -> None:
+        self.url, self.model, self.request_id = url, model, f"live-{uuid.uuid4().hex}"
         self.result = Streamed()
         self.times: list[float] = []
         self.done = threading.Event()
         self._client = grpcclient.InferenceServerClient(url)
         self._client.start_stream(callback=self._on)
         tensors = [infer_input(k, v) for k, v in inputs.items() if v is not None]
-        self._client.async_stream_infer(model, tensors, enable_empty_final_response=True)
+        self._client.async_stream_infer(model, tensors, request_id=self.request_id, enable_empty_final_response=True)
 
     def _on(self, result, error) -> None:
         _collect(self.result, result, error)
@@ -89,8 +91,17 @@ class Live:
         return self.result
 
     def cancel(self) -> None:
+        """Cancel the gRPC call (as a client that goes away does)."""
         self._client.stop_stream(cancel_requests=True)
         self._client.close()
+
+    def stop(self) -> Streamed:
+        """End the stream with a stop request (as the bridge does): it ends with its final answer."""
+        answer = stream(self.url, self.model, {"stop_request_id": self.request_id})
+        assert answer.last("finish_reason") == "cancelled", answer.responses
+        result = self.finish()
+        assert result.last("finish_reason") == "cancelled"
+        return result
 
 
 def text_of(result: Streamed) -> str:
@@ -158,22 +169,37 @@ def test_a_busy_model_joins_a_streams_deltas(url: str) -> None:
         live.wait_for(1)
     joined = stream(url, "qwen_base", request)
     for live in busy:
-        live.cancel()
+        live.stop()
     alone = stream(url, "qwen_base", request)
     assert text_of(joined) == text_of(alone)
     assert joined.last("output_tokens") == alone.last("output_tokens") == 100
     assert len(joined.responses) < 40 < len(alone.responses), (len(joined.responses), len(alone.responses))
 
 
-def test_cancelling_one_stream_leaves_the_others_running(url: str) -> None:
+def test_stopping_one_stream_leaves_the_others_running(url: str) -> None:
     sampling = {"temperature": 0, "max_tokens": 150}
     streams = [Live(url, "qwen_base", {**LONG, "sampling_parameters": sampling}) for _ in range(3)]
     streams[1].wait_for(3)
-    streams[1].cancel()
+    stopped = streams[1].stop()
+    assert stopped.last("output_tokens") < 150
     for live in (streams[0], streams[2]):
         result = live.finish()
         assert result.last("finish_reason") == "length" and result.last("output_tokens") == 150
-    assert not streams[1].result.final
+    # a stop request naming no stream held says so
+    assert stream(url, "qwen_base", {"stop_request_id": streams[1].request_id}).last("finish_reason") == "not_found"
+
+
+def test_a_stop_request_that_comes_before_its_request_ends_it_on_arrival(url: str) -> None:
+    """A client may leave before its request reached the engine: the stop is remembered."""
+    request_id = f"early-{uuid.uuid4().hex}"
+    assert stream(url, "qwen_base", {"stop_request_id": request_id}).last("finish_reason") == "not_found"
+    late = stream(url, "qwen_base", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 3000}},
+                  request_id=request_id)
+    assert late.last("finish_reason") == "cancelled" and late.last("output_tokens") == 0
+    # remembered once: the same id again runs
+    again = stream(url, "qwen_base", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 5}},
+                   request_id=request_id)
+    assert again.last("finish_reason") == "length" and again.last("output_tokens") == 5
 
 
 def test_a_request_arriving_mid_batch_streams_before_the_batch_ends(url: str) -> None:
@@ -183,7 +209,7 @@ def test_a_request_arriving_mid_batch_streams_before_the_batch_ends(url: str) ->
     short_result = short.finish()
     assert short_result.last("output_tokens") == 5
     assert not long.done.is_set(), "the short request waited for the long one"
-    long.cancel()
+    long.stop()
 
 
 def test_a_full_queue_is_refused_as_unavailable(one_at_a_time: str) -> None:
@@ -195,7 +221,7 @@ def test_a_full_queue_is_refused_as_unavailable(one_at_a_time: str) -> None:
     assert refused.error is not None and "queue is full" in refused.error, refused.error
     assert InferenceFailed("qwen_instruct", refused.error).transient  # the bridge answers 503 + Retry-After
     assert not queued.done.is_set()
-    running.cancel()
+    running.stop()
     assert queued.finish().last("output_tokens") == 3  # the queued one is served once there is room
 
 
@@ -211,8 +237,7 @@ def test_a_request_cancelled_in_the_queue_leaves_it(solo_server: TritonServer) -
     _wait_for_metric(solo_server.metrics_url, "qwen_sequences_waiting", 0)
     assert not running.done.is_set()
     assert not queued.result.final
-    running.cancel()
-    _wait_for_metric(solo_server.metrics_url, "qwen_sequences_running", 0)
+    running.stop()
 
 
 def _wait_for_metric(url: str, name: str, value: float, timeout: float = 10) -> None:

@@ -195,7 +195,7 @@ def test_a_job_that_kills_its_worker_at_every_start_fails_after_max_attempts(tin
     assert body["status"] == "failed" and body["metadata"]["error_type"] == "attempts_exhausted", body
     assert body["error_message"].startswith("gave up after 3 attempts"), body
     assert bridge.messages(f"job {job['id']} started") == [f"job {job['id']} started (attempt {n})" for n in (1, 2, 3)]
-    assert bridge.terminate() == 0  # (the dead-letter entry follows the callback: read it after the stop)
+    assert bridge.terminate() == 0, bridge.tail()  # (the dead-letter entry follows the callback: read it after the stop)
     assert [json.loads(e)["job_id"] for e in client.lrange("dead_letter", 0, -1)] == [job["id"]]
     assert_no_unexpected_errors(bridge)
 
