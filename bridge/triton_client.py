@@ -283,8 +283,5 @@ class TritonModelControl:
         return states
 
     async def close(self) -> None:
-        for task in list(self._stopping):
-            task.cancel()
-        await asyncio.gather(*self._stopping, return_exceptions=True)
         await self._client.close()
 
