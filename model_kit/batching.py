@@ -91,7 +91,7 @@ class NullObserver:
     def prefix_lookup(self, hit: bool) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sequences are kept in sets and lists by who they are
 class Sequence:
     """One request in the engine. The callbacks run on the engine thread."""
 
@@ -191,6 +191,7 @@ class BatchEngine:
         self._kv = BatchKV(engine.model.config.num_hidden_layers, limits.max_batch, limits.kv_tokens)
         self._stopping = False
         self._stopped_early: OrderedDict[str, None] = OrderedDict()  # ids stopped before they came
+        self._held: set[Sequence] = set()  # every sequence submitted and not answered yet
         self._reported = (-1, -1)
         self._checked_at = 0.0
         self._joining = False  # deltas joined over ``stream_interval_s`` this step
@@ -208,6 +209,7 @@ class BatchEngine:
             if seq.request_id and self._stopped_early.pop(seq.request_id, False) is None:
                 seq.stop_asked = True  # its client stopped it before it came
             self._waiting.append(seq)
+            self._held.add(seq)
             self._lock.notify()
         self._report()
 
@@ -220,8 +222,9 @@ class BatchEngine:
         if not request_id:
             return False
         with self._lock:
-            held = [*self._waiting, *self._prefilling, *self._running]
-            found = [seq for seq in held if seq.request_id == request_id]
+            # by id, not by looking through the lists: a sequence moving from prefill to the batch
+            # is in neither for a moment (its first delta is sent in between)
+            found = [seq for seq in self._held if seq.request_id == request_id]
             for seq in found:
                 seq.stop_asked = True
             if not found:
@@ -468,6 +471,9 @@ class BatchEngine:
     def _finish(self, seq: Sequence) -> None:
         from model_kit.llm import FINISH_LENGTH, FINISH_STOP, Generation  # noqa: PLC0415
 
+        with self._lock:
+            self._held.discard(seq)
+
         tail = seq.unsent + (seq.text.finish() if seq.text is not None else "")
         if seq.text is not None and seq.text.stopped and seq.reason == FINISH_LENGTH:
             seq.reason = FINISH_STOP  # a stop string in the last, pending piece
@@ -479,6 +485,8 @@ class BatchEngine:
             log.warning("sending the final answer failed: %s", exc)
 
     def _finish_error(self, seq: Sequence, exc: Exception) -> None:
+        with self._lock:
+            self._held.discard(seq)
         try:
             seq.on_error(exc)
         except Exception as send_exc:  # noqa: BLE001
