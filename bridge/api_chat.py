@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Request

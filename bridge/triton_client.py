@@ -284,4 +284,3 @@ class TritonModelControl:
 
     async def close(self) -> None:
         await self._client.close()
-

@@ -116,7 +116,7 @@ class Sequence:
     reason: str | None = None
     unsent: str = ""  # final text not sent yet (``stream_interval_s``)
     sent_at: float = 0.0
-    request_id: str = ""  # the client's id, for :meth:`BatchEngine.stop`
+    request_id: str = ""  # the client's id, for :meth:`BatchEngine.stop_request`
     stop_asked: bool = False  # a stop request named it (set by the caller's thread)
 
 
@@ -439,15 +439,15 @@ class BatchEngine:
 
         with self._lock:
             waiting = list(self._waiting)
-        dropped = [s for s in waiting if gone(s)]  # outside the lock: ``submit`` is not held up
-        if dropped:
+        queued = [s for s in waiting if gone(s)]  # outside the lock: ``submit`` is not held up
+        if queued:
             with self._lock:
-                for seq in dropped:
+                for seq in queued:
                     self._waiting.remove(seq)
-        dropped += [s for s in self._prefilling if gone(s)]
-        for seq in dropped:
-            if seq in self._prefilling:
-                self._prefilling.remove(seq)
+        prefilling = [s for s in self._prefilling if gone(s)]
+        for seq in prefilling:
+            self._prefilling.remove(seq)
+        for seq in queued + prefilling:
             seq.reason = FINISH_CANCELLED
             self._finish(seq)
         rows = [i for i, s in enumerate(self._running) if gone(s)]
