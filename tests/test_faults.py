@@ -220,8 +220,11 @@ def test_sigkill_of_a_bridge_leaves_no_tritonserver_and_its_ports_are_never_shar
     job = sdxl_job(num_inference_steps=150)
     push(client, job)
     wait_until(lambda: bridge.messages(f"job {job['id']} started"), 180, message=bridge.tail)
+    # "started" is logged when the job gets the GPU, beside its model's load: wait for the stub
+    wait_until(lambda: bridge.tritonserver_pid() is not None
+               and any("triton_python_backend_stub" in line for line in bridge.survivors()), 120, message=bridge.tail)
     server = bridge.tritonserver_pid()
-    assert server is not None and any("triton_python_backend_stub" in line for line in bridge.survivors())
+    assert server is not None
     bridge.kill()
     wait_until(lambda: not bridge.survivors(), 5,
                message=lambda: f"left running 5 s after the SIGKILL: {bridge.survivors()}")
