@@ -18,6 +18,11 @@ Every step (docs/ARCHITECTURE.md, "Chat at scale"):
 5. finished and cancelled sequences leave the batch (the last row moves into the freed slot);
    their prompt + reply KV goes to the prefix cache.
 
+Deltas, final answers and errors are handed to a second thread, the courier, which sends them in
+order and asks the server whether each held sequence's client is still there: in Triton's Python
+backend each of those is a round trip to the server that blocks its caller (without the GIL), so
+on the engine thread they stalled every step; on the courier the model computes meanwhile.
+
 Why our own loop and not transformers' ``ContinuousBatchingManager`` (``generate_batch``): it
 samples every request with one global seed and generator, so a request's ``seed`` could not give
 the same text twice, and it has no per-request stop strings. The prefill KV is transformers'
@@ -30,6 +35,7 @@ This module is plain torch + transformers; :mod:`model_kit.llm` wires it to Trit
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -40,8 +46,8 @@ from typing import Any, Callable, Protocol
 log = logging.getLogger("model_kit.batching")
 
 
-#: Running sequences are checked for cancellation at most this often (seconds): a check is a
-#: round trip to the Triton server per sequence, which on a busy CPU costs far more than a step.
+#: Held sequences are checked for cancellation at most this often (seconds): a check is a round
+#: trip to the Triton server per sequence (done by the courier thread, not the engine's).
 CANCEL_CHECK_S = 0.05
 
 
@@ -93,7 +99,8 @@ class NullObserver:
 
 @dataclass(eq=False)  # identity: sequences are kept in sets and lists by who they are
 class Sequence:
-    """One request in the engine. The callbacks run on the engine thread."""
+    """One request in the engine. ``cancelled`` and the ``on_*`` callbacks run on the engine's
+    courier thread, in order."""
 
     prompt_ids: list[int]
     params: Any  # model_kit.llm.SamplingParameters
@@ -118,6 +125,7 @@ class Sequence:
     sent_at: float = 0.0
     request_id: str = ""  # the client's id, for :meth:`BatchEngine.stop_request`
     stop_asked: bool = False  # a stop request named it (set by the caller's thread)
+    client_gone: bool = False  # its client cancelled or a send failed (set by the courier)
 
 
 class PrefixCache:
@@ -193,8 +201,11 @@ class BatchEngine:
         self._stopped_early: OrderedDict[str, None] = OrderedDict()  # ids stopped before they came
         self._held: set[Sequence] = set()  # every sequence submitted and not answered yet
         self._reported = (-1, -1)
-        self._checked_at = 0.0
         self._joining = False  # deltas joined over ``stream_interval_s`` this step
+        # (callback, argument, its sequence) to send, in order; None ends the courier
+        self._outbox: queue.SimpleQueue[tuple[Callable[[Any], None], Any, Sequence] | None] = queue.SimpleQueue()
+        self._courier = threading.Thread(target=self._deliver, name="qwen-courier", daemon=True)
+        self._courier.start()
         self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
         self._thread.start()
 
@@ -235,11 +246,13 @@ class BatchEngine:
         return bool(found)
 
     def stop(self) -> None:
-        """End the loop; every sequence still held gets its final answer (cancelled)."""
+        """End the loop; every sequence still held gets its final answer (cancelled), sent
+        before this returns."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
         self._thread.join(timeout=30)
+        self._courier.join(timeout=30)
 
     def counts(self) -> tuple[int, int]:
         return len(self._running) + len(self._prefilling), len(self._waiting)
@@ -249,6 +262,43 @@ class BatchEngine:
         if counts != self._reported:  # a metric call only when it changed
             self._reported = counts
             self.observer.occupancy(*counts)
+
+    # ------------------------------------------------------------------ the courier thread
+    def _deliver(self) -> None:
+        """Send what the engine hands over, in order, and every ``CANCEL_CHECK_S`` ask whether
+        the clients of the held sequences are still there (the engine drops those that are not)."""
+        checked_at = time.monotonic()
+        while True:
+            try:
+                item = self._outbox.get(timeout=CANCEL_CHECK_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                send, arg, seq = item
+                try:
+                    send(arg)
+                except Exception as exc:  # noqa: BLE001 - the client is gone: the engine ends it
+                    log.warning("sending a response failed: %s", exc)
+                    seq.client_gone = True
+            if time.monotonic() - checked_at >= CANCEL_CHECK_S:
+                checked_at = time.monotonic()
+                self._check_clients()
+
+    def _check_clients(self) -> None:
+        with self._lock:
+            held = list(self._held)
+        for seq in held:
+            try:
+                if not seq.client_gone and seq.cancelled():
+                    seq.client_gone = True
+            except Exception as exc:  # noqa: BLE001 - the courier must go on sending
+                log.warning("asking whether a request was cancelled failed: %s", exc)
+
+    def _send(self, seq: Sequence, callback: Callable[[Any], None] | None, arg: Any) -> None:
+        if callback is not None:
+            self._outbox.put((callback, arg, seq))
 
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
@@ -410,11 +460,7 @@ class BatchEngine:
                 now = time.monotonic()
                 if not self._joining or now - seq.sent_at >= self.limits.stream_interval_s:
                     piece, seq.unsent, seq.sent_at = seq.unsent, "", now
-                    try:
-                        seq.on_delta(piece)
-                    except Exception as exc:  # noqa: BLE001 - the client is gone: end this one
-                        log.warning("sending a delta failed: %s", exc)
-                        seq.reason = "cancelled"
+                    self._send(seq, seq.on_delta, piece)
         if seq.reason is None and seq.produced >= seq.budget:
             seq.reason = FINISH_LENGTH
         if seq.reason is None:
@@ -423,27 +469,17 @@ class BatchEngine:
         return False
 
     def _drop_cancelled(self) -> None:
-        """Sequences a stop request named (every step) or whose client went away (asked the
-        server at most every ``CANCEL_CHECK_S``: each check is a round trip, and with a long
-        queue a check of every waiting sequence on every step cost more than the step) leave,
+        """Sequences a stop request named or whose client went away (the courier asks) leave,
         wherever they are, with their final answer."""
         from model_kit.llm import FINISH_CANCELLED  # noqa: PLC0415
 
-        now = time.monotonic()
-        ask = now - self._checked_at >= CANCEL_CHECK_S
-        if ask:
-            self._checked_at = now
-
         def gone(seq: Sequence) -> bool:
-            return seq.stop_asked or (ask and seq.cancelled())
+            return seq.stop_asked or seq.client_gone
 
         with self._lock:
-            waiting = list(self._waiting)
-        queued = [s for s in waiting if gone(s)]  # outside the lock: ``submit`` is not held up
-        if queued:
-            with self._lock:
-                for seq in queued:
-                    self._waiting.remove(seq)
+            queued = [s for s in self._waiting if gone(s)]
+            for seq in queued:
+                self._waiting.remove(seq)
         prefilling = [s for s in self._prefilling if gone(s)]
         for seq in prefilling:
             self._prefilling.remove(seq)
@@ -479,18 +515,12 @@ class BatchEngine:
             seq.reason = FINISH_STOP  # a stop string in the last, pending piece
         text = seq.text.text if seq.text is not None else ""
         self.observer.finished(len(seq.prompt_ids), seq.produced, seq.reused)
-        try:
-            seq.on_done(Generation(text, tail, seq.reason, len(seq.prompt_ids), seq.produced))
-        except Exception as exc:  # noqa: BLE001 - a client gone away must not stop the engine
-            log.warning("sending the final answer failed: %s", exc)
+        self._send(seq, seq.on_done, Generation(text, tail, seq.reason, len(seq.prompt_ids), seq.produced))
 
     def _finish_error(self, seq: Sequence, exc: Exception) -> None:
         with self._lock:
             self._held.discard(seq)
-        try:
-            seq.on_error(exc)
-        except Exception as send_exc:  # noqa: BLE001
-            log.warning("sending an error failed: %s", send_exc)
+        self._send(seq, seq.on_error, exc)
 
     def _fail_all(self, exc: Exception) -> None:
         for seq in [*self._prefilling, *self._running]:
@@ -511,6 +541,7 @@ class BatchEngine:
             self._finish(seq)
         self._kv.clear()
         self.prefix.clear()
+        self._outbox.put(None)  # the courier sends what is queued, then ends
 
 
 def _plain_greedy(params: Any) -> bool:

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-#: Spare columns right of ``end`` after a reallocation: at least this many, else as many as the
-#: rows can still grow (their ``max_tokens``), so a batch is rarely reallocated for columns.
+#: Spare columns right of ``end`` after a reallocation: at least this many, else twice as many as
+#: the rows can still grow (their ``max_tokens``): ``end`` moves a column per step, and with room
+#: for only the rows' growth every sequence joining a few steps later needed a new buffer (a copy
+#: of the whole batch's KV into freshly faulted-in memory each time: most of a join's cost).
 MIN_SPARE = 64
 
 
@@ -157,7 +159,7 @@ class BatchKV:
         within ``max_positions``."""
         old_keys, old_values, old_end, window = self._keys, self._values, self._end, self.window
         growth = max([final - length for final, length in zip(self._finals, self.lengths)] + [joining - left, 1])
-        columns = left + max(MIN_SPARE, growth)
+        columns = left + max(MIN_SPARE, 2 * growth)
         have = old_keys[0].shape[0] if old_keys else 0
         slots = have
         if rows > have:

@@ -8,7 +8,8 @@ The interface follows Triton's vLLM backend (docs/ARCHITECTURE.md): ``text_input
 - streaming sends one response per new piece of text (pieces joined over
   ``QWEN_STREAM_INTERVAL_MS`` while the model is busy: ``Limits``), holding back an incomplete
   UTF-8 sequence and anything that may be the start of a stop string;
-- cancellation is checked before every step;
+- cancellation is asked of the server every 50 ms (by the engine's courier thread, which also sends
+  the responses) and a stop request (``stop_request_id``) ends a stream at the next step;
 - a stop string, an end-of-sequence token or ``max_tokens`` ends the loop, and the final response
   (always sent) says why, with the token counts.
 

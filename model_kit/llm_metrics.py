@@ -3,14 +3,16 @@ beside its own (docs/DEPLOY.md, "Chat metrics"). Labelled by model; the engine t
 through :class:`ChatMetrics` (the :class:`model_kit.batching.Observer` protocol).
 
 Each metric update is a round trip to the server; the engine thread only queues it and a thread
-of its own sends them (as Triton's vLLM backend does), so a decode step never waits for one."""
+of its own sends them (as Triton's vLLM backend does), so a decode step never waits for one. What
+queued up meanwhile goes in fewer calls: a counter's increments as one, a gauge's last value only
+(histogram observations one by one: a histogram takes one value per call)."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from typing import Any, Callable
+from typing import Any, Literal
 
 log = logging.getLogger("model_kit.llm_metrics")
 
@@ -34,7 +36,8 @@ class ChatMetrics:
             return fam.Metric(labels=labels, **extra)
 
         self._families: list[Any] = []
-        self._updates: queue.SimpleQueue[tuple[Callable[[float], None], float] | None] = queue.SimpleQueue()
+        # (how, metric, value); None ends the sender
+        self._updates: queue.SimpleQueue[tuple[_How, Any, float] | None] = queue.SimpleQueue()
         self._ttft = metric("qwen_time_to_first_token_seconds", "Seconds from arrival to the first new token",
                             family.HISTOGRAM, buckets=_FIRST_BUCKETS)
         self._itl = metric("qwen_inter_token_latency_seconds", "Seconds between two new tokens of one sequence",
@@ -59,31 +62,58 @@ class ChatMetrics:
         self._thread.join(timeout=10)
 
     def _send(self) -> None:
-        while (update := self._updates.get()) is not None:
-            call, value = update
-            try:
-                call(value)
-            except Exception as exc:  # noqa: BLE001 - a lost metric update must not stop the others
-                log.warning("a metric update failed: %s", exc)
+        closing = False
+        while not closing:
+            updates = [self._updates.get()]  # waits for one, then takes what else is queued
+            while True:
+                try:
+                    updates.append(self._updates.get_nowait())
+                except queue.Empty:
+                    break
+            if None in updates:  # close(): what came before it still goes out
+                closing, updates = True, updates[: updates.index(None)]
+            for how, metric, value in _merged(updates):  # type: ignore[arg-type]
+                try:
+                    getattr(metric, how)(value)
+                except Exception as exc:  # noqa: BLE001 - a lost metric update must not stop the others
+                    log.warning("a metric update failed: %s", exc)
 
     def first_token(self, seconds: float) -> None:
-        self._updates.put((self._ttft.observe, seconds))
+        self._updates.put(("observe", self._ttft, seconds))
 
     def token_gap(self, seconds: float) -> None:
-        self._updates.put((self._itl.observe, seconds))
+        self._updates.put(("observe", self._itl, seconds))
 
     def finished(self, input_tokens: int, output_tokens: int, reused_tokens: int) -> None:
-        self._updates.put((self._sequences.increment, 1))
-        self._updates.put((self._tokens_in.increment, input_tokens))
-        self._updates.put((self._tokens_out.increment, output_tokens))
+        self._updates.put(("increment", self._sequences, 1))
+        self._updates.put(("increment", self._tokens_in, input_tokens))
+        self._updates.put(("increment", self._tokens_out, output_tokens))
         if reused_tokens:
-            self._updates.put((self._reused.increment, reused_tokens))
+            self._updates.put(("increment", self._reused, reused_tokens))
 
     def occupancy(self, running: int, waiting: int) -> None:
-        self._updates.put((self._running.set, running))
-        self._updates.put((self._waiting.set, waiting))
+        self._updates.put(("set", self._running, running))
+        self._updates.put(("set", self._waiting, waiting))
 
     def prefix_lookup(self, hit: bool) -> None:
-        self._updates.put((self._lookups.increment, 1))
+        self._updates.put(("increment", self._lookups, 1))
         if hit:
-            self._updates.put((self._hits.increment, 1))
+            self._updates.put(("increment", self._hits, 1))
+
+
+_How = Literal["observe", "increment", "set"]
+
+
+def _merged(updates: list[tuple[_How, Any, float]]) -> list[tuple[_How, Any, float]]:
+    """``updates`` in fewer calls: each counter's increments summed, each gauge's last value;
+    every observation kept."""
+    merged: dict[int, tuple[_How, Any, float]] = {}  # one call per counter or gauge
+    observations = []
+    for how, metric, value in updates:
+        if how == "observe":
+            observations.append((how, metric, value))
+            continue
+        if how == "increment" and id(metric) in merged:
+            value += merged[id(metric)][2]
+        merged[id(metric)] = (how, metric, value)
+    return observations + list(merged.values())

@@ -290,6 +290,27 @@ def test_prefix_reuse_gives_the_cold_text_and_metrics_show_it(url: str, one_at_a
         assert _metric(triton.metrics_url, name, "qwen_instruct") >= 0
 
 
+def test_the_metrics_count_every_sequence_and_token_of_a_busy_batch(triton, url: str) -> None:
+    """The model's counters add up exactly over 8 concurrent streams (their updates are sent by a
+    thread of their own, a counter's queued increments summed into one call), and the gauges come
+    back to 0."""
+    names = ("qwen_sequences_total", "qwen_prompt_tokens_total", "qwen_generated_tokens_total",
+             "qwen_prefix_cache_lookups_total", "qwen_time_to_first_token_seconds_count")
+    before = {name: _metric(triton.metrics_url, name, "qwen_base") for name in names}
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda r: stream(url, "qwen_base", r), _requests("counted", "zz")))
+    expected = {"qwen_sequences_total": 8, "qwen_prefix_cache_lookups_total": 8,
+                "qwen_time_to_first_token_seconds_count": 8,
+                "qwen_prompt_tokens_total": sum(r.last("input_tokens") for r in results),
+                "qwen_generated_tokens_total": sum(r.last("output_tokens") for r in results)}
+    deadline = time.monotonic() + 10
+    while (seen := {n: _metric(triton.metrics_url, n, "qwen_base") - before[n] for n in names}) != expected:
+        assert time.monotonic() < deadline, (seen, expected)
+        time.sleep(0.05)
+    for name in ("qwen_sequences_running", "qwen_sequences_waiting"):
+        assert _metric(triton.metrics_url, name, "qwen_base") == 0
+
+
 # ----------------------------------------------------------------------------- through the bridge
 async def _chat_stream(http, max_tokens: int) -> list:
     from tests.stack import read_sse
