@@ -1,7 +1,7 @@
 """Chat benchmark: concurrent streamed chat turns through the real stack (HTTP API → bridge →
 tritonserver → qwen_instruct), continuous batching against the one-at-a-time engine.
 
-    python bench/chat.py [--streams 1,4,16,64] [--max-tokens 128] [--turns 10] [--stream-interval-ms 50] [--full-size]
+    python bench/chat.py [--streams 1,4,16,64] [--repeat 3] [--max-tokens 128] [--turns 10] [--stream-interval-ms 50] [--full-size]
 
 Two servers, one after the other, on the same models: the batching engine (defaults, prefix
 reuse on) and today's one-at-a-time engine (``QWEN_MAX_BATCH=1``, ``QWEN_PREFIX_CACHE_GB=0``,
@@ -9,7 +9,10 @@ a queue long enough for every stream). For 1/4/16/64 concurrent streams (``/v1/c
 ``stream: true``, greedy, ``--max-tokens`` new tokens, prompts of mixed length) each prints
 aggregate generated tokens/s (usage's completion tokens over the wall time of the round), time to
 the first content event p50/p95, inter-token latency p50/p95 (per stream: first to last content
-over its tokens), and the ratio of the two engines. Then a conversation of ``--turns`` turns (a long system prompt, each turn adding the
+over its tokens), and the ratio of the two engines. Each round runs ``--repeat`` times (its own
+prompts each time): tokens/s is the median round's, the latencies are taken over all of them (on a
+2-core box sharing its CPUs with the bridge and the callers, one round's rate moves by a third
+from run to run). Then a conversation of ``--turns`` turns (a long system prompt, each turn adding the
 reply and a new question), the time to the first token of turn 1 and of the last turn with the
 prefix cache and without it.
 
@@ -76,6 +79,13 @@ class Round:
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @staticmethod
+    def repeated(rounds: list[Round]) -> Round:
+        """Repeats of one round as one: the median round's rate, everyone's latencies."""
+        middle = sorted(rounds, key=lambda r: r.rate)[len(rounds) // 2]
+        return Round(middle.streams, middle.tokens, middle.seconds, [t for r in rounds for t in r.ttft],
+                     [g for r in rounds for g in r.gaps], sum(r.failed for r in rounds))
 
 
 def _prompt(i: int, words: int) -> str:
@@ -194,9 +204,12 @@ async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Nam
                 await call("round", 2, 8, "warm-up")
                 rounds = []
                 for streams in args.streams:
-                    rounds.append(await call("round", streams, args.max_tokens, f"{name} {streams}"))
-                    r = rounds[-1]
-                    console.print(f"{name}: {streams} streams, {r.tokens} tokens in {r.seconds:.1f}s")
+                    repeats = []
+                    for k in range(args.repeat):
+                        repeats.append(await call("round", streams, args.max_tokens, f"{name} {streams} #{k}"))
+                        r = repeats[-1]
+                        console.print(f"{name}: {streams} streams, {r.tokens} tokens in {r.seconds:.1f}s")
+                    rounds.append(Round.repeated(repeats))
                 turns = await call("conversation", args.turns, name)
     finally:
         triton.stop()
@@ -234,7 +247,7 @@ async def main(args: argparse.Namespace) -> None:
         redis.stop()
     table = Table(title=f"chat: {MODEL} ({'full-size, ' + device if args.full_size else 'tiny, CPU'}), "
                         f"{args.max_tokens} new tokens per stream, deltas joined over {args.stream_interval_ms:.0f} ms "
-                        f"above {Limits().stream_join_above} requests, "
+                        f"above {Limits().stream_join_above} requests, tokens/s of the median of {args.repeat} runs, "
                         f"load {os.getloadavg()[0]:.1f}")
     for column in ("streams", "engine", "tokens/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "failed", "tokens/s ×"):
         table.add_column(column, justify="right")
@@ -258,6 +271,7 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each round (the median round's rate is shown)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--full-size", action="store_true", help="random-weight Qwen 2.5-7B on the GPU")
