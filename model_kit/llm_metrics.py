@@ -20,6 +20,8 @@ log = logging.getLogger("model_kit.llm_metrics")
 _GAP_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
 _FIRST_BUCKETS = [0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
 
+_How = Literal["observe", "increment", "set"]  # the pb_utils.Metric method an update calls
+
 
 class ChatMetrics:
     """Counters, gauges and histograms of one Qwen model instance."""
@@ -99,9 +101,6 @@ class ChatMetrics:
         self._updates.put(("increment", self._lookups, 1))
         if hit:
             self._updates.put(("increment", self._hits, 1))
-
-
-_How = Literal["observe", "increment", "set"]
 
 
 def _merged(updates: list[tuple[_How, Any, float]]) -> list[tuple[_How, Any, float]]:
