@@ -10,11 +10,12 @@ interpreter's own ``libpython`` go first on ``LD_LIBRARY_PATH``.
 
 The server never outlives the process that started it (docs/ARCHITECTURE.md, "Process life
 cycle"): it is forked from one long-lived thread with ``PR_SET_PDEATHSIG`` (SIGKILL), so the kernel
-kills it when the bridge dies, SIGKILL included; its stubs end with it. A pid file (``pid_file``)
-names the server with its start time: the next start of the same worker stops a server an earlier
-run left behind, and never a process that merely reuses the pid. A port already taken is a start-up
-error naming the process holding it, and readiness is only believed from the server this launcher
-started (its unique ``--id`` read back from the server metadata).
+kills it when the bridge dies, SIGKILL included; its stubs end with it (each watches for its
+server: ``model_kit.common.exit_with_server``). A pid file (``pid_file``) names the server with
+its start time: the next start of the same worker stops a server an earlier run left behind, and
+never a process that merely reuses the pid. A port already taken is a start-up error naming the
+process holding it, and readiness is only believed from the server this launcher started (its
+unique ``--id`` read back from the server metadata).
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ import gc
 import json
 import logging
 import os
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,6 +67,27 @@ def route_logs_to_server() -> None:
         root.addHandler(ServerLogHandler())
         root.setLevel(logging.INFO)
         root.propagate = False
+
+
+#: How often a stub looks for the tritonserver that started it (seconds).
+SERVER_WATCH_S = 1.0
+
+
+def exit_with_server() -> None:
+    """End this stub process at once when the tritonserver that started it is gone.
+
+    The Python backend's own check does the same, but deadlocks (joining its message threads)
+    when a thread of the model is sending to the server at that moment, as the Qwen models'
+    response and metric threads nearly always are: the stub then ran on with no server, for
+    ever (docs/ARCHITECTURE.md, "Process life cycle")."""
+    server = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == server:
+            time.sleep(SERVER_WATCH_S)
+        os._exit(1)  # no clean-up: that is what deadlocked, and no one is left to answer
+
+    threading.Thread(target=watch, name="server-watch", daemon=True).start()
 
 
 class ParamError(ValueError):
@@ -250,6 +273,7 @@ class StreamingModel:
     name = "model"
 
     def initialize(self, args: dict) -> None:
+        exit_with_server()
         route_logs_to_server()
         self.model_config = json.loads(args["model_config"])
         self.parameters = model_parameters(self.model_config)

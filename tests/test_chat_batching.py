@@ -5,19 +5,17 @@ cancellation, joining mid-batch, the queue-full refusal, prefix reuse, the custo
 from __future__ import annotations
 
 import re
-import threading
 import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import tritonclient.grpc as grpcclient
 
 from bridge.launcher import TritonServer
 from bridge.triton_client import InferenceFailed
 from tests.conftest import triton_settings
-from tests.triton_helpers import Streamed, _collect, infer_input, load_model, stream, unload_model
+from tests.triton_helpers import Live, Streamed, load_model, stream, unload_model
 
 LONG = {"text_input": "Hello", "stream": True}  # greedy on the tiny model runs to max_tokens
 
@@ -57,51 +55,6 @@ def solo_server(triton, tiny_models_dir, tmp_path_factory, monkeypatch_module):
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
-
-
-class Live:
-    """A streaming request running in the background, with the time of each response."""
-
-    def __init__(self, url: str, model: str, inputs: dict) -> None:
-        self.url, self.model, self.request_id = url, model, f"live-{uuid.uuid4().hex}"
-        self.result = Streamed()
-        self.times: list[float] = []
-        self.done = threading.Event()
-        self._client = grpcclient.InferenceServerClient(url)
-        self._client.start_stream(callback=self._on)
-        tensors = [infer_input(k, v) for k, v in inputs.items() if v is not None]
-        self._client.async_stream_infer(model, tensors, request_id=self.request_id, enable_empty_final_response=True)
-
-    def _on(self, result, error) -> None:
-        _collect(self.result, result, error)
-        self.times.append(time.monotonic())
-        if self.result.final or self.result.error:
-            self.done.set()
-
-    def wait_for(self, responses: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.result.responses) < responses and not self.done.is_set():
-            assert time.monotonic() < deadline, "no responses in time"
-            time.sleep(0.01)
-
-    def finish(self, timeout: float = 120) -> Streamed:
-        assert self.done.wait(timeout), "no final response in time"
-        self._client.stop_stream()
-        self._client.close()
-        return self.result
-
-    def cancel(self) -> None:
-        """Cancel the gRPC call (as a client that goes away does)."""
-        self._client.stop_stream(cancel_requests=True)
-        self._client.close()
-
-    def stop(self) -> Streamed:
-        """End the stream with a stop request (as the bridge does): it ends with its final answer."""
-        answer = stream(self.url, self.model, {"stop_request_id": self.request_id})
-        assert answer.last("finish_reason") == "cancelled", answer.responses
-        result = self.finish()
-        assert result.last("finish_reason") == "cancelled"
-        return result
 
 
 def text_of(result: Streamed) -> str:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from bridge.launcher import SHM_PREFIX, TritonServer, TritonStartError, find_tritonserver
+from harness.processes import start_time
 from tests.conftest import triton_settings
+from tests.triton_helpers import Live
 
 
 def _stub_pids(shm_prefix: str = "") -> set[int]:
@@ -82,6 +86,29 @@ def test_stop_leaves_no_stub_processes_or_shared_memory(tiny_models_dir: Path, t
     assert not list(Path("/dev/shm").glob(f"{prefix}*"))
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://{server.http_url}/v2/health/live", timeout=2)
+
+
+def test_a_stub_streaming_when_its_server_is_killed_exits_by_itself(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL of tritonserver while a Qwen model streams to four clients (its response and metric
+    threads sending to the server): the stub ends by itself within 5 s, before any stop of ours
+    (the Python backend's own exit deadlocked then and left the stub running for ever)."""
+    server = TritonServer(triton_settings(tiny_models_dir), startup_models=["qwen_base"],
+                          log_path=tmp_path / "t.log").start()
+    try:
+        stubs = _stub_pids(server._shm_prefix)
+        assert stubs and server.process is not None
+        streams = [Live(server.grpc_url, "qwen_base", {"text_input": "Hello", "stream": True,
+                                                       "sampling_parameters": {"temperature": 0, "max_tokens": 3000}})
+                   for _ in range(4)]
+        for live in streams:
+            live.wait_for(20)
+        os.kill(server.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while alive := [pid for pid in stubs if start_time(pid) is not None]:
+            assert time.monotonic() < deadline, f"stubs {alive} still run 5 s after their server was killed"
+            time.sleep(0.1)
+    finally:
+        server.stop()
 
 
 def test_model_processes_get_no_secrets_and_the_triton_key_is_not_on_any_command_line(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,48 @@ def stub_pids(server_pid: int, model: str) -> set[int]:
 def _names_model(cmdline: list[bytes], model: str) -> bool:
     """The stub's first argument is the model's path (``.../<model>/1/model.py``)."""
     return len(cmdline) > 1 and f"/{model}/".encode() in cmdline[1]
+
+
+class Live:
+    """A streaming request running in the background, with the time of each response."""
+
+    def __init__(self, url: str, model: str, inputs: dict) -> None:
+        self.url, self.model, self.request_id = url, model, f"live-{uuid.uuid4().hex}"
+        self.result = Streamed()
+        self.times: list[float] = []
+        self.done = threading.Event()
+        self._client = grpcclient.InferenceServerClient(url)
+        self._client.start_stream(callback=self._on)
+        tensors = [infer_input(k, v) for k, v in inputs.items() if v is not None]
+        self._client.async_stream_infer(model, tensors, request_id=self.request_id, enable_empty_final_response=True)
+
+    def _on(self, result, error) -> None:
+        _collect(self.result, result, error)
+        self.times.append(time.monotonic())
+        if self.result.final or self.result.error:
+            self.done.set()
+
+    def wait_for(self, responses: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.result.responses) < responses and not self.done.is_set():
+            assert time.monotonic() < deadline, "no responses in time"
+            time.sleep(0.01)
+
+    def finish(self, timeout: float = 120) -> Streamed:
+        assert self.done.wait(timeout), "no final response in time"
+        self._client.stop_stream()
+        self._client.close()
+        return self.result
+
+    def cancel(self) -> None:
+        """Cancel the gRPC call (as a client that goes away does)."""
+        self._client.stop_stream(cancel_requests=True)
+        self._client.close()
+
+    def stop(self) -> Streamed:
+        """End the stream with a stop request (as the bridge does): it ends with its final answer."""
+        answer = stream(self.url, self.model, {"stop_request_id": self.request_id})
+        assert answer.last("finish_reason") == "cancelled", answer.responses
+        result = self.finish()
+        assert result.last("finish_reason") == "cancelled"
+        return result
