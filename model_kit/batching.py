@@ -124,8 +124,9 @@ class Sequence:
     unsent: str = ""  # final text not sent yet (``stream_interval_s``)
     sent_at: float = 0.0
     request_id: str = ""  # the client's id, for :meth:`BatchEngine.stop_request`
-    stop_asked: bool = False  # a stop request named it (set by the caller's thread)
-    client_gone: bool = False  # its client cancelled or a send failed (set by the courier)
+    # its client stopped it (a stop request, on the caller's thread) or went away (seen by the
+    # courier): it leaves at the next step, cancelled
+    ended_by_client: bool = False
 
 
 class PrefixCache:
@@ -218,7 +219,7 @@ class BatchEngine:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} sequences already wait for the model")
             if seq.request_id and self._stopped_early.pop(seq.request_id, False) is None:
-                seq.stop_asked = True  # its client stopped it before it came
+                seq.ended_by_client = True  # its client stopped it before it came
             self._waiting.append(seq)
             self._held.add(seq)
             self._lock.notify()
@@ -237,7 +238,7 @@ class BatchEngine:
             # is in neither for a moment (its first delta is sent in between)
             found = [seq for seq in self._held if seq.request_id == request_id]
             for seq in found:
-                seq.stop_asked = True
+                seq.ended_by_client = True
             if not found:
                 self._stopped_early[request_id] = None
                 while len(self._stopped_early) > STOPS_REMEMBERED:
@@ -281,7 +282,7 @@ class BatchEngine:
                     send(arg)
                 except Exception as exc:  # noqa: BLE001 - the client is gone: the engine ends it
                     log.warning("sending a response failed: %s", exc)
-                    seq.client_gone = True
+                    seq.ended_by_client = True
             if time.monotonic() - checked_at >= CANCEL_CHECK_S:
                 checked_at = time.monotonic()
                 self._check_clients()
@@ -291,8 +292,8 @@ class BatchEngine:
             held = list(self._held)
         for seq in held:
             try:
-                if not seq.client_gone and seq.cancelled():
-                    seq.client_gone = True
+                if not seq.ended_by_client and seq.cancelled():
+                    seq.ended_by_client = True
             except Exception as exc:  # noqa: BLE001 - the courier must go on sending
                 log.warning("asking whether a request was cancelled failed: %s", exc)
 
@@ -473,20 +474,17 @@ class BatchEngine:
         wherever they are, with their final answer."""
         from model_kit.llm import FINISH_CANCELLED  # noqa: PLC0415
 
-        def gone(seq: Sequence) -> bool:
-            return seq.stop_asked or seq.client_gone
-
         with self._lock:
-            queued = [s for s in self._waiting if gone(s)]
+            queued = [s for s in self._waiting if s.ended_by_client]
             for seq in queued:
                 self._waiting.remove(seq)
-        prefilling = [s for s in self._prefilling if gone(s)]
+        prefilling = [s for s in self._prefilling if s.ended_by_client]
         for seq in prefilling:
             self._prefilling.remove(seq)
         for seq in queued + prefilling:
             seq.reason = FINISH_CANCELLED
             self._finish(seq)
-        rows = [i for i, s in enumerate(self._running) if gone(s)]
+        rows = [i for i, s in enumerate(self._running) if s.ended_by_client]
         for i in rows:
             self._running[i].reason = FINISH_CANCELLED
             self._finish(self._running[i])

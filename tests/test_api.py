@@ -16,7 +16,6 @@ import re
 import sys
 import time
 import typing
-import urllib.request
 import uuid
 
 import httpx
@@ -43,6 +42,7 @@ from tests.stack import (
     running,
     wait_for_state,
 )
+from tests.triton_helpers import model_metric
 
 RECORDER = Recorder()  # every answer of this module, scanned for secrets at the end
 LEGACY = {"/chat", "/generate", "/enhance", "/health", "/worker/info", "/memory/status", "/memory/load",
@@ -361,7 +361,7 @@ async def test_leaving_a_stream_early_stops_the_request_on_the_server(http: http
     # gRPC call, docs/ARCHITECTURE.md "Stopping a stream"), the model ends the stream within a step
     deadline = time.monotonic() + 10
     ended = None
-    while ended is None or _metric(triton, "qwen_sequences_running") != 0:
+    while ended is None or model_metric(triton.metrics_url, "qwen_sequences_running", "qwen_instruct") != 0:
         assert time.monotonic() < deadline, "the request was not stopped"
         await asyncio.sleep(0.05)
         if len(stopped()) > len(before):
@@ -369,13 +369,6 @@ async def test_leaving_a_stream_early_stops_the_request_on_the_server(http: http
                               triton.log_path.read_text())
     assert ended.group(1) == "cancelled" and int(ended.group(2)) < 3500
     assert stack.residency.report().models["qwen_instruct"].in_flight == 0
-
-
-def _metric(triton, name: str) -> float:
-    body = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
-    match = re.search(rf'^{name}\{{model="qwen_instruct"\}} (\S+)$', body, re.M)
-    assert match, name
-    return float(match.group(1))
 
 
 async def test_openai_route_validation_errors_are_422_naming_the_field(http: httpx.AsyncClient) -> None:

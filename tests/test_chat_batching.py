@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +14,7 @@ import pytest
 from bridge.launcher import TritonServer
 from bridge.triton_client import InferenceFailed
 from tests.conftest import triton_settings
-from tests.triton_helpers import Live, Streamed, load_model, stream, unload_model
+from tests.triton_helpers import Live, Streamed, load_model, model_metric, stream, unload_model
 
 LONG = {"text_input": "Hello", "stream": True}  # greedy on the tiny model runs to max_tokens
 
@@ -195,7 +194,7 @@ def test_a_request_cancelled_in_the_queue_leaves_it(solo_server: TritonServer) -
 
 def _wait_for_metric(url: str, name: str, value: float, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while (seen := _metric(url, name, "qwen_instruct")) != value:
+    while (seen := model_metric(url, name, "qwen_instruct")) != value:
         assert time.monotonic() < deadline, f"{name} stayed {seen}, not {value}"
         time.sleep(0.02)
 
@@ -217,30 +216,23 @@ def _conversation(tag: str, reply: str | None = None) -> list[dict]:
     return messages
 
 
-def _metric(url: str, name: str, model: str) -> float:
-    body = urllib.request.urlopen(url, timeout=10).read().decode()
-    match = re.search(rf'^{name}\{{model="{model}"\}} (\S+)$', body, re.M)
-    assert match, f"{name} for {model} not on {url}"
-    return float(match.group(1))
-
-
 def test_prefix_reuse_gives_the_cold_text_and_metrics_show_it(url: str, one_at_a_time: str, triton) -> None:
     greedy = {"temperature": 0, "max_tokens": 20}
     first = {"messages": _conversation("reuse"), "sampling_parameters": greedy}
     reply = text_of(stream(url, "qwen_instruct", first))
     second = {"messages": _conversation("reuse", reply), "sampling_parameters": greedy}
-    reused_before = _metric(triton.metrics_url, "qwen_prefix_reused_tokens_total", "qwen_instruct")
+    reused_before = model_metric(triton.metrics_url, "qwen_prefix_reused_tokens_total", "qwen_instruct")
     warm = stream(url, "qwen_instruct", second)
-    reused = _metric(triton.metrics_url, "qwen_prefix_reused_tokens_total", "qwen_instruct") - reused_before
+    reused = model_metric(triton.metrics_url, "qwen_prefix_reused_tokens_total", "qwen_instruct") - reused_before
     assert reused >= 100, reused  # the system prompt and the first turn came from the cache
     # the same turns on the server that keeps no prefixes and runs one sequence at a time
     assert text_of(stream(one_at_a_time, "qwen_instruct", first)) == reply
     assert text_of(stream(one_at_a_time, "qwen_instruct", second)) == text_of(warm)
     for name in ("qwen_time_to_first_token_seconds_count", "qwen_inter_token_latency_seconds_count",
                  "qwen_prompt_tokens_total", "qwen_generated_tokens_total", "qwen_prefix_cache_hits_total"):
-        assert _metric(triton.metrics_url, name, "qwen_instruct") > 0, name
+        assert model_metric(triton.metrics_url, name, "qwen_instruct") > 0, name
     for name in ("qwen_sequences_running", "qwen_sequences_waiting"):
-        assert _metric(triton.metrics_url, name, "qwen_instruct") >= 0
+        assert model_metric(triton.metrics_url, name, "qwen_instruct") >= 0
 
 
 def test_the_metrics_count_every_sequence_and_token_of_a_busy_batch(triton, url: str) -> None:
@@ -249,7 +241,7 @@ def test_the_metrics_count_every_sequence_and_token_of_a_busy_batch(triton, url:
     back to 0."""
     names = ("qwen_sequences_total", "qwen_prompt_tokens_total", "qwen_generated_tokens_total",
              "qwen_prefix_cache_lookups_total", "qwen_time_to_first_token_seconds_count")
-    before = {name: _metric(triton.metrics_url, name, "qwen_base") for name in names}
+    before = {name: model_metric(triton.metrics_url, name, "qwen_base") for name in names}
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda r: stream(url, "qwen_base", r), _requests("counted", "zz")))
     expected = {"qwen_sequences_total": 8, "qwen_prefix_cache_lookups_total": 8,
@@ -257,11 +249,11 @@ def test_the_metrics_count_every_sequence_and_token_of_a_busy_batch(triton, url:
                 "qwen_prompt_tokens_total": sum(r.last("input_tokens") for r in results),
                 "qwen_generated_tokens_total": sum(r.last("output_tokens") for r in results)}
     deadline = time.monotonic() + 10
-    while (seen := {n: _metric(triton.metrics_url, n, "qwen_base") - before[n] for n in names}) != expected:
+    while (seen := {n: model_metric(triton.metrics_url, n, "qwen_base") - before[n] for n in names}) != expected:
         assert time.monotonic() < deadline, (seen, expected)
         time.sleep(0.05)
     for name in ("qwen_sequences_running", "qwen_sequences_waiting"):
-        assert _metric(triton.metrics_url, name, "qwen_base") == 0
+        assert model_metric(triton.metrics_url, name, "qwen_base") == 0
 
 
 # ----------------------------------------------------------------------------- through the bridge

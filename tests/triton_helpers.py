@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +161,14 @@ def stub_pids(server_pid: int, model: str) -> set[int]:
 def _names_model(cmdline: list[bytes], model: str) -> bool:
     """The stub's first argument is the model's path (``.../<model>/1/model.py``)."""
     return len(cmdline) > 1 and f"/{model}/".encode() in cmdline[1]
+
+
+def model_metric(metrics_url: str, name: str, model: str) -> float:
+    """The value of a model's custom metric (``name{model="<model>"}``) on Triton's metrics port."""
+    body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    match = re.search(rf'^{name}\{{model="{model}"\}} (\S+)$', body, re.M)
+    assert match, f"{name} for {model} not on {metrics_url}"
+    return float(match.group(1))
 
 
 class Live:
