@@ -6,7 +6,8 @@ Every step (docs/ARCHITECTURE.md, "Chat at scale"):
    the padded KV of the batch stays within ``kv_tokens``;
 2. admitted sequences are prefilled, batch-1, at most ``prefill_chunk`` prompt tokens in all per
    step, so a long prompt is spread over several steps and the running streams keep getting
-   tokens in between; a prompt starts from the longest matching prefix in :class:`PrefixCache`;
+   tokens in between; a prompt starts from the longest matching prefix in :class:`PrefixCache`
+   (looked up as its prefill starts, so it may be one that an earlier sequence has just put);
 3. a sequence whose prefill is done picks its first token and joins the batch as a row of
    :class:`~model_kit.kv_cache.BatchKV` (written in place, no re-padding of the batch), with an
    attention mask that hides the other rows' padding and per-sequence position ids, so a
@@ -355,6 +356,12 @@ class BatchEngine:
         seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(63)
         seq.rng = torch.Generator(device=self.engine.device).manual_seed(seed)
         seq.processors = _processors(seq.params)
+
+    def _reuse(self, seq: Sequence) -> None:
+        """Start ``seq`` from the longest prefix of its prompt in the prefix cache. Looked up when
+        its prefill starts, not when it was admitted: a sequence admitted beside another with the
+        same long prompt (users of one character card, a burst of turns) then finds the KV that the
+        other's prefill has just put there."""
         # at least the last prompt token is run: its logits give the first new token
         reused, layers = self.prefix.longest(seq.prompt_ids[:-1])
         hit = layers is not None and reused >= MIN_REUSE
@@ -369,6 +376,8 @@ class BatchEngine:
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
+            if seq.cache is None:
+                self._reuse(seq)
             end = min(len(seq.prompt_ids), seq.prefilled + budget)
             try:
                 logits = self._forward_one(seq, seq.prompt_ids[seq.prefilled : end])

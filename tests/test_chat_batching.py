@@ -235,6 +235,27 @@ def test_prefix_reuse_gives_the_cold_text_and_metrics_show_it(url: str, one_at_a
         assert model_metric(triton.metrics_url, name, "qwen_instruct") >= 0
 
 
+def test_turns_arriving_together_reuse_the_prompt_prefix_one_of_them_prefilled(url: str, triton) -> None:
+    """Two turns with one long system prompt, sent at once: both are admitted while neither is
+    prefilled, and the later one to start its prefill starts from the other's prompt KV (the
+    prefix cache is looked up when a prefill starts, not when the sequence was admitted)."""
+    system = "together: you are a lighthouse keeper. " + "Watch the rocks and the tide. " * 90
+    turns = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+              "sampling_parameters": {"temperature": 0, "max_tokens": 8}}
+             for question in ("Is a storm coming?", "When does the ferry sail?")]
+    reused_before = model_metric(triton.metrics_url, "qwen_prefix_reused_tokens_total", "qwen_instruct")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda turn: stream(url, "qwen_instruct", turn), turns))
+    prompts = [r.last("input_tokens") for r in results]
+    assert min(prompts) > 1000, prompts  # a few prefill steps each (QWEN_PREFILL_CHUNK 512)
+    deadline = time.monotonic() + 10
+    while (reused := model_metric(triton.metrics_url, "qwen_prefix_reused_tokens_total", "qwen_instruct")
+           - reused_before) < min(prompts) - 50:  # all but the question and the template's end
+        assert time.monotonic() < deadline, (reused, prompts)  # the system prompt was prefilled twice
+        time.sleep(0.05)
+    assert reused < min(prompts), (reused, prompts)  # only the shared part, the question prefilled
+
+
 def test_the_metrics_count_every_sequence_and_token_of_a_busy_batch(triton, url: str) -> None:
     """The model's counters add up exactly over 8 concurrent streams (their updates are sent by a
     thread of their own, a counter's queued increments summed into one call), and the gauges come
