@@ -418,13 +418,15 @@ async def test_an_sdxl_job_completes_with_assets_and_its_events_stream_until_ter
     assert _new_error(await http.post(f"/jobs/{job['id']}/cancel"), 409)["type"] == "conflict"
 
 
-async def test_cancelling_a_running_wan_job_ends_it_cancelled(http: httpx.AsyncClient) -> None:
+async def test_cancelling_a_running_wan_job_ends_it_cancelled_and_the_next_one_runs(http: httpx.AsyncClient) -> None:
     # Slow enough to cancel mid-way even with WAN already resident (about 10 s here; 64x64 at 81
     # frames took 2 s, all steps within the first progress callback's 1 s throttle)
     job = _job("video_fast", width=96, height=96, num_inference_steps=100, frame_num=161)
     submitted = await http.post("/jobs", json=job)
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["id"]
+    after = await http.post("/jobs", json=_job("video_fast", width=64, height=64, num_inference_steps=2, frame_num=5))
+    assert after.status_code == 202, after.text
     running = await wait_for_state(http, job_id, lambda s: s["status"] == "processing" and s.get("progress", 0) > 0)
     assert running["progress"] < 50
     started = time.monotonic()
@@ -436,6 +438,9 @@ async def test_cancelling_a_running_wan_job_ends_it_cancelled(http: httpx.AsyncC
     assert time.monotonic() - started < 10, "the generation did not stop within a step"
     state = await wait_for_state(http, job_id, lambda s: s["status"] in TERMINAL, timeout=10)
     assert state["status"] == "cancelled" and state.get("progress", 0) < 100 and not state.get("assets")
+    # the WAN job queued behind it (or beside it) is not held up by the cancelled one
+    follower = await wait_for_state(http, after.json()["id"], lambda s: s["status"] in TERMINAL, timeout=60)
+    assert follower["status"] == "completed", follower
 
 
 async def test_job_routes_answer_errors_in_their_shape(http: httpx.AsyncClient) -> None:
