@@ -236,9 +236,10 @@ def test_prefix_reuse_gives_the_cold_text_and_metrics_show_it(url: str, one_at_a
 
 
 def test_turns_arriving_together_reuse_the_prompt_prefix_one_of_them_prefilled(url: str, triton) -> None:
-    """Two turns with one long system prompt, sent at once: both are admitted while neither is
-    prefilled, and the later one to start its prefill starts from the other's prompt KV (the
-    prefix cache is looked up when a prefill starts, not when the sequence was admitted)."""
+    """Two turns with one long system prompt, sent at once (so both are admitted before either is
+    prefilled; with the lookup at admission neither reused anything, checked): the later one to
+    start its prefill starts from the other's prompt KV (the prefix cache is looked up when a
+    prefill starts, not when the sequence was admitted)."""
     system = "together: you are a lighthouse keeper. " + "Watch the rocks and the tide. " * 90
     turns = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
               "sampling_parameters": {"temperature": 0, "max_tokens": 8}}
