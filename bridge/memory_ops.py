@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from bridge.aio import cancel_until_done
+
 log = logging.getLogger(__name__)
 
 QUICK_S = 0.5
@@ -102,6 +104,4 @@ class MemoryOps:
         return [op.as_dict() for op in reversed(self._ops)]
 
     async def close(self) -> None:
-        for task in list(self._tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await cancel_until_done(self._tasks.values())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge import metrics
+from bridge.aio import cancel_until_done
 from bridge.availability import Availability
 from bridge.activity import Activity
 from bridge.cpu_work import CpuWork
@@ -217,9 +218,7 @@ class Runtime:
         """Stop every part, in reverse order of start. Each step is logged with its duration (at
         DEBUG; WARNING when it took over :data:`SLOW_STEP_S`), so a shutdown that hangs shows
         which step it hangs in."""
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_until_done(self._background)
         await self.memory_ops.close()
         if self.api_server is not None:
             self.api_server.should_exit = True

@@ -24,6 +24,7 @@ import tritonclient.grpc.aio as grpcaio
 from pydantic import SecretStr
 from tritonclient.utils import InferenceServerException
 
+from bridge.aio import cancel_until_done
 from bridge.launcher import GRPC_API_KEY_HEADER
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,16 @@ class InferenceFailed(RuntimeError):
 
 class ModelProcessDied(InferenceFailed):
     """The model's process died mid-request (bridge/stub_watch.py): reload it, then retry."""
+
+
+def _failed(model: str, message: str) -> InferenceFailed:
+    """The error for a failed request. Triton's own words for a dead (or hung) stub process, when
+    its health check sees it before :class:`bridge.stub_watch.StubWatch` does, mean the same as
+    the watch's finding: only a reload brings the model back (an unload alone waits out the dead
+    stub's timeout first)."""
+    if "stub process" in message.lower() and "is not healthy" in message.lower():
+        return ModelProcessDied(model, message)
+    return InferenceFailed(model, message)
 
 
 def _input(name: str, value: Any) -> grpcclient.InferInput:
@@ -114,9 +125,7 @@ class TritonClient:
         return self._headers
 
     async def close(self) -> None:
-        for task in list(self._stopping):
-            task.cancel()
-        await asyncio.gather(*self._stopping, return_exceptions=True)
+        await cancel_until_done(self._stopping)
         await self._client.close()
 
     async def is_live(self) -> bool:
@@ -153,11 +162,11 @@ class TritonClient:
                     raise item
                 result, error = item
                 if error is not None:
-                    raise InferenceFailed(model, error.message() if hasattr(error, "message") else str(error))
+                    raise _failed(model, error.message() if hasattr(error, "message") else str(error))
                 yield _outputs(result)
             finished = True
         except InferenceServerException as exc:
-            raise InferenceFailed(model, exc.message() or str(exc)) from None
+            raise _failed(model, exc.message() or str(exc)) from None
         except Exception as exc:  # grpc.aio errors surface as AioRpcError
             if type(exc).__name__ == "AioRpcError":
                 raise InferenceFailed(model, f"{exc.code().name}: {exc.details()}") from None  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from bridge import metrics
 from bridge.activity import Activity
+from bridge.aio import cancel_until_done
 from bridge.app_cancel import AppCancelWatcher
 from bridge.dispatcher import Dispatcher, JobFailed
 from bridge.generation import Generation, Retry
@@ -130,7 +131,7 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=30)
-        await _cancel_until_done(self._tasks)
+        await cancel_until_done(self._tasks)
         await self.dispatcher.stop()
         # Whatever this worker still holds (taken but not started) goes back, uncounted; with Redis
         # away it stays in the processing lists, which the reaper returns once this heartbeat expires.
@@ -501,25 +502,3 @@ def _job_refusal(job: Job) -> JobFailed | None:
 
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-#: How long a cancelled worker task gets to end before it is cancelled again.
-RECANCEL_S = 1.0
-
-
-async def _cancel_until_done(tasks: list[asyncio.Task]) -> None:
-    """Cancel ``tasks`` and wait for them, cancelling again those still running after
-    :data:`RECANCEL_S`: a cancellation can be lost inside a library call (seen: the heartbeat loop,
-    ``Queue.keep_alive``, went back to its sleep with its cancel swallowed somewhere in a Redis
-    call, on Python 3.11, and a shutdown then waited for it for ever). A loop of ours that must end
-    does not catch ``CancelledError``, so the second cancel ends it."""
-    pending = [task for task in tasks if not task.done()]
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, still = await asyncio.wait(pending, timeout=RECANCEL_S)
-        if still:
-            log.warning("still running %.0fs after their cancel, cancelled again: %s", RECANCEL_S,
-                        sorted(task.get_name() for task in still))
-        pending = list(still)
-    await asyncio.gather(*tasks, return_exceptions=True)  # their exceptions retrieved

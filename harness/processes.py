@@ -388,8 +388,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 
 
 def wait_terminals(stub: Any, job_ids: Iterable[str], timeout: float,
-                   on_wait: Callable[[], None] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Wait until every job in ``job_ids`` has a delivered terminal callback; the terminals."""
+                   on_wait: Callable[[], None] | None = None,
+                   explain: Callable[[], str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Wait until every job in ``job_ids`` has a delivered terminal callback; the terminals.
+    ``explain`` (e.g. a bridge's log tail) is added to the failure's message."""
     wanted = list(job_ids)
     outcomes = Outcomes(stub)
     state: dict[str, Any] = {}
@@ -404,5 +406,5 @@ def wait_terminals(stub: Any, job_ids: Iterable[str], timeout: float,
 
     wait_until(done, timeout, interval=0.3,
                message=lambda: f"{len(state['missing'])} of {len(wanted)} jobs have no terminal callback: "
-                               f"{state['missing'][:5]}")
+                               f"{state['missing'][:5]}" + (f"\n{explain()}" if explain is not None else ""))
     return state["terminals"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +31,8 @@ from bridge.launcher import TritonServer
 from bridge.model_table import ModelSpec, ModelTable
 from bridge.residency import ResidencyError, ResidencyEvent, ResidencyManager
 from bridge.scheduler import Scheduler, WaitingGroup
-from bridge.triton_client import TritonModelControl
+from bridge.stub_watch import stub_pids
+from bridge.triton_client import ModelProcessDied, TritonClient, TritonModelControl
 from tests.conftest import triton_settings
 
 pytestmark = pytest.mark.timeout(600)
@@ -401,6 +404,40 @@ async def test_failed_load_is_reported_and_does_not_wedge(tiny_models_dir: Path,
         assert manager.state("qwen_instruct") == "ready"
         await manager.control.close()
     finally:
+        server.stop()
+
+
+async def test_a_stub_killed_mid_request_is_reported_dead_and_a_reload_serves_again(
+        tiny_models_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL of SDXL's stub while it steps, with no :class:`StubWatch` beside the request:
+    Triton's own answer ("Stub process ... is not healthy", within about a second) is taken as the
+    process's death (:class:`ModelProcessDied`, which the job's retry answers with a reload; an
+    unload alone waited out the dead stub's timeout first and let the job sit for over 40 s), and
+    the reload brings a new stub that serves the next request."""
+    server = TritonServer(triton_settings(tiny_models_dir), log_path=tmp_path / "tritonserver.log").start()
+    client = TritonClient(server.grpc_url)
+    try:
+        assert server.process is not None
+        manager = _manager(server.grpc_url, 1.0, {"sdxl": "on_demand"})
+        await manager.start()
+        await manager.ensure({"sdxl"})
+        (old,) = stub_pids(server.process.pid, "sdxl")
+        inputs = {"prompt": "a fox", "parameters": {"seed": 1, "width": 64, "height": 64, "steps": 150}}
+        stepping = asyncio.Event()
+        request = asyncio.ensure_future(client.run("sdxl", inputs, on_response=lambda _: stepping.set()))
+        await asyncio.wait_for(stepping.wait(), 60)
+        os.kill(old, signal.SIGKILL)
+        with pytest.raises(ModelProcessDied, match="is not healthy"):
+            await asyncio.wait_for(request, 30)
+        assert await manager.reload("sdxl") is True
+        (new,) = stub_pids(server.process.pid, "sdxl")
+        assert new != old and manager.state("sdxl") == "ready"
+        final = await asyncio.wait_for(client.run("sdxl", {**inputs, "parameters": {**inputs["parameters"], "steps": 2}}),
+                                       60)
+        assert len(final["images"]) == 1
+        await manager.control.close()
+    finally:
+        await client.close()
         server.stop()
 
 

@@ -1,11 +1,15 @@
-"""bridge/runtime.py: what the process does when its shutdown does not end."""
+"""bridge/runtime.py and bridge/aio.py: what the process does when its shutdown does not end."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bridge.aio import RECANCEL_S, cancel_until_done
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,3 +47,34 @@ def test_a_shutdown_that_hangs_logs_what_it_waits_on_and_exits() -> None:
     # The threads' side, from faulthandler, which then ends the process.
     assert "Timeout (0:00:02)!" in result.stderr, result.stderr
     assert result.stderr.count("File ") >= 2 and "threading.py" in result.stderr, result.stderr
+
+
+async def test_a_task_that_loses_its_cancel_is_cancelled_again_and_the_stop_ends(caplog) -> None:
+    """A loop that swallows its first cancel (as a library call did to the heartbeat loop) is
+    cancelled again after ``RECANCEL_S``; the stop ends, logs the task's name, and a task that
+    ended on its own with an error does not fail it."""
+    swallowed = []
+
+    async def loses_one_cancel() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(time.monotonic())  # as if a callee had caught it
+
+    async def fails() -> None:
+        raise RuntimeError("ended badly before the stop")
+
+    deaf = asyncio.create_task(loses_one_cancel(), name="heartbeat")
+    broken = asyncio.create_task(fails(), name="broken")
+    quiet = asyncio.create_task(asyncio.sleep(3600), name="sleeper")
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="bridge.aio"):
+        await asyncio.wait_for(cancel_until_done([deaf, broken, quiet]), 10)
+    assert deaf.cancelled() and quiet.cancelled() and isinstance(broken.exception(), RuntimeError)
+    assert len(swallowed) == 1 and RECANCEL_S <= time.monotonic() - started < RECANCEL_S + 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"still running {RECANCEL_S:.0f}s after their cancel, cancelled again: ['heartbeat']"]
