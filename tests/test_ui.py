@@ -139,6 +139,8 @@ async def test_a_submitted_job_runs_on_the_page_and_a_wan_job_is_cancelled_from_
 
 
 async def test_model_loads_and_unloads_show_in_the_residency_view(page, stack):
+    # The session tritonserver may hold qwen_base from an earlier test (the order is not fixed).
+    await stack.residency.unload("qwen_base")
     await login(page)
     state = "#models tr[data-model=qwen_base] .state"
     assert await page.inner_text(state) == "unloaded"
