@@ -93,6 +93,7 @@ class _Record:
     last_error: str | None = None
     failed_at: float | None = None
     measured_gb: float | None = None
+    instance: int = 0  # changes with every load and reload: which model process a request met
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -178,6 +179,10 @@ class ResidencyManager:
 
     def in_flight(self, name: str) -> int:
         return self._record(name).in_flight
+
+    def instance(self, name: str) -> int:
+        """Which load of ``name`` serves now (for :meth:`reload`'s second look)."""
+        return self._record(name).instance
 
     def views(self) -> dict[str, ModelView]:
         """Per model what the scheduler needs; ``failed`` only while its load is refused."""
@@ -341,15 +346,17 @@ class ResidencyManager:
         await self.unload(name)
         await self.ensure({name}, retry_failed=True)
 
-    async def reload(self, name: str) -> bool:
+    async def reload(self, name: str, instance: int | None = None) -> bool:
         """A loaded model's process died: unload it and load it again at once, without waiting
         for the unload to end (Triton's release of an instance whose process is dead waits out
         its stub timeout, ~30 s; a load of the unchanged model alone is a no-op, and a request to
-        the dead instance can crash the server). ``False`` when it was not loaded."""
+        the dead instance can crash the server). ``False`` when it was not loaded, or when it was
+        loaded again since ``instance`` (:meth:`instance` when the failed request began): requests
+        that met the same dead process at once reload it once, not the new one after it."""
         rec = self._record(name)
         async with self._lock:
             await self._refresh_unloading()
-            if rec.state != "ready":
+            if rec.state != "ready" or (instance is not None and rec.instance != instance):
                 return False
             rec.state = "loading"  # new requests wait for the new model process
             started = self._clock()
@@ -360,6 +367,7 @@ class ResidencyManager:
                 rec.state = "unloaded"  # the next use loads it the ordinary way
                 raise ResidencyError(f"reloading {name} failed", exc) from exc
             rec.state = "ready"
+            rec.instance += 1
             log.info("reloaded %s in %.2fs", name, self._clock() - started)
             return True
 
@@ -616,6 +624,7 @@ class ResidencyManager:
         self._displaced.discard(name)
         rec.last_used = self._clock()
         rec.loads += 1
+        rec.instance += 1
         rec.last_load_s = seconds
         rec.total_load_s += seconds
         rec.failed_at = None

@@ -12,7 +12,9 @@ import asyncio
 import importlib
 import inspect
 import logging
+import os
 import re
+import signal
 import sys
 import time
 import typing
@@ -32,6 +34,7 @@ from bridge.chat import mask_sfw
 from bridge.jobs import QUEUES
 from bridge.prompt_data import get_data
 from bridge.safety import REFUSAL_REASON
+from bridge.stub_watch import stub_pids
 from tests.stack import (
     API_KEY,
     TERMINAL,
@@ -369,6 +372,39 @@ async def test_leaving_a_stream_early_stops_the_request_on_the_server(http: http
                               triton.log_path.read_text())
     assert ended.group(1) == "cancelled" and int(ended.group(2)) < 3500
     assert stack.residency.report().models["qwen_instruct"].in_flight == 0
+
+
+async def test_chat_turns_outlive_a_dead_qwen_stub(http: httpx.AsyncClient, stack, triton, caplog) -> None:
+    """SIGKILL of qwen_instruct's stub between turns (Triton still reports the model ready and
+    fails every request to it): the next turn's model is reloaded and the turn answered; two turns
+    sent at once after another kill reload it once, not twice; a streamed turn that meets a dead
+    stub ends with an error event, and the turn after it is answered by a new process."""
+    def kill_stub() -> int:
+        (pid,) = stub_pids(triton.process.pid, "qwen_instruct")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def reloads() -> int:
+        return sum("reloaded qwen_instruct" in r.getMessage() for r in caplog.records)
+
+    body = {"model": "qwen_instruct", "messages": USER, "max_tokens": 4, "temperature": 0}
+    caplog.set_level(logging.INFO, logger="bridge.residency")
+    assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+    first = kill_stub()
+    answer = await http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] and reloads() == 1
+    second = kill_stub()
+    both = await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(2)))
+    assert [r.status_code for r in both] == [200, 200] and reloads() == 2
+    kill_stub()
+    async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        events = await read_sse(response, RECORDER)
+    assert events[-1].json()["error"]["type"] == "model_unavailable" and reloads() == 3
+    assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+    (now,) = stub_pids(triton.process.pid, "qwen_instruct")
+    assert now not in (first, second) and stack.residency.state("qwen_instruct") == "ready"
 
 
 async def test_openai_route_validation_errors_are_422_naming_the_field(http: httpx.AsyncClient) -> None:
