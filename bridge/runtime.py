@@ -117,6 +117,8 @@ class Runtime:
         if self.with_api:
             await self._start_api()
         self._background.append(asyncio.create_task(self.availability.watch(), name="weights-watch"))
+        if self.triton_server is not None:
+            self._background.append(asyncio.create_task(self._watch_triton(), name="triton-watch"))
         self._load_startup_models()
         return self
 
@@ -187,6 +189,17 @@ class Runtime:
                 await asyncio.to_thread(self.triton_server.stop)
                 await asyncio.to_thread(self.triton_server.start)
             await self._resync_when_reachable()
+
+    async def _watch_triton(self) -> None:
+        """Restart the embedded server as soon as its process has exited, not when the next job
+        fails on it: chat turns alone (the API) never restart it, and answered 503 until a job came."""
+        while True:
+            await asyncio.sleep(TRITON_WATCH_S)
+            if self.triton_server is not None and not self.triton_server.running:
+                try:
+                    await self.restart_triton()
+                except Exception:  # noqa: BLE001 - tried again at the next look; /health says it is down
+                    log.exception("restarting tritonserver failed")
 
     async def _triton_http_live(self) -> bool:
         import httpx  # noqa: PLC0415
@@ -268,6 +281,9 @@ def triton_pid_file(settings: Settings) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.worker_id)
     return settings.output_dir / ".tritonserver" / f"{safe}.pid"
 
+
+#: How often the embedded tritonserver's process is looked at (``Runtime._watch_triton``).
+TRITON_WATCH_S = 1.0
 
 SLOW_STEP_S = 5.0
 """A shutdown step that takes longer than this is logged as a warning."""

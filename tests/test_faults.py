@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -271,6 +272,33 @@ def test_restart_under_the_same_worker_id_while_another_pod_waits(tiny_models_di
 
 
 # --------------------------------------------------------------------------- SIGKILL tritonserver / a stub
+def test_sigkill_tritonserver_while_idle_is_restarted_without_a_job_and_chat_answers(
+        tiny_models_dir, redis_server, stub, spawn, tmp_path):
+    """No job comes after the embedded server dies, only chat turns: the bridge restarts the
+    server by itself (it watches the process) and the next turn is answered; before, every turn
+    got a 503 until a job failed on the dead server."""
+    env = bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "out", redis_url=redis_server.url,
+                     triton_url=None, supabase=stub)
+    bridge = spawn("idle", env).start().wait_ready()
+    chat = f"http://127.0.0.1:{bridge.api_port}/v1/chat/completions"
+    body = {"model": "qwen_instruct", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+    assert httpx.post(chat, json=body, timeout=120).status_code == 200
+    old_server = bridge.tritonserver_pid()
+    assert old_server is not None
+    os.kill(old_server, signal.SIGKILL)
+    # Nothing is sent until the new server runs: the restart is the bridge's own doing.
+    new_server = wait_until(lambda: bridge.tritonserver_pid() not in (None, old_server) and bridge.tritonserver_pid(),
+                            30, message=bridge.tail)
+    wait_until(lambda: bridge.health().status_code == 200, 60, message=bridge.tail)
+    answer = httpx.post(chat, json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"]
+    assert bridge.tritonserver_pid() == new_server
+    assert len(bridge.messages("tritonserver is not live; restarting it")) == 1, bridge.tail()
+    assert_no_unexpected_errors(bridge)
+    assert bridge.terminate() == 0
+
+
 def test_sigkill_tritonserver_and_a_model_stub_mid_job(tiny_models_dir, redis_server, stub, spawn, tmp_path):
     client = redis.Redis.from_url(redis_server.url)
     env = bridge_env(models_dir=tiny_models_dir, output_dir=tmp_path / "out", redis_url=redis_server.url,
