@@ -95,12 +95,15 @@ async def test_a_submitted_job_runs_on_the_page_and_a_wan_job_is_cancelled_from_
     assert await page.evaluate("document.cookie") == ""  # the script cannot read it
 
     # A tiny SDXL job: it appears, its progress bar moves, it ends completed with its thumbnail.
-    sdxl_id = await submit(page, "sdxl_image_fast", steps=100)  # seconds, with SDXL resident: the bar moves
+    # Seconds with SDXL resident, so that the page (a snapshot every 0.5 s) sees the bar move (100
+    # steps at most in the form; at 64x64 they ended within one snapshot on a fast 2-core box).
+    sdxl_id = await submit(page, "sdxl_image_fast", steps=100, size=128)
     bar = f"#running tr[data-job-id='{sdxl_id}'] .bar"
     await page.wait_for_selector(bar, timeout=60_000)
     seen: set[int] = set()
     done = f"#finished tr[data-job-id='{sdxl_id}']"
     deadline = time.monotonic() + 120
+    started = time.monotonic()
     while not await page.locator(done).count():
         assert time.monotonic() < deadline, f"job {sdxl_id} did not end; progress seen {sorted(seen)}"
         # One read in the page: the row may leave #running between two separate locator calls.
@@ -108,7 +111,8 @@ async def test_a_submitted_job_runs_on_the_page_and_a_wan_job_is_cancelled_from_
         if value is not None:
             seen.add(int(value))
         await asyncio.sleep(0.05)
-    assert len(seen) >= 2 and any(0 < v < 100 for v in seen), f"the progress bar did not move: {sorted(seen)}"
+    assert len(seen) >= 2 and any(0 < v < 100 for v in seen), \
+        f"the progress bar did not move: {sorted(seen)} in {time.monotonic() - started:.1f} s"
     assert await page.inner_text(f"{done} .status") == "completed"
     thumb = page.locator(f"{done} img.thumb")
     await thumb.wait_for()
