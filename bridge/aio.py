@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 RECANCEL_S = 1.0
 
 
-async def cancel_until_done(tasks: Iterable[asyncio.Future]) -> None:
+async def cancel_until_done(tasks: Iterable[asyncio.Task]) -> None:
     """Cancel ``tasks`` and wait for them, cancelling again those still running after
     :data:`RECANCEL_S`: a cancellation can be lost inside a library call (seen: the heartbeat loop,
     ``Queue.keep_alive``, went back to its sleep with its cancel swallowed somewhere in a Redis
@@ -27,10 +27,7 @@ async def cancel_until_done(tasks: Iterable[asyncio.Future]) -> None:
         _, still = await asyncio.wait(pending, timeout=RECANCEL_S)
         if still:
             log.warning("still running %.0fs after their cancel, cancelled again: %s", RECANCEL_S,
-                        sorted(_name(task) for task in still))
+                        sorted(task.get_name() for task in still))
         pending = list(still)
     await asyncio.gather(*tasks, return_exceptions=True)
 
-
-def _name(task: asyncio.Future) -> str:
-    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)

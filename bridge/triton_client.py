@@ -66,7 +66,8 @@ def _failed(model: str, message: str) -> InferenceFailed:
     its health check sees it before :class:`bridge.stub_watch.StubWatch` does, mean the same as
     the watch's finding: only a reload brings the model back (an unload alone waits out the dead
     stub's timeout first)."""
-    if "stub process" in message.lower() and "is not healthy" in message.lower():
+    text = message.lower()
+    if "stub process" in text and "is not healthy" in text:
         return ModelProcessDied(model, message)
     return InferenceFailed(model, message)
 
