@@ -232,7 +232,7 @@ class Generation:
         except InferenceFailed as exc:
             log.warning("job %s: %s failed: %s", job.id, model, exc.message)
             if exc.transient:
-                await self._recover_model(model, reload=isinstance(exc, ModelProcessDied))
+                await self._recover_model(model, dead=isinstance(exc, ModelProcessDied))
                 raise Retry(client_text(exc.message)) from None
             raise JobFailed(client_text(exc.message)) from None
 
@@ -267,18 +267,17 @@ class Generation:
         outputs = JobOutputs(job.user_id, job.requested_type, [], metadata)
         return await asyncio.to_thread(functools.partial(self.spool.save, job.id, outputs, durable=False))
 
-    async def _recover_model(self, model: str, reload: bool = False) -> None:
-        """A model process or the server died: restart what is needed before the retry."""
+    async def _recover_model(self, model: str, dead: bool = False) -> None:
+        """A model process or the server failed: restart what is needed before the retry. A model
+        whose process died (``dead``) was reloaded already, by ``ResidencyManager.use``."""
         if self._on_triton_failure is not None and not await self.triton.is_live():
             try:
                 await self._on_triton_failure()
             except Exception:  # noqa: BLE001 - (docs/ARCHITECTURE.md, process life cycle) a failed restart is this job's retry, not a crash
                 log.exception("restarting tritonserver failed; the job will be retried")
             return
-        with suppress(Exception):
-            if reload:  # its process died: a new one for the retry (unloading a dead one waits ~30 s)
-                await self.residency.reload(model)
-            else:
+        if not dead:
+            with suppress(Exception):
                 await self.residency.unload(model)
 
     async def _reference_image(self, job: Job) -> bytes | None:

@@ -243,13 +243,20 @@ class _Link:
 
     A single failure is not an outage: a pooled connection that went stale (e.g. Redis restarted
     between two calls) fails once and the retry on a fresh connection succeeds. The second
-    consecutive failure of a call is logged as the start of an outage.
+    consecutive failure of a call is logged as the start of an outage. A call counts its failures
+    with a :class:`_Streak`, which any call's success in between starts afresh: a call that slept
+    through the outage in backoff, woken after another call saw Redis back, meets a stale pooled
+    connection once, and that is not a second outage.
     """
 
     def __init__(self, where: str) -> None:
         self.where = where
         self.down_since: float | None = None
+        self.successes = 0  # any call's: a streak that saw one go by starts again
         self._first_failure: float | None = None
+
+    def streak(self) -> "_Streak":
+        return _Streak(self)
 
     def down(self, exc: BaseException, failures: int) -> None:
         now = time.monotonic()
@@ -265,11 +272,29 @@ class _Link:
             log.debug("Redis at %s: %s: %s (failure %d)", self.where, type(exc).__name__, exc, failures)
 
     def up(self) -> None:
+        self.successes += 1
         self._first_failure = None
         if self.down_since is not None:
             log.warning("Redis at %s is reachable again after %.1f s", self.where, time.monotonic() - self.down_since)
             metrics.inc_redis_reconnect()
             self.down_since = None
+
+
+class _Streak:
+    """One call's consecutive failures of Redis, for its backoff and for :class:`_Link`."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+        self._seen = link.successes
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> int:
+        """Count a failure (afresh if any call succeeded since the last) and report it; the count."""
+        if self._link.successes != self._seen:
+            self._seen, self.failures = self._link.successes, 0
+        self.failures += 1
+        self._link.down(exc, self.failures)
+        return self.failures
 
 
 def _safe_location(url: str) -> str:
@@ -389,7 +414,7 @@ class Queue(JobState):
         deadline = time.monotonic() + timeout if timeout > 0 else None
         processing = processing_key(self.worker_id, queue)
         source = "LEFT" if self.pop_side == "left" else "RIGHT"
-        failures = 0
+        streak = self._link.streak()
         async with self._take_locks[queue]:
             while True:
                 try:
@@ -409,16 +434,13 @@ class Queue(JobState):
                     if isinstance(exc, _FATAL):
                         raise
                     self._clean.discard(queue)
-                    failures += 1
-                    self._link.down(exc, failures)
-                    delay = self._backoff.compute(failures)
+                    delay = self._backoff.compute(streak.failed(exc))
                     if deadline is not None and time.monotonic() + delay >= deadline:
                         await asyncio.sleep(max(0.0, deadline - time.monotonic()))
                         return None
                     await asyncio.sleep(delay)
                     continue
                 self._link.up()
-                failures = 0
                 if raw is not None:
                     break
             self._held[queue][raw] += 1
@@ -712,16 +734,14 @@ class Queue(JobState):
         """Run ``call`` until it gets through: connection errors are retried with exponential
         backoff and jitter (forever, or ``give_up_after_s``); the outage is logged once."""
         deadline = None if self.give_up_after_s is None else time.monotonic() + self.give_up_after_s
-        failures = 0
+        streak = self._link.streak()
         while True:
             try:
                 result = await call()
             except _RETRYABLE as exc:
                 if isinstance(exc, _FATAL):
                     raise
-                failures += 1
-                self._link.down(exc, failures)
-                delay = self._backoff.compute(failures)
+                delay = self._backoff.compute(streak.failed(exc))
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise RedisUnavailable(f"Redis at {self.location} unreachable for {self.give_up_after_s} s") from exc
                 await asyncio.sleep(delay)

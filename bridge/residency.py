@@ -42,7 +42,7 @@ from bridge.residency_report import (
     metrics_observer,
 )
 from bridge.scheduler import Eviction, ModelView, occupied_gb, plan_residency
-from bridge.triton_client import TritonModelControl
+from bridge.triton_client import ModelProcessDied, TritonModelControl
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,6 @@ class ResidencyManager:
 
     def in_flight(self, name: str) -> int:
         return self._record(name).in_flight
-
-    def instance(self, name: str) -> int:
-        """Which load of ``name`` serves now (for :meth:`reload`'s second look)."""
-        return self._record(name).instance
 
     def views(self) -> dict[str, ModelView]:
         """Per model what the scheduler needs; ``failed`` only while its load is refused."""
@@ -351,7 +347,7 @@ class ResidencyManager:
         for the unload to end (Triton's release of an instance whose process is dead waits out
         its stub timeout, ~30 s; a load of the unchanged model alone is a no-op, and a request to
         the dead instance can crash the server). ``False`` when it was not loaded, or when it was
-        loaded again since ``instance`` (:meth:`instance` when the failed request began): requests
+        loaded again since ``instance`` (the load that served when the failed request began): requests
         that met the same dead process at once reload it once, not the new one after it."""
         rec = self._record(name)
         async with self._lock:
@@ -359,16 +355,26 @@ class ResidencyManager:
             if rec.state != "ready" or (instance is not None and rec.instance != instance):
                 return False
             rec.state = "loading"  # new requests wait for the new model process
+            self._emit(ResidencyEvent("load", name, "start"))  # a load of a new process, for the metrics
             started = self._clock()
             try:
                 await self.control.unload(name)
                 await self.control.load(name, self.table.specs[name].load_timeout_s)
-            except Exception as exc:
+            except BaseException as exc:  # cancelled too: not left "loading" with nothing to end it
                 rec.state = "unloaded"  # the next use loads it the ordinary way
+                self._emit(ResidencyEvent("load", name, "end", ok=False, seconds=self._clock() - started,
+                                          error=_short(str(exc)) or type(exc).__name__))
+                if not isinstance(exc, Exception):
+                    raise
                 raise ResidencyError(f"reloading {name} failed", exc) from exc
+            seconds = self._clock() - started
             rec.state = "ready"
             rec.instance += 1
-            log.info("reloaded %s in %.2fs", name, self._clock() - started)
+            rec.loads += 1
+            rec.last_load_s = seconds
+            rec.total_load_s += seconds
+            log.info("reloaded %s in %.2fs", name, seconds)
+            self._emit(ResidencyEvent("load", name, "end", seconds=seconds, measured_gb=rec.measured_gb))
             return True
 
     @asynccontextmanager
@@ -377,6 +383,13 @@ class ResidencyManager:
 
         An unload waits until no request holds the model. ``cancel`` (sync or async) is called
         when an unload's drain deadline passes while this request still runs.
+
+        When a model's process died under the request (:class:`ModelProcessDied`) the model is
+        reloaded before the error goes on, so that the next request finds a live one: Triton
+        still reports a model whose stub is dead as ready and fails every request to it
+        (docs/ARCHITECTURE.md, process life cycle). Requests that met the same dead process, and
+        the enclosing ``use`` of a request held inside another, reload it once (:meth:`reload`'s
+        second look).
         """
         names = frozenset(models)
         task = asyncio.current_task()
@@ -385,13 +398,19 @@ class ResidencyManager:
         # No await between the check above and here: nothing can unload the models in between.
         token = self._next_token
         self._next_token += 1
+        instances = {}
         for name in names:
             rec = self._records[name]
             rec.in_flight += 1
             rec.holders[token] = (task, cancel)
             rec.idle.clear()
+            instances[name] = rec.instance
+        died: ModelProcessDied | None = None
         try:
             yield
+        except ModelProcessDied as exc:
+            died = exc if exc.model in names else None
+            raise
         finally:
             now = self._clock()
             for name in names:
@@ -401,6 +420,8 @@ class ResidencyManager:
                 rec.last_used = now
                 if rec.in_flight == 0:
                     rec.idle.set()
+            if died is not None:
+                await self._reload_dead(died, instances[died.model])
 
     async def evict_for_oom(self, *keep: str) -> list[str]:
         """After an out-of-memory error: unload every idle model not in ``keep``; returns them.
@@ -444,6 +465,17 @@ class ResidencyManager:
         self.oom_retries += 1
         async with self.use(*names, cancel=cancel):
             return await job()
+
+    async def _reload_dead(self, died: ModelProcessDied, instance: int) -> None:
+        """:meth:`use`'s reload of a model whose process died; a failed reload is logged, and the
+        request's own error goes on (the next use loads the model the ordinary way)."""
+        if self._records[died.model].instance != instance:
+            return  # reloaded already, by another request that met the same process
+        log.warning("%s: %s; reloading it", died.model, died.message)
+        try:
+            await self.reload(died.model, instance)
+        except Exception as exc:  # noqa: BLE001 - e.g. the whole server is down: its restart (bridge/runtime.py) loads afresh
+            log.error("%s: reload failed: %s", died.model, exc)
 
     # -------------------------------------------------------------- internals (lock held)
 

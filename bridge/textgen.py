@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal
 
 from bridge.chat import EnhancedPrompt, enhancement_messages, finish_enhancement, load_tokenizer
-from bridge.residency import ResidencyError, ResidencyManager
+from bridge.residency import ResidencyManager
 from bridge.settings import Settings
 from bridge.triton_client import InferenceFailed, ModelProcessDied, TritonClient
 
@@ -61,26 +61,6 @@ class TextService:
         self.triton = triton
         self.residency = residency
 
-    @asynccontextmanager
-    async def _using(self, model: str) -> AsyncIterator[None]:
-        """``model`` held resident for one request (``ResidencyManager.use``). When its process
-        died under the request (``ModelProcessDied``) it is reloaded before the error goes on, so
-        that the next turn finds a live model: Triton still reports a model whose stub is dead as
-        ready and fails every request to it (docs/ARCHITECTURE.md, process life cycle). Turns
-        that met the same dead process reload it once."""
-        met = None
-        try:
-            async with self.residency.use(model):
-                met = self.residency.instance(model)
-                yield
-        except ModelProcessDied as exc:
-            log.warning("%s: %s; reloading it", model, exc.message)
-            try:
-                await self.residency.reload(model, met)
-            except ResidencyError as failed:
-                log.error("%s: reload failed: %s", model, failed)
-            raise
-
     def tokenizer(self, model: str) -> Any:
         """The model's own tokenizer (for context budgets), or a diffusion model's text tokenizer:
         ``sdxl`` → CLIP, ``wan`` → UMT5."""
@@ -96,7 +76,7 @@ class TextService:
         """Stream a reply token by token (``messages`` a plain string: a text completion of it);
         leaving early stops the request on the server (``TritonClient.responses``)."""
         inputs = {**_prompt(messages), "stream": True, "sampling_parameters": sampling}
-        async with self._using(model), \
+        async with self.residency.use(model), \
                 aclosing(self.triton.responses(model, inputs, request_id=request_id, stoppable=True)) as responses:
             async for outputs in responses:
                 yield TextChunk(
@@ -115,12 +95,12 @@ class TextService:
         inputs = {**_prompt(messages), "stream": False, "sampling_parameters": sampling}
 
         async def attempt() -> dict:
-            async with self._using(model):
+            async with self.residency.use(model):
                 return await self.triton.run(model, inputs, timeout=timeout, request_id=request_id, stoppable=True)
 
         try:
             outputs = await attempt()
-        except ModelProcessDied:  # reloaded by now; nothing of this reply reached anyone: once more
+        except ModelProcessDied:  # reloaded by now (ResidencyManager.use); nothing of this reply reached anyone: once more
             outputs = await attempt()
         return TextResult(
             text=_first(outputs, "text_output") or "",

@@ -586,6 +586,48 @@ async def test_calls_wait_out_an_outage(redis_server: RedisServer, caplog: pytes
     assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
 
 
+async def test_a_call_that_slept_through_an_outage_does_not_log_a_second_one(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two calls wait out an outage; one gets through and the outage is over. The other, woken
+    later from its backoff, meets a stale pooled connection once (as after a real Redis restart)
+    and then gets through: one outage, logged once at each end, not a second one "after 0.0 s"."""
+    caplog.set_level(logging.INFO, logger="bridge.queue")
+    q = make_queue(redis_server, backoff_cap_s=0.05)
+    back = asyncio.Event()
+    stale_left = 1
+
+    async def first() -> str:
+        if not back.is_set():
+            raise aioredis.ConnectionError("Connection closed by server.")
+        return "first"
+
+    async def second() -> str:
+        nonlocal stale_left
+        if not back.is_set():
+            raise aioredis.ConnectionError("Connection closed by server.")
+        await a  # woken after the other call found Redis back
+        if stale_left:
+            stale_left -= 1
+            raise aioredis.ConnectionError("Connection closed by server.")
+        return "second"
+
+    try:
+        a = asyncio.create_task(q._retrying(first))
+        b = asyncio.create_task(q._retrying(second))
+        await asyncio.sleep(0.3)  # both have failed several times: an outage
+        assert not a.done() and not b.done()
+        back.set()
+        assert await asyncio.wait_for(a, 5) == "first"
+        assert await asyncio.wait_for(b, 5) == "second"
+        assert stale_left == 0  # the stale connection was met after the outage had ended
+    finally:
+        await q.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "bridge.queue"]
+    assert sum("is unreachable" in m for m in messages) == 1, messages
+    assert sum("reachable again" in m for m in messages) == 1, messages
+
+
 async def test_give_up_after_raises(redis_server: RedisServer) -> None:
     q = make_queue(redis_server, give_up_after_s=0.3, backoff_cap_s=0.1)
     try:

@@ -407,33 +407,44 @@ async def test_failed_load_is_reported_and_does_not_wedge(tiny_models_dir: Path,
         server.stop()
 
 
-async def test_a_stub_killed_mid_request_is_reported_dead_and_a_reload_serves_again(
+async def test_a_stub_killed_mid_request_is_reported_dead_and_reloaded_once(
         tiny_models_dir: Path, tmp_path: Path) -> None:
-    """SIGKILL of SDXL's stub while it steps, with no :class:`StubWatch` beside the request:
+    """SIGKILL of SDXL's stub while it steps, with no :class:`StubWatch` beside the requests:
     Triton's own answer ("Stub process ... is not healthy", within about a second) is taken as the
-    process's death (:class:`ModelProcessDied`, which the job's retry answers with a reload; an
-    unload alone waited out the dead stub's timeout first and let the job sit for over 40 s), and
-    the reload brings a new stub that serves the next request."""
+    process's death (:class:`ModelProcessDied`; an unload alone waited out the dead stub's timeout
+    first and let a job sit for over 40 s). ``use`` reloads the model before the error goes on,
+    once for the two requests that met the same dead process, and the new stub serves the next
+    request."""
     server = TritonServer(triton_settings(tiny_models_dir), log_path=tmp_path / "tritonserver.log").start()
     client = TritonClient(server.grpc_url)
     try:
         assert server.process is not None
-        manager = _manager(server.grpc_url, 1.0, {"sdxl": "on_demand"})
+        events: list = []
+        manager = _manager(server.grpc_url, 1.0, {"sdxl": "on_demand"}, events)
         await manager.start()
         await manager.ensure({"sdxl"})
         (old,) = stub_pids(server.process.pid, "sdxl")
         inputs = {"prompt": "a fox", "parameters": {"seed": 1, "width": 64, "height": 64, "steps": 150}}
         stepping = asyncio.Event()
-        request = asyncio.ensure_future(client.run("sdxl", inputs, on_response=lambda _: stepping.set()))
+
+        async def request(on_response=None) -> dict:
+            async with manager.use("sdxl"):
+                return await client.run("sdxl", inputs, on_response=on_response)
+
+        first = asyncio.ensure_future(request(lambda _: stepping.set()))
         await asyncio.wait_for(stepping.wait(), 60)
+        second = asyncio.ensure_future(request())  # waits in Triton's queue behind the first
+        await asyncio.sleep(0.2)
         os.kill(old, signal.SIGKILL)
-        with pytest.raises(ModelProcessDied, match="is not healthy"):
-            await asyncio.wait_for(request, 30)
-        assert await manager.reload("sdxl") is True
+        for failed in (first, second):
+            with pytest.raises(ModelProcessDied, match="is not healthy"):
+                await asyncio.wait_for(failed, 30)
+        loads = [(e.op, e.phase, e.ok) for e in events if e.model == "sdxl"]
+        assert loads == [("load", "start", True), ("load", "end", True)] * 2, loads  # the first load, one reload
         (new,) = stub_pids(server.process.pid, "sdxl")
-        assert new != old and manager.state("sdxl") == "ready"
-        final = await asyncio.wait_for(client.run("sdxl", {**inputs, "parameters": {**inputs["parameters"], "steps": 2}}),
-                                       60)
+        assert new != old and manager.state("sdxl") == "ready" and manager.in_flight("sdxl") == 0
+        inputs["parameters"]["steps"] = 2
+        final = await asyncio.wait_for(request(), 60)
         assert len(final["images"]) == 1
         await manager.control.close()
     finally:
