@@ -100,7 +100,8 @@ class Runtime:
             observer=self.activity.observer(metrics_observer(metrics.observe_model_op)),
         )
         await self.residency.start()
-        self.text = TextService(s, self.triton, self.residency)
+        self.text = TextService(s, self.triton, self.residency,
+                                on_server_down=self.restart_triton if self.triton_server is not None else None)
         reporter = make_reporter(s, partial(record_state, self.queue), on_retry=_count_retry)
         if not s.local_mode:
             reporter = RecordingReporter(reporter, self.queue)

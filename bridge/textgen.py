@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 from bridge.chat import EnhancedPrompt, enhancement_messages, finish_enhancement, load_tokenizer
 from bridge.residency import ResidencyManager
@@ -56,10 +56,12 @@ def _first(outputs: dict, name: str) -> Any:
 class TextService:
     """Chat / completion requests on the Qwen models."""
 
-    def __init__(self, settings: Settings, triton: TritonClient, residency: ResidencyManager) -> None:
+    def __init__(self, settings: Settings, triton: TritonClient, residency: ResidencyManager,
+                 on_server_down: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.triton = triton
         self.residency = residency
+        self._on_server_down = on_server_down  # restarts the embedded server (bridge/runtime.py)
 
     def tokenizer(self, model: str) -> Any:
         """The model's own tokenizer (for context budgets), or a diffusion model's text tokenizer:
@@ -100,8 +102,10 @@ class TextService:
 
         try:
             outputs = await attempt()
-        except ModelProcessDied:  # reloaded by now (ResidencyManager.use); nothing of this reply reached anyone: once more
-            outputs = await attempt()
+        except InferenceFailed as exc:
+            if not await self._recovered(exc):
+                raise
+            outputs = await attempt()  # nothing of this reply reached anyone: once more
         return TextResult(
             text=_first(outputs, "text_output") or "",
             finish_reason=_first(outputs, "finish_reason") or "stop",
@@ -109,6 +113,24 @@ class TextService:
             output_tokens=_int(_first(outputs, "output_tokens")) or 0,
             seconds=time.monotonic() - started,
         )
+
+
+    async def _recovered(self, failed: InferenceFailed) -> bool:
+        """After a failed request: whether what failed under it is running again. A model process
+        that died was reloaded by ``ResidencyManager.use``; a server that died (Triton itself may
+        abort when requests reach a dead stub: docs/ARCHITECTURE.md, process life cycle) is
+        restarted here, as a job's retry would, rather than the turn answering 503."""
+        if not failed.transient:
+            return False
+        if self._on_server_down is not None and not await self.triton.is_live():
+            log.warning("%s: the server is down (%s); restarting it for this request", failed.model, failed.message)
+            try:
+                await self._on_server_down()
+            except Exception as exc:  # noqa: BLE001 - the request's own error is the answer; the watch tries again
+                log.error("restarting tritonserver failed: %s", exc)
+                return False
+            return True
+        return isinstance(failed, ModelProcessDied)
 
 
 def _prompt(messages: list[dict[str, str]] | str) -> dict[str, Any]:

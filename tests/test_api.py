@@ -43,6 +43,7 @@ from tests.stack import (
     client,
     read_sse,
     running,
+    stack_settings,
     wait_for_state,
 )
 from tests.triton_helpers import model_metric
@@ -374,37 +375,62 @@ async def test_leaving_a_stream_early_stops_the_request_on_the_server(http: http
     assert stack.residency.report().models["qwen_instruct"].in_flight == 0
 
 
-async def test_chat_turns_outlive_a_dead_qwen_stub(http: httpx.AsyncClient, stack, triton, caplog) -> None:
+async def test_chat_turns_outlive_a_dead_qwen_stub_and_a_dead_server(tiny_models_dir, redis_server, tmp_path,
+                                                                     caplog) -> None:
     """SIGKILL of qwen_instruct's stub between turns (Triton still reports the model ready and
     fails every request to it): the next turn's model is reloaded and the turn answered; two turns
-    sent at once after another kill reload it once, not twice; a streamed turn that meets a dead
-    stub ends with an error event, and the turn after it is answered by a new process."""
-    def kill_stub() -> int:
-        (pid,) = stub_pids(triton.process.pid, "qwen_instruct")
-        os.kill(pid, signal.SIGKILL)
-        return pid
+    sent at once after another kill recover it once, not twice; a streamed turn that meets a dead
+    stub ends with an error event, and the turn after it is answered by a new process. Then
+    SIGKILL of the whole server: a turn sent at once is answered after its restart.
 
-    def reloads() -> int:
-        return sum("reloaded qwen_instruct" in r.getMessage() for r in caplog.records)
+    On a tritonserver of the bridge's own, not the session's: Triton itself may abort when
+    requests reach a dead stub (a ``boost::interprocess::lock_exception``, about 1 in 15 kills
+    with two requests here; docs/ARCHITECTURE.md, process life cycle), which would take every
+    later test's server with it. Here the bridge restarts it and the turn is still answered, so a
+    kill is recovered by a reload of the model or, rarely, by a restart of the server."""
+    settings = stack_settings(tiny_models_dir, None, redis_server.url, tmp_path / "out")
+    caplog.set_level(logging.INFO, logger="bridge")
+    async with running(settings, jobs=False) as runtime, client(runtime, RECORDER) as http:
+        server = runtime.triton_server
+        assert server is not None and server.process is not None
 
-    body = {"model": "qwen_instruct", "messages": USER, "max_tokens": 4, "temperature": 0}
-    caplog.set_level(logging.INFO, logger="bridge.residency")
-    assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
-    first = kill_stub()
-    answer = await http.post("/v1/chat/completions", json=body)
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["choices"][0]["message"]["content"] and reloads() == 1
-    second = kill_stub()
-    both = await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(2)))
-    assert [r.status_code for r in both] == [200, 200] and reloads() == 2
-    kill_stub()
-    async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
-        assert response.status_code == 200
-        events = await read_sse(response, RECORDER)
-    assert events[-1].json()["error"]["type"] == "model_unavailable" and reloads() == 3
-    assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
-    (now,) = stub_pids(triton.process.pid, "qwen_instruct")
-    assert now not in (first, second) and stack.residency.state("qwen_instruct") == "ready"
+        def kill_stub() -> int:
+            (pid,) = stub_pids(server.process.pid, "qwen_instruct")
+            os.kill(pid, signal.SIGKILL)
+            return pid
+
+        def said(text: str) -> int:
+            return sum(text in r.getMessage() for r in caplog.records)
+
+        def recoveries() -> int:
+            return said("reloaded qwen_instruct") + said("tritonserver is not live; restarting it")
+
+        body = {"model": "qwen_instruct", "messages": USER, "max_tokens": 4, "temperature": 0}
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+        first = kill_stub()
+        answer = await http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] and recoveries() == 1
+        second = kill_stub()
+        both = await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(2)))
+        assert [r.status_code for r in both] == [200, 200], [r.text for r in both]
+        assert recoveries() == 2
+        kill_stub()
+        async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = await read_sse(response, RECORDER)
+        assert events[-1].json()["error"]["type"] == "model_unavailable"
+        answer = await http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert recoveries() == 3
+        (now,) = stub_pids(server.process.pid, "qwen_instruct")
+        assert now not in (first, second) and runtime.residency.state("qwen_instruct") == "ready"
+
+        restarts = said("tritonserver is not live; restarting it")
+        os.kill(server.process.pid, signal.SIGKILL)
+        answer = await http.post("/v1/chat/completions", json=body)  # before: 503 until the watch's restart
+        assert answer.status_code == 200, answer.text
+        assert said("tritonserver is not live; restarting it") == restarts + 1
 
 
 async def test_openai_route_validation_errors_are_422_naming_the_field(http: httpx.AsyncClient) -> None:

@@ -409,12 +409,12 @@ async def test_failed_load_is_reported_and_does_not_wedge(tiny_models_dir: Path,
 
 async def test_a_stub_killed_mid_request_is_reported_dead_and_reloaded_once(
         tiny_models_dir: Path, tmp_path: Path) -> None:
-    """SIGKILL of SDXL's stub while it steps, with no :class:`StubWatch` beside the requests:
+    """SIGKILL of SDXL's stub while it steps, with no :class:`StubWatch` beside the request:
     Triton's own answer ("Stub process ... is not healthy", within about a second) is taken as the
     process's death (:class:`ModelProcessDied`; an unload alone waited out the dead stub's timeout
     first and let a job sit for over 40 s). ``use`` reloads the model before the error goes on,
-    once for the two requests that met the same dead process, and the new stub serves the next
-    request."""
+    once though two ``use`` blocks (one held around the other, as a job's around its prompt's
+    enhancement) met the same dead process, and the new stub serves the next request."""
     server = TritonServer(triton_settings(tiny_models_dir), log_path=tmp_path / "tritonserver.log").start()
     client = TritonClient(server.grpc_url)
     try:
@@ -428,17 +428,16 @@ async def test_a_stub_killed_mid_request_is_reported_dead_and_reloaded_once(
         stepping = asyncio.Event()
 
         async def request(on_response=None) -> dict:
-            async with manager.use("sdxl"):
+            async with manager.use("sdxl"), manager.use("sdxl"):
                 return await client.run("sdxl", inputs, on_response=on_response)
 
-        first = asyncio.ensure_future(request(lambda _: stepping.set()))
+        # One request only reaches the dead stub: Triton may abort when several do
+        # (docs/ARCHITECTURE.md, process life cycle).
+        running = asyncio.ensure_future(request(lambda _: stepping.set()))
         await asyncio.wait_for(stepping.wait(), 60)
-        second = asyncio.ensure_future(request())  # waits in Triton's queue behind the first
-        await asyncio.sleep(0.2)
         os.kill(old, signal.SIGKILL)
-        for failed in (first, second):
-            with pytest.raises(ModelProcessDied, match="is not healthy"):
-                await asyncio.wait_for(failed, 30)
+        with pytest.raises(ModelProcessDied, match="is not healthy"):
+            await asyncio.wait_for(running, 30)
         loads = [(e.op, e.phase, e.ok) for e in events if e.model == "sdxl"]
         assert loads == [("load", "start", True), ("load", "end", True)] * 2, loads  # the first load, one reload
         (new,) = stub_pids(server.process.pid, "sdxl")
