@@ -259,24 +259,40 @@ class ResidencyManager:
             self.table = self.table.with_budget(budget)
 
     async def resync(self) -> None:
-        """Take the server's word for which models it holds (at start, after a server restart)."""
+        """Take the server's word for which models it holds (at start)."""
         async with self._lock:
-            states = await self.control.index()
-            waited = 0.0
-            while "LOADING" in states.values() and waited < 600:  # a load another process started
-                await self._sleep(0.5)
-                waited += 0.5
-                states = await self.control.index()
-            now = self._clock()
-            for name, rec in self._records.items():
-                server_state = states.get(name, "UNAVAILABLE")
-                if server_state == "READY":
-                    if rec.state != "ready":
-                        rec.state, rec.last_used = "ready", now
-                elif server_state == "UNLOADING":
-                    rec.state = "unloading"
-                elif rec.state != "failed":
+            await self._resync_locked()
+
+    @asynccontextmanager
+    async def replacing_server(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """Around a restart of the server: every model is taken as unloaded at once, and the
+        residency lock is held until the block ends, so a request that comes meanwhile waits and
+        then loads what it needs. Before, it was sent to the new server as if its model were still
+        there and failed ("unknown model"). The block calls what it is given to take the new
+        server's word for which models it holds, once that server answers."""
+        async with self._lock:
+            for rec in self._records.values():
+                if rec.state != "failed":
                     rec.state = "unloaded"
+            yield self._resync_locked
+
+    async def _resync_locked(self) -> None:
+        states = await self.control.index()
+        waited = 0.0
+        while "LOADING" in states.values() and waited < 600:  # a load another process started
+            await self._sleep(0.5)
+            waited += 0.5
+            states = await self.control.index()
+        now = self._clock()
+        for name, rec in self._records.items():
+            server_state = states.get(name, "UNAVAILABLE")
+            if server_state == "READY":
+                if rec.state != "ready":
+                    rec.state, rec.last_used = "ready", now
+            elif server_state == "UNLOADING":
+                rec.state = "unloading"
+            elif rec.state != "failed":
+                rec.state = "unloaded"
 
     # -------------------------------------------------------------- residency
 

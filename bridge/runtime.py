@@ -14,7 +14,7 @@ import io
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
@@ -185,11 +185,13 @@ class Runtime:
             # that answers its HTTP health check is not restarted again (that killed a healthy server
             # per retry), and the resync waits for the channels (one made during the backoff failed,
             # burning the job's attempts and failing the next model load).
-            if not (self.triton_server.running and await self._triton_http_live()):
-                log.error("tritonserver is not live; restarting it")
-                await asyncio.to_thread(self.triton_server.stop)
-                await asyncio.to_thread(self.triton_server.start)
-            await self._resync_when_reachable()
+            # Requests that come meanwhile wait for the new server's word on its models.
+            async with self.residency.replacing_server() as resync:
+                if not (self.triton_server.running and await self._triton_http_live()):
+                    log.error("tritonserver is not live; restarting it")
+                    await asyncio.to_thread(self.triton_server.stop)
+                    await asyncio.to_thread(self.triton_server.start)
+                await self._resync_when_reachable(resync)
 
     async def _watch_triton(self) -> None:
         """Restart the embedded server as soon as its process has exited, not when the next job
@@ -213,12 +215,12 @@ class Runtime:
         except httpx.HTTPError:
             return False
 
-    async def _resync_when_reachable(self) -> None:
+    async def _resync_when_reachable(self, resync: Callable[[], Awaitable[None]]) -> None:
         deadline = time.monotonic() + self.settings.triton_start_timeout_s
         while True:
             try:
                 if await self.triton.is_live():
-                    await self.residency.resync()
+                    await resync()
                     return
                 problem = "its gRPC endpoint is not live"
             except Exception as exc:  # noqa: BLE001 - the model-control channel may still be backing off
