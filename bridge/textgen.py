@@ -114,7 +114,6 @@ class TextService:
             seconds=time.monotonic() - started,
         )
 
-
     async def _recovered(self, failed: InferenceFailed) -> bool:
         """After a failed request: whether what failed under it is running again. A model process
         that died was reloaded by ``ResidencyManager.use``; a server that died (Triton itself may
