@@ -380,17 +380,12 @@ class ResidencyManager:
                 rec.state = "unloaded"  # the next use loads it the ordinary way
                 self._emit(ResidencyEvent("load", name, "end", ok=False, seconds=self._clock() - started,
                                           error=_short(str(exc)) or type(exc).__name__))
-                if not isinstance(exc, Exception):
-                    raise
-                raise ResidencyError(f"reloading {name} failed", exc) from exc
+                if isinstance(exc, Exception):
+                    raise ResidencyError(f"reloading {name} failed", exc) from exc
+                raise
             seconds = self._clock() - started
-            rec.state = "ready"
-            rec.instance += 1
-            rec.loads += 1
-            rec.last_load_s = seconds
-            rec.total_load_s += seconds
             log.info("reloaded %s in %.2fs", name, seconds)
-            self._emit(ResidencyEvent("load", name, "end", seconds=seconds, measured_gb=rec.measured_gb))
+            self._count_load(rec, seconds)
             return True
 
     @asynccontextmanager
@@ -485,11 +480,10 @@ class ResidencyManager:
     async def _reload_dead(self, died: ModelProcessDied, instance: int) -> None:
         """:meth:`use`'s reload of a model whose process died; a failed reload is logged, and the
         request's own error goes on (the next use loads the model the ordinary way)."""
-        if self._records[died.model].instance != instance:
-            return  # reloaded already, by another request that met the same process
-        log.warning("%s: %s; reloading it", died.model, died.message)
+        log.warning("%s: %s (reloaded unless another request met the same process first)",
+                    died.model, died.message)
         try:
-            await self.reload(died.model, instance)
+            await self.reload(died.model, instance)  # its second look: one reload per dead process
         except Exception as exc:  # noqa: BLE001 - e.g. the whole server is down: its restart (bridge/runtime.py) loads afresh
             log.error("%s: reload failed: %s", died.model, exc)
 
@@ -668,8 +662,13 @@ class ResidencyManager:
         after = self._gpu.read() if self._gpu is not None else None
         if before is not None and after is not None:
             rec.measured_gb = max(0.0, after.used_gb - before.used_gb)
+        log.info("loaded %s in %.2fs", name, seconds)
+        self._count_load(rec, seconds)
+
+    def _count_load(self, rec: _Record, seconds: float) -> None:
+        """A load (or :meth:`reload`) of ``rec`` succeeded in ``seconds``: ready, a new instance."""
         rec.state = "ready"
-        self._displaced.discard(name)
+        self._displaced.discard(rec.name)
         rec.last_used = self._clock()
         rec.loads += 1
         rec.instance += 1
@@ -677,8 +676,7 @@ class ResidencyManager:
         rec.total_load_s += seconds
         rec.failed_at = None
         rec.last_error = None
-        log.info("loaded %s in %.2fs", name, seconds)
-        self._emit(ResidencyEvent("load", name, "end", seconds=seconds, measured_gb=rec.measured_gb))
+        self._emit(ResidencyEvent("load", rec.name, "end", seconds=seconds, measured_gb=rec.measured_gb))
 
     async def _forget_failed_load(self, name: str) -> None:
         """After a failed (or timed-out) load: unload whatever is left and wait until it is gone."""
