@@ -87,6 +87,23 @@ def test_text_stream_holds_back_incomplete_utf8(tokenizer) -> None:
     assert deltas.count("") > 0, "some tokens end inside a character and must wait for the next"
 
 
+def test_text_stream_matches_decode_with_special_tokens_and_a_cut_character(tokenizer) -> None:
+    """Special tokens are skipped as decode() skips them; a reply cut inside a character (max_tokens)
+    ends with what decode() makes of it."""
+    ids = tokenizer("Hi <|im_end|> 日本", add_special_tokens=False)["input_ids"]
+    whole = TextStream(tokenizer, stop=[])
+    for token_id in ids:
+        whole.add(token_id)
+    assert whole.delta() + whole.finish() == tokenizer.decode(ids, skip_special_tokens=True) == "Hi  日本"
+    cut = ids[:-1]  # the last character's last byte is missing
+    pieces = TextStream(tokenizer, stop=[])
+    for token_id in cut:
+        pieces.add(token_id)
+    released = pieces.delta()
+    assert "\ufffd" not in released
+    assert released + pieces.finish() == tokenizer.decode(cut, skip_special_tokens=True)
+
+
 def test_text_stream_cuts_at_a_stop_string_and_never_releases_its_start(tokenizer) -> None:
     ids = tokenizer("Grüße aus 日本 😀!", add_special_tokens=False)["input_ids"]
     pieces = TextStream(tokenizer, stop=["xyz", "aus 日"])
