@@ -70,6 +70,10 @@ class BatchKV:
         self._finals: list[int] = []  # the most tokens each row can reach
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
+        # each row's additive attention mask over the buffers' columns: the dtype's minimum left of
+        # the row's first token, 0 from it on; a row's first column stays where it is while the row
+        # grows (``end`` and its length move together), so a step's mask is a view of this
+        self._mask = torch.empty(0)
         self._end = 0
 
     @property
@@ -98,6 +102,8 @@ class BatchKV:
             # padding may be attended to (masked): it must hold no NaN or inf from unused memory
             buffer[0][row, :, :start].zero_()
             buffer[1][row, :, :start].zero_()
+        self._mask[row, :start] = torch.finfo(self._mask.dtype).min
+        self._mask[row, start:] = 0
         self.lengths.append(length)
         return row
 
@@ -108,12 +114,13 @@ class BatchKV:
             start = self._end - self.lengths[last]
             for buffer in (*self._keys, *self._values):
                 buffer[row, :, start : self._end].copy_(buffer[last, :, start : self._end])
+            self._mask[row].copy_(self._mask[last])
             self.lengths[row] = self.lengths[last]
             self._finals[row] = self._finals[last]
         self.lengths.pop()
         self._finals.pop()
         if not self.lengths:
-            self._keys, self._values, self._end = [], [], 0
+            self.clear()
 
     def row(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Views of ``row``'s KV, ``[1, heads, tokens, dim]`` per layer (copy them to keep them)."""
@@ -124,17 +131,13 @@ class BatchKV:
     # ------------------------------------------------------------------ a decode step
     def prepare_step(self) -> torch.Tensor:
         """Room for one more column; the step's attention mask, ``[rows, 1, 1, window + 1]``,
-        additive (0 where a row has a token, the dtype's minimum on its padding). A 4D mask goes
-        to SDPA as it is: transformers builds none (its own would be boolean, which CPU SDPA
-        handles a quarter slower than an additive one)."""
+        additive (0 where a row has a token, the dtype's minimum on its padding): a view of the
+        rows' masks, nothing built per step. A 4D mask goes to SDPA as it is: transformers builds
+        none (its own would be boolean, which CPU SDPA handles a quarter slower than an additive one)."""
         if self._end >= self._keys[0].shape[-2]:  # only if a row outgrew its reserve
             self._reallocate(rows=self.rows, left=self.window)
         window = self.window + 1
-        keys = self._keys[0]
-        lengths = torch.tensor(self.lengths, device=keys.device).unsqueeze(1) + 1
-        padding = torch.arange(window, device=keys.device).unsqueeze(0) < window - lengths
-        mask = torch.zeros((self.rows, window), dtype=keys.dtype, device=keys.device)
-        return mask.masked_fill_(padding, torch.finfo(keys.dtype).min)[:, None, None, :]
+        return self._mask[: self.rows, self._end + 1 - window : self._end + 1][:, None, None, :]
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's update for ``layer``: this step's column written at ``end``, the window returned."""
@@ -175,7 +178,13 @@ class BatchKV:
         for new, old in zip((*self._keys, *self._values), (*old_keys, *old_values)):
             new[: self.rows, :, left - window : left].copy_(old[: self.rows, :, old_end - window : old_end])
             new[: self.rows, :, : left - window].zero_()
+        dtype, device = self._shapes[0][0][1:]
+        starts = left - torch.tensor(self.lengths, dtype=torch.long, device=device)
+        self._mask = torch.zeros((slots, columns), dtype=dtype, device=device)
+        self._mask[: self.rows].masked_fill_(torch.arange(columns, device=device) < starts[:, None],
+                                             torch.finfo(dtype).min)
 
     def clear(self) -> None:
         """Every row gone (a failed step, the engine stopping); the buffers are freed."""
         self.lengths, self._finals, self._keys, self._values, self._end = [], [], [], [], 0
+        self._mask = torch.empty(0)
