@@ -47,9 +47,14 @@ from typing import Any, Callable, Protocol
 log = logging.getLogger("model_kit.batching")
 
 
-#: Held sequences are checked for cancellation at most this often (seconds): a check is a round
-#: trip to the Triton server per sequence (done by the courier thread, not the engine's).
+#: Held sequences are asked about cancellation every ``CANCEL_CHECK_S`` (seconds), at most
+#: ``CANCEL_CHECKS`` of them each time, in turn: a check is a round trip to the Triton server per
+#: sequence (made by the courier thread, not the engine's), which with every held sequence asked
+#: 20 times a second cost a busy model a quarter of its throughput (docs/ARCHITECTURE.md, "Chat at
+#: scale"). One or two held sequences are each asked every 50 ms, 16 every 0.4 s, 64 every 1.6 s;
+#: the bridge does not wait for this: it stops a stream with a stop request (:meth:`stop_request`).
 CANCEL_CHECK_S = 0.05
+CANCEL_CHECKS = 2
 
 
 #: A shorter shared prefix (a chat template's first tokens) is prefilled again: not worth a copy.
@@ -202,6 +207,7 @@ class BatchEngine:
         self._stopping = False
         self._stopped_early: OrderedDict[str, None] = OrderedDict()  # ids stopped before they came
         self._held: set[Sequence] = set()  # every sequence submitted and not answered yet
+        self._unchecked: deque[Sequence] = deque()  # held ones the courier has yet to ask about (this turn)
         self._reported = (-1, -1)
         self._joining = False  # deltas joined over ``stream_interval_s`` this step
         # (callback, argument, its sequence) to send, in order; None ends the courier
@@ -289,11 +295,18 @@ class BatchEngine:
                 self._check_clients()
 
     def _check_clients(self) -> None:
-        with self._lock:
-            held = list(self._held)
-        for seq in held:
+        """Ask about the next ``CANCEL_CHECKS`` held sequences (all of them in turn)."""
+        if not self._unchecked:
+            with self._lock:
+                self._unchecked = deque(self._held)
+        asked = 0
+        while self._unchecked and asked < CANCEL_CHECKS:
+            seq = self._unchecked.popleft()
+            if seq.ended_by_client or seq not in self._held:  # ending already, or answered
+                continue
+            asked += 1
             try:
-                if not seq.ended_by_client and seq.cancelled():
+                if seq.cancelled():
                     seq.ended_by_client = True
             except Exception as exc:  # noqa: BLE001 - the courier must go on sending
                 log.warning("asking whether a request was cancelled failed: %s", exc)
