@@ -192,6 +192,22 @@ def test_a_request_cancelled_in_the_queue_leaves_it(solo_server: TritonServer) -
     running.stop()
 
 
+def test_a_cancelled_call_leaves_a_busy_batch_and_the_others_go_on(triton, url: str) -> None:
+    """Six sequences held: the courier asks the server about two of them every 50 ms, in turn
+    (model_kit/batching.py, ``CANCEL_CHECKS``), so the one whose client cancelled its call is found
+    and leaves while the others go on. (Not streamed: no response is on its way when the call is
+    cancelled, docs/ARCHITECTURE.md "Stopping a stream".)"""
+    request = {"text_input": "Hello", "stream": False, "sampling_parameters": {"temperature": 0, "max_tokens": 3000}}
+    held = [Live(url, "qwen_instruct", request) for _ in range(6)]
+    _wait_for_metric(triton.metrics_url, "qwen_sequences_running", 6)
+    held[-1].cancel()
+    _wait_for_metric(triton.metrics_url, "qwen_sequences_running", 5)
+    assert not any(live.done.is_set() for live in held[:-1])
+    for live in held[:-1]:
+        live.stop()
+    assert not held[-1].result.final
+
+
 def _wait_for_metric(url: str, name: str, value: float, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while (seen := model_metric(url, name, "qwen_instruct")) != value:
