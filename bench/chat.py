@@ -1,12 +1,13 @@
 """Chat benchmark: concurrent streamed chat turns through the real stack (HTTP API → bridge →
 tritonserver → qwen_instruct), continuous batching against the one-at-a-time engine.
 
-    python bench/chat.py [--streams 1,4,16,64] [--repeat 3] [--max-tokens 128] [--turns 10] [--stream-interval-ms 50] [--full-size]
+    python bench/chat.py [--streams 1,4,16,64] [--repeat 3] [--max-tokens 128] [--prompt-tokens 64,240,560] [--turns 10] [--stream-interval-ms 50] [--full-size]
 
 Two servers, one after the other, on the same models: the batching engine (defaults, prefix
 reuse on) and today's one-at-a-time engine (``QWEN_MAX_BATCH=1``, ``QWEN_PREFIX_CACHE_GB=0``,
 a queue long enough for every stream). For 1/4/16/64 concurrent streams (``/v1/chat/completions``,
-``stream: true``, greedy, ``--max-tokens`` new tokens, prompts of mixed length) each prints
+``stream: true``, greedy, ``--max-tokens`` new tokens, prompts of mixed length: ``--prompt-tokens``)
+each prints
 aggregate generated tokens/s (usage's completion tokens over the wall time of the round), time to
 the first content event p50/p95, inter-token latency p50/p95 (per stream: first to last content
 over its tokens), and the ratio of the two engines. Each round runs ``--repeat`` times (its own
@@ -15,6 +16,12 @@ prompts each time): tokens/s is the median round's, the latencies are taken over
 from run to run). Then a conversation of ``--turns`` turns (a long system prompt, each turn adding the
 reply and a new question), the time to the first token of turn 1 and of the last turn with the
 prefix cache and without it.
+
+Prompt lengths are counted in the model's own tokens, chat template included (default 64, 240
+and 560 in turn: about what Qwen 2.5's tokenizer makes of a turn of 20, 150 and 400 English
+words). The tiny models' tokenizer is a 512-token BPE that cuts the same words about 3.3× finer, so
+prompts sized in words made every stream's prefill and KV about three times production's (142,
+609 and 1508 tokens before); ``--prompt-tokens 142,609,1508`` measures that heavier mix.
 
 Both engines run with the same ``QWEN_STREAM_INTERVAL_MS`` (``--stream-interval-ms``, default the
 engine's own; deltas are joined over it while the model holds more than ``QWEN_STREAM_JOIN_ABOVE``
@@ -75,6 +82,7 @@ class Round:
     ttft: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     failed: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)  # as the model counted them (usage)
 
     @property
     def rate(self) -> float:
@@ -85,21 +93,62 @@ class Round:
         """Repeats of one round as one: the median round's rate, everyone's latencies."""
         middle = sorted(rounds, key=lambda r: r.rate)[len(rounds) // 2]
         return Round(middle.streams, middle.tokens, middle.seconds, [t for r in rounds for t in r.ttft],
-                     [g for r in rounds for g in r.gaps], sum(r.failed for r in rounds))
+                     [g for r in rounds for g in r.gaps], sum(r.failed for r in rounds),
+                     [p for r in rounds for p in r.prompt_tokens])
 
 
 def _prompt(i: int, words: int) -> str:
     return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(words))
 
 
-async def _turn(http: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> tuple[float, float, int, str]:
-    """One streamed turn: time to the first content, from the first to the last content, tokens,
-    text. (Content events are coalesced on the way, so a stream's inter-token latency is taken as
-    its span over its tokens, not from the gaps between events.)"""
+class Prompts:
+    """Chat turns of a given length in the model's tokens (its tokenizer and chat template, as the
+    model renders them: ``model_kit.llm.QwenEngine.encode_messages``)."""
+
+    def __init__(self, models: Path, sizes: list[int]) -> None:
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        from model_kit import layout  # noqa: PLC0415
+        from model_kit.common import resolve_hf_folder  # noqa: PLC0415
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_hf_folder(models / layout.QWEN_INSTRUCT),
+                                                       local_files_only=True)
+        self.sizes = sizes
+
+    def count(self, messages: list[dict]) -> int:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def turn(self, i: int, tag: str) -> list[dict]:
+        """Stream ``i``'s turn: the shortest one of at least ``sizes[i % len(sizes)]`` tokens."""
+        def messages(words: int) -> list[dict]:
+            return [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": f"{tag}, turn {i}: " + _prompt(i, words)}]
+
+        target, low, high = self.sizes[i % len(self.sizes)], 0, self.sizes[i % len(self.sizes)]
+        while low < high:  # every word is a token at least: ``target`` words are enough
+            middle = (low + high) // 2
+            low, high = (middle + 1, high) if self.count(messages(middle)) < target else (low, middle)
+        return messages(low)
+
+
+@dataclass
+class Turn:
+    """One streamed turn. (Content events are coalesced on the way, so a stream's inter-token
+    latency is taken as its ``span`` over its tokens, not from the gaps between events.)"""
+
+    ttft: float  # to the first content
+    span: float  # from the first content to the last
+    tokens: int  # generated (usage)
+    prompt_tokens: int  # as the model counted them (usage): the bridge adds its rule to the system prompt
+    text: str
+
+
+async def _turn(http: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> Turn:
     body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     started = time.monotonic()
-    first, last, tokens, text = None, None, 0, []
+    first, last, tokens, prompt_tokens, text = None, None, 0, 0, []
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {(await response.aread())[:200]!r}")
@@ -110,7 +159,7 @@ async def _turn(http: httpx.AsyncClient, messages: list[dict], max_tokens: int) 
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
             if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+                tokens, prompt_tokens = event["usage"]["completion_tokens"], event["usage"]["prompt_tokens"]
             for choice in event.get("choices", []):
                 piece = choice["delta"].get("content")
                 if piece:
@@ -118,31 +167,28 @@ async def _turn(http: httpx.AsyncClient, messages: list[dict], max_tokens: int) 
                     first = first if first is not None else last
                     text.append(piece)
     if first is None:
-        return time.monotonic() - started, 0.0, tokens, ""
-    return first - started, last - first, tokens, "".join(text)
+        return Turn(time.monotonic() - started, 0.0, tokens, prompt_tokens, "")
+    return Turn(first - started, last - first, tokens, prompt_tokens, "".join(text))
 
 
-async def _round(http: httpx.AsyncClient, streams: int, max_tokens: int, tag: str) -> Round:
-    result = Round(streams)
+async def _round(http: httpx.AsyncClient, turns: list[list[dict]], max_tokens: int) -> Round:
+    result = Round(len(turns))
 
-    async def one(i: int) -> None:
-        words = (20, 150, 400)[i % 3]  # mixed prompt lengths
-        # Every round's and engine's prompts its own (``tag``): none is read by the safety gate before
-        # (bridge/safety.py remembers the last texts it read) nor found in the prefix cache.
-        messages = [{"role": "user", "content": f"{tag}, turn {i}: " + _prompt(i, words)}]
+    async def one(i: int, messages: list[dict]) -> None:
         try:
-            ttft, span, tokens, _ = await _turn(http, messages, max_tokens)
+            turn = await _turn(http, messages, max_tokens)
         except Exception as exc:  # noqa: BLE001 - counted and shown, the round goes on
             result.failed += 1
             console.print(f"[yellow]stream {i} failed: {exc}")
             return
-        result.ttft.append(ttft)
-        if tokens > 1:
-            result.gaps.append(span / (tokens - 1))
-        result.tokens += tokens
+        result.ttft.append(turn.ttft)
+        if turn.tokens > 1:
+            result.gaps.append(turn.span / (turn.tokens - 1))
+        result.tokens += turn.tokens
+        result.prompt_tokens.append(turn.prompt_tokens)
 
     started = time.monotonic()
-    await asyncio.gather(*(one(i) for i in range(streams)))
+    await asyncio.gather(*(one(i, messages) for i, messages in enumerate(turns)))
     result.seconds = time.monotonic() - started
     return result
 
@@ -153,9 +199,9 @@ async def _conversation(http: httpx.AsyncClient, turns: int, tag: str) -> list[f
     ttfts = []
     for turn in range(turns):
         messages.append({"role": "user", "content": f"Question {turn}: " + _prompt(turn, 40)})
-        ttft, _, _, reply = await _turn(http, messages, 48)
-        ttfts.append(ttft)
-        messages.append({"role": "assistant", "content": reply or "(nothing)"})
+        turn = await _turn(http, messages, 48)
+        ttfts.append(turn.ttft)
+        messages.append({"role": "assistant", "content": turn.text or "(nothing)"})
     return ttfts
 
 
@@ -187,7 +233,8 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Namespace) -> tuple[list[Round], list[float]]:
+async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Namespace,
+                  prompts: Prompts) -> tuple[list[Round], list[float]]:
     ports = dict(triton_http_port=free_port(), triton_grpc_port=free_port(), triton_metrics_port=free_port())
     with _environment(env):
         triton = TritonServer(Settings(**base, **ports), startup_models=[MODEL]).start()
@@ -201,12 +248,16 @@ async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Nam
                 def call(*call_args):
                     return loop.run_in_executor(app, _in_app, runtime.api_port, KEY, *call_args)
 
-                await call("round", 2, 8, "warm-up")
+                await call("round", [prompts.turn(i, "warm-up") for i in range(2)], 8)
                 rounds = []
                 for streams in args.streams:
                     repeats = []
                     for k in range(args.repeat):
-                        repeats.append(await call("round", streams, args.max_tokens, f"{name} {streams} #{k}"))
+                        # every round's and engine's prompts its own (the tag): none is read by the
+                        # safety gate before (bridge/safety.py remembers the last texts it read) nor
+                        # found in the prefix cache
+                        turns = [prompts.turn(i, f"{name} {streams} #{k}") for i in range(streams)]
+                        repeats.append(await call("round", turns, args.max_tokens))
                         r = repeats[-1]
                         console.print(f"{name}: {streams} streams, {r.tokens} tokens in {r.seconds:.1f}s")
                     rounds.append(Round.repeated(repeats))
@@ -239,14 +290,18 @@ async def main(args: argparse.Namespace) -> None:
                 worker_api_key=KEY, device=device, model_threads=threads, triton_exit_timeout_s=5)
     if not args.full_size:
         base.update(vram_budget_gb=4.0, model_table={m: {"vram_gb": 1.0} for m in ("sdxl", "wan", "qwen_instruct", "qwen_base")})
+    prompts = Prompts(models, args.prompt_tokens)
     results = {}
     try:
         for name, env in ENGINES.items():
-            results[name] = await _engine(name, {**env, "QWEN_STREAM_INTERVAL_MS": str(args.stream_interval_ms)}, base, args)
+            results[name] = await _engine(name, {**env, "QWEN_STREAM_INTERVAL_MS": str(args.stream_interval_ms)}, base,
+                                          args, prompts)
     finally:
         redis.stop()
+    seen = [p for r in results["batching"][0] for p in r.prompt_tokens] or [0]
     table = Table(title=f"chat: {MODEL} ({'full-size, ' + device if args.full_size else 'tiny, CPU'}), "
-                        f"{args.max_tokens} new tokens per stream, deltas joined over {args.stream_interval_ms:.0f} ms "
+                        f"{args.max_tokens} new tokens per stream, prompts of {'/'.join(map(str, args.prompt_tokens))} tokens "
+                        f"({min(seen)}-{max(seen)} as the model counted them, the bridge's rule added), deltas joined over {args.stream_interval_ms:.0f} ms "
                         f"above {Limits().stream_join_above} requests, tokens/s of the median of {args.repeat} runs, "
                         f"load {os.getloadavg()[0]:.1f}")
     for column in ("streams", "engine", "tokens/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "failed", "tokens/s ×"):
@@ -273,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each round (the median round's rate is shown)")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[64, 240, 560],
+                        help="prompt lengths in the model's tokens, stream i gets the (i mod n)-th")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--full-size", action="store_true", help="random-weight Qwen 2.5-7B on the GPU")
     parser.add_argument("--models-dir", type=Path)
