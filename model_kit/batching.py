@@ -44,6 +44,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from model_kit.prefix_cache import BLOCK, PrefixCache
+
 log = logging.getLogger("model_kit.batching")
 
 
@@ -58,7 +60,8 @@ CANCEL_CHECKS = 2
 
 
 #: A shorter shared prefix (a chat template's first tokens) is prefilled again: not worth a copy.
-MIN_REUSE = 16
+#: (The prefix cache finds none shorter than its block anyway.)
+MIN_REUSE = max(16, BLOCK)
 
 #: Request ids stopped before their request came, remembered (the most recent) for when it does.
 STOPS_REMEMBERED = 1024
@@ -133,60 +136,6 @@ class Sequence:
     # its client stopped it (a stop request, on the caller's thread) or went away (seen by the
     # courier): it leaves at the next step, cancelled
     ended_by_client: bool = False
-
-
-class PrefixCache:
-    """KV of recent prompts (+ replies), least recently used out first, at most ``capacity``
-    positions in all. :meth:`longest` finds the entry sharing the longest token prefix."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
-        self._size = 0
-
-    def longest(self, ids: list[int]) -> tuple[int, list[tuple[Any, Any]] | None]:
-        best, best_key = 0, None
-        for key in self._entries:
-            n = _common_prefix(key, ids)
-            if n > best:
-                best, best_key = n, key
-        if best_key is None:
-            return 0, None
-        self._entries.move_to_end(best_key)
-        layers = self._entries[best_key]
-        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
-
-    def put(self, ids: list[int], layers: list[tuple[Any, Any]]) -> None:
-        size = len(ids)
-        if size == 0 or size > self.capacity:
-            return
-        key = tuple(ids)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return
-        for other in list(self._entries):  # a stored prefix of this one adds nothing
-            if len(other) <= size and key[: len(other)] == other:
-                self._drop(other)
-        while self._entries and self._size + size > self.capacity:
-            self._drop(next(iter(self._entries)))
-        self._entries[key] = [(k.clone(), v.clone()) for k, v in layers]
-        self._size += size
-
-    def _drop(self, key: tuple[int, ...]) -> None:
-        del self._entries[key]
-        self._size -= len(key)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._size = 0
-
-
-def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class BatchEngine:
