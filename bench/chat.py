@@ -13,9 +13,9 @@ the first content event p50/p95, inter-token latency p50/p95 (per stream: first 
 over its tokens), and the ratio of the two engines. Each round runs ``--repeat`` times (its own
 prompts each time): tokens/s is the median round's, the latencies are taken over all of them (on a
 2-core box sharing its CPUs with the bridge and the callers, one round's rate moves by a third
-from run to run). Then a conversation of ``--turns`` turns (a long system prompt, each turn adding the
-reply and a new question), the time to the first token of turn 1 and of the last turn with the
-prefix cache and without it.
+from run to run). Then ``--repeat`` conversations of ``--turns`` turns (a long system prompt, each
+turn adding the reply and a new question): the time to the first token of turn 1 and of the last
+turn (each the median over the conversations) with the prefix cache and without it.
 
 Prompt lengths are counted in the model's own tokens, chat template included (default 64, 240
 and 560 in turn: about what Qwen 2.5's tokenizer makes of a turn of 20, 150 and 400 English
@@ -199,9 +199,9 @@ async def _conversation(http: httpx.AsyncClient, turns: int, tag: str) -> list[f
     ttfts = []
     for turn in range(turns):
         messages.append({"role": "user", "content": f"Question {turn}: " + _prompt(turn, 40)})
-        turn = await _turn(http, messages, 48)
-        ttfts.append(turn.ttft)
-        messages.append({"role": "assistant", "content": turn.text or "(nothing)"})
+        answer = await _turn(http, messages, 48)
+        ttfts.append(answer.ttft)
+        messages.append({"role": "assistant", "content": answer.text or "(nothing)"})
     return ttfts
 
 
@@ -261,7 +261,10 @@ async def _engine(name: str, env: dict[str, str], base: dict, args: argparse.Nam
                         r = repeats[-1]
                         console.print(f"{name}: {streams} streams, {r.tokens} tokens in {r.seconds:.1f}s")
                     rounds.append(Round.repeated(repeats))
-                turns = await call("conversation", args.turns, name)
+                # each its own (the tag): a conversation's turns find only its own earlier turns
+                conversations = [await call("conversation", args.turns, f"{name} #{k}") for k in range(args.repeat)]
+                # each turn's median over the conversations (one turn's time moves with the box)
+                turns = [statistics.median(ttfts) for ttfts in zip(*conversations)]
     finally:
         triton.stop()
     return rounds, turns
@@ -314,7 +317,7 @@ async def main(args: argparse.Namespace) -> None:
                           f"{_q(r.ttft, .95) * 1e3:.0f} ms", f"{_q(r.gaps, .5) * 1e3:.1f} ms",
                           f"{_q(r.gaps, .95) * 1e3:.1f} ms", str(r.failed), ratio)
     console.print(table)
-    turns = Table(title=f"time to first token in a {args.turns}-turn conversation")
+    turns = Table(title=f"time to first token in a {args.turns}-turn conversation (median of {args.repeat})")
     for column in ("engine", "turn 1", f"turn {args.turns}", "ratio"):
         turns.add_column(column, justify="right")
     for name, label in (("batching", "prefix reuse"), ("one-at-a-time", "no prefix reuse")):
