@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bridge.jobs import (
@@ -401,7 +401,9 @@ def _check_outcome(raw: bytes | str) -> None:
     resolved.append(1)
     # Whatever got through is runnable.
     limits = job.type.limits
-    assert job.prompt and len(job.prompt) <= limits.max_prompt_chars
+    # a prompt, except for an SDXL job with a reference image (the app sends "" for an exact copy)
+    assert job.prompt or (job.type.model == "sdxl" and job.reference_image_url)
+    assert len(job.prompt) <= limits.max_prompt_chars
     if job.type.output == "text":  # a chat job carries a validated chat request, no sizes
         assert job.chat is not None and job.width is None
         return
@@ -438,6 +440,9 @@ def test_arbitrary_payloads_never_escape(data: dict, double: bool) -> None:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plausible_payloads, st.booleans())
+# an exact copy's blank prompt (found by a CI run): accepted, the job runs without one
+@example({"id": "job-1", "type": "sdxl_image_fast", "prompt": " ", "user_id": "user-1", "config": {},
+          "metadata": {"reference_image_url": "https://example.com/a.png"}}, False)
 def _plausible_round(data: dict, double: bool) -> None:
     text = json.dumps(data)
     _check_outcome(json.dumps([text]) if double else text)
