@@ -21,7 +21,8 @@ Prompt lengths are counted in the model's own tokens, chat template included (de
 and 560 in turn: about what Qwen 2.5's tokenizer makes of a turn of 20, 150 and 400 English
 words). The tiny models' tokenizer is a 512-token BPE that cuts the same words about 3.3× finer, so
 prompts sized in words made every stream's prefill and KV about three times production's (142,
-609 and 1508 tokens before); ``--prompt-tokens 142,609,1508`` measures that heavier mix.
+609 and 1508 tokens before, as the model counted them); ``--prompt-tokens 88,555,1454`` sends
+that heavier mix again (the bridge's safety rule adds the rest).
 
 Both engines run with the same ``QWEN_STREAM_INTERVAL_MS`` (``--stream-interval-ms``, default the
 engine's own; deltas are joined over it while the model holds more than ``QWEN_STREAM_JOIN_ABOVE``
@@ -125,7 +126,8 @@ class Prompts:
             return [{"role": "system", "content": "You are a helpful assistant."},
                     {"role": "user", "content": f"{tag}, turn {i}: " + _prompt(i, words)}]
 
-        target, low, high = self.sizes[i % len(self.sizes)], 0, self.sizes[i % len(self.sizes)]
+        target = self.sizes[i % len(self.sizes)]
+        low, high = 0, target
         while low < high:  # every word is a token at least: ``target`` words are enough
             middle = (low + high) // 2
             low, high = (middle + 1, high) if self.count(messages(middle)) < target else (low, middle)

@@ -18,7 +18,7 @@ deepest known block, one is extended (at most ``BLOCK - 1`` tokens fewer reused 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterator
 
 #: Tokens per block of the chain index.
 BLOCK = 16
@@ -26,13 +26,17 @@ BLOCK = 16
 Layers = list[tuple[Any, Any]]  # per layer (keys, values), [1, heads, tokens, dim]
 
 
-def _chain(ids: tuple[int, ...] | list[int]) -> list[int]:
-    """The chain hashes of ``ids``' full blocks (``[h1, h2, ...]``)."""
-    hashes, previous = [], 0
+def _chain(ids: tuple[int, ...] | list[int]) -> Iterator[int]:
+    """The chain hashes of ``ids``' full blocks, in order (a lookup stops at the first unknown)."""
+    previous = 0
     for start in range(0, len(ids) - BLOCK + 1, BLOCK):
         previous = hash((previous, tuple(ids[start : start + BLOCK])))
-        hashes.append(previous)
-    return hashes
+        yield previous
+
+
+def _last(chain: list[int]) -> int:
+    """The ``_ending`` index's key of an entry: its last full block's chain hash, 0 for none."""
+    return chain[-1] if chain else 0
 
 
 class PrefixCache:
@@ -54,10 +58,9 @@ class PrefixCache:
     def longest(self, ids: list[int]) -> tuple[int, Layers | None]:
         """The most of ``ids``' first tokens some entry starts with, and views of that entry's KV
         for them (a match shorter than one block counts as none)."""
-        depth, candidates, previous = 0, None, 0
-        for start in range(0, len(ids) - BLOCK + 1, BLOCK):
-            previous = hash((previous, tuple(ids[start : start + BLOCK])))
-            found = self._through.get(previous)
+        depth, candidates = 0, None
+        for h in _chain(ids):
+            found = self._through.get(h)
             if not found:
                 break
             depth, candidates = depth + 1, found
@@ -82,7 +85,7 @@ class PrefixCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        chain = _chain(key)
+        chain = list(_chain(key))
         for known in [0, *chain]:  # stored prefixes of this one add nothing
             for other in list(self._ending.get(known, ())):
                 if len(other) <= size and key[: len(other)] == other:
@@ -93,7 +96,7 @@ class PrefixCache:
         self._chains[key] = chain
         for h in chain:
             self._through.setdefault(h, set()).add(key)
-        self._ending.setdefault(chain[-1] if chain else 0, set()).add(key)
+        self._ending.setdefault(_last(chain), set()).add(key)
         self._size += size
 
     def _drop(self, key: tuple[int, ...]) -> None:
@@ -101,7 +104,7 @@ class PrefixCache:
         chain = self._chains.pop(key)
         for h in chain:
             self._discard(self._through, h, key)
-        self._discard(self._ending, chain[-1] if chain else 0, key)
+        self._discard(self._ending, _last(chain), key)
         self._size -= len(key)
 
     @staticmethod
