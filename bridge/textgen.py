@@ -62,15 +62,25 @@ class TextService:
         self.triton = triton
         self.residency = residency
         self._on_server_down = on_server_down  # restarts the embedded server (bridge/runtime.py)
+        self._tokenizers: dict[str, Any] = {}
 
     def tokenizer(self, model: str) -> Any:
         """The model's own tokenizer (for context budgets), or a diffusion model's text tokenizer:
-        ``sdxl`` → CLIP, ``wan`` → UMT5."""
-        if model == "sdxl":
-            return load_tokenizer(self.settings.weights_path("sdxl", "config") / "tokenizer")
-        if model == "wan":
-            return load_tokenizer(self.settings.weights_path("wan") / "tokenizer")
-        return load_tokenizer(self.settings.weights_path(model))
+        ``sdxl`` → CLIP, ``wan`` → UMT5. Kept once read: finding the folder is a dozen file
+        system calls, each giving up the GIL, which a busy bridge's threads took back only after
+        each other's turns (most of a chat turn's CPU pool time at 16 concurrent turns;
+        docs/ARCHITECTURE.md, "Chat at scale"). A model's weights missing raise, and are looked
+        for again next time."""
+        tokenizer = self._tokenizers.get(model)
+        if tokenizer is None:
+            if model == "sdxl":
+                tokenizer = load_tokenizer(self.settings.weights_path("sdxl", "config") / "tokenizer")
+            elif model == "wan":
+                tokenizer = load_tokenizer(self.settings.weights_path("wan") / "tokenizer")
+            else:
+                tokenizer = load_tokenizer(self.settings.weights_path(model))
+            self._tokenizers[model] = tokenizer
+        return tokenizer
 
     async def stream(
         self, model: TextModel, messages: list[dict[str, str]] | str, sampling: dict[str, Any], *, request_id: str = ""

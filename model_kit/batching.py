@@ -84,7 +84,7 @@ class Limits:
     # stream's deltas are sent at most every ``stream_interval_s`` (joined meanwhile; the first at
     # once): each response costs the server, the bridge and the client per-message work, which a
     # busy model's CPU is short of; below it (or at 0 s) every delta goes as soon as it is final.
-    stream_interval_s: float = 0.05
+    stream_interval_s: float = 0.1
     stream_join_above: int = 8
 
 

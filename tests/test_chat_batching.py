@@ -113,7 +113,7 @@ def test_a_full_batch_gives_each_stream_its_solo_text(url: str) -> None:
 
 def test_a_busy_model_joins_a_streams_deltas(url: str) -> None:
     """With more requests held than QWEN_STREAM_JOIN_ABOVE (8 by default), a stream's deltas are
-    joined over QWEN_STREAM_INTERVAL_MS (50 ms); alone, every delta is sent. The text is the same."""
+    joined over QWEN_STREAM_INTERVAL_MS (100 ms); alone, every delta is sent. The text is the same."""
     request = {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 100}}
     busy = [Live(url, "qwen_base", {**LONG, "sampling_parameters": {"temperature": 0, "max_tokens": 3000}})
             for _ in range(8)]
