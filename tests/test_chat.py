@@ -71,6 +71,23 @@ def test_load_tokenizer_resolves_hf_cache_and_caches(tiny_models_dir: Path, qwen
     assert qwen_tok("hello world")["input_ids"] == direct("hello world")["input_ids"]
 
 
+def test_the_text_service_looks_for_a_tokenizer_until_it_is_there_then_keeps_it(tiny_models_dir: Path, tmp_path: Path,
+                                                                                   qwen_tok) -> None:
+    """The weights may come after the worker starts (bridge/weights.py); once read, a model's
+    tokenizer is kept: finding its folder again on every chat turn cost the busy bridge GIL turns."""
+    from bridge.settings import Settings
+    from bridge.textgen import TextService
+
+    text = TextService(Settings(models_dir=tmp_path), triton=None, residency=None)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        text.tokenizer("qwen_instruct")
+    shutil.copytree(tiny_models_dir / layout.QWEN_INSTRUCT, tmp_path / layout.QWEN_INSTRUCT, symlinks=True)
+    found = text.tokenizer("qwen_instruct")
+    assert found("hello world")["input_ids"] == qwen_tok("hello world")["input_ids"]
+    shutil.rmtree(tmp_path / layout.QWEN_INSTRUCT)
+    assert text.tokenizer("qwen_instruct") is found  # kept, not looked for again
+
+
 def test_clip_counts_exclude_bos_and_eos(clip_tok) -> None:
     text = "a woman walks on the beach"
     assert chat.usable_tokens(clip_tok) == 75
