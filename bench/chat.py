@@ -1,7 +1,7 @@
 """Chat benchmark: concurrent streamed chat turns through the real stack (HTTP API → bridge →
 tritonserver → qwen_instruct), continuous batching against the one-at-a-time engine.
 
-    python bench/chat.py [--streams 1,4,16,64] [--repeat 3] [--max-tokens 128] [--prompt-tokens 64,240,560] [--turns 10] [--stream-interval-ms 50] [--full-size]
+    python bench/chat.py [--streams 1,4,16,64] [--repeat 5] [--max-tokens 128] [--prompt-tokens 64,240,560] [--turns 10] [--stream-interval-ms 100] [--full-size]
 
 Two servers, one after the other, on the same models: the batching engine (defaults, prefix
 reuse on) and today's one-at-a-time engine (``QWEN_MAX_BATCH=1``, ``QWEN_PREFIX_CACHE_GB=0``,
@@ -331,7 +331,7 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each round (the median round's rate is shown)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each round (the median round's rate is shown)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[64, 240, 560],
                         help="prompt lengths in the model's tokens, stream i gets the (i mod n)-th")
