@@ -68,7 +68,7 @@ class TextService:
         """The model's own tokenizer (for context budgets), or a diffusion model's text tokenizer:
         ``sdxl`` → CLIP, ``wan`` → UMT5. Kept once read: finding the folder is a dozen file
         system calls, each giving up the GIL, which a busy bridge's threads took back only after
-        each other's turns (most of a chat turn's CPU pool time at 16 concurrent turns;
+        each other's turns (a third of a chat turn's CPU pool time at 16 concurrent turns;
         docs/ARCHITECTURE.md, "Chat at scale"). A model's weights missing raise, and are looked
         for again next time."""
         tokenizer = self._tokenizers.get(model)
